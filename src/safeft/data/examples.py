@@ -1,0 +1,58 @@
+"""The one example type: a chat (list of messages) with the loss on assistant turns, plus an optional gold answer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class ChatExample:
+    """A chat exchange. Training takes the loss on assistant turns only.
+
+    Args:
+        messages: ``({"role": ..., "content": ...}, ...)``, ending with an assistant turn for training data.
+        answer: the gold answer a scorer compares against (a class label, a final number), if any.
+        meta: free-form tags (``category``, ``source``, ``harmful``).
+    """
+
+    messages: tuple[dict, ...]
+    answer: str | None = None
+    meta: dict = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_pair(cls, prompt: str, response: str, answer: str | None = None, **meta) -> ChatExample:
+        """Return a one-turn example ``user: prompt`` -> ``assistant: response``."""
+        return cls(({"role": "user", "content": prompt}, {"role": "assistant", "content": response}), answer, meta)
+
+    @property
+    def prompt(self) -> str:
+        """Return the last user turn."""
+        return next(m["content"] for m in reversed(self.messages) if m["role"] == "user")
+
+    @property
+    def response(self) -> str:
+        """Return the last assistant turn ("" if there is none)."""
+        return next((m["content"] for m in reversed(self.messages) if m["role"] == "assistant"), "")
+
+    def prompt_messages(self) -> list[dict]:
+        """Return the messages up to (without) the final assistant turn: what a model is asked at evaluation."""
+        messages = list(self.messages)
+        while messages and messages[-1]["role"] == "assistant":
+            messages.pop()
+        return messages
+
+
+def validate_messages(messages, where: str) -> tuple[dict, ...]:
+    """Return ``messages`` as a tuple after checking roles and non-empty text; ``ValueError`` names ``where``."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise ValueError(f"{where}: message {i} needs a 'role' in {ROLES}")
+        if not isinstance(m.get("content"), str) or not m["content"].strip():
+            raise ValueError(f"{where}: message {i} ({m.get('role')}) has empty or non-text 'content'")
+    if not any(m["role"] == "user" for m in messages):
+        raise ValueError(f"{where}: no user turn in 'messages'")
+    return tuple({"role": m["role"], "content": m["content"]} for m in messages)

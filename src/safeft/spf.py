@@ -1,0 +1,323 @@
+"""Attach SPF to training: a projector driven by optimizer hooks (plain PyTorch) or by a TrainerCallback (HF / TRL).
+
+Both paths call the same two methods of :class:`SPFProjector` around every optimizer step:
+
+- ``before_step``: with ``project="grad"``, project each target's gradient (SPEC §2); with ``project="update"``,
+  remember each target's sketch (``U^T W``, ``W V`` or ``U^T W V``; for LoRA ``U^T B`` and ``A V``).
+- ``after_step``: with ``project="update"``, remove the conflicting part of the weight change the optimizer
+  actually made, computed from the new sketch minus the old one; refresh the subspace when due.
+
+Under DDP the gradients are already all-reduced when the optimizer steps, so the projection runs locally on
+identical tensors and every rank makes the same update as one process with the global batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers import TrainerCallback
+
+from safeft import projection as P
+from safeft.config import SPFConfig
+from safeft.subspace import Basis, SafetySubspace, safety_loss
+from safeft.targets import Target
+
+METRIC_PREFIX = "spf/"
+
+
+@dataclass
+class _Guard:
+    """One target with its basis on the target's device (fp32) and the state of the current step."""
+
+    target: Target
+    U: Tensor
+    S: Tensor
+    V: Tensor
+    start_core: Tensor  # U^T W_eff V when SPF was attached or last refreshed, (r, r)
+    before: tuple[Tensor, ...] = ()  # sketches taken before the optimizer step (update mode)
+    corrected: tuple[Tensor, ...] = ()  # sketches right after the last correction (update mode)
+    versions: tuple[int, ...] = ()  # the weights' in-place version counters at that moment
+
+    def weights(self) -> tuple[Tensor, ...]:
+        """Return the tensors the optimizer changes for this target."""
+        t = self.target
+        return (t.lora_B, t.lora_A) if t.is_lora else (t.base.weight,)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+class SPFProjector:
+    """Removes the conflicting part of every optimizer step from a model's target matrices.
+
+    Args:
+        model: the model being trained (plain, peft LoRA or DDP-wrapped).
+        subspace: its safety subspace; checked against the model's targets and shapes.
+        config: side, mode, project, refresh and monitor settings; defaults to ``SPFConfig()``.
+        tokenizer: needed only to refresh the subspace or measure the safety loss on its samples.
+    """
+
+    def __init__(self, model: nn.Module, subspace: SafetySubspace, config: SPFConfig | None = None, tokenizer=None):
+        self.model = _unwrap(model)
+        self.config = config or SPFConfig()
+        self.tokenizer = tokenizer
+        self.step = 0
+        self.drift_before_refresh = 0.0
+        self._reset_counters()
+        self._use(subspace)
+
+    # --- state -------------------------------------------------------------------------------------------------
+
+    def _use(self, subspace: SafetySubspace) -> None:
+        self.subspace = subspace
+        targets = subspace.check_model(self.model)
+        self.guards: list[_Guard] = []
+        for name, target in targets.items():
+            basis: Basis = subspace[name]
+            trained = target.is_lora and target.lora_A.requires_grad or target.base.weight.requires_grad
+            if basis.rank == 0 or not trained:
+                continue
+            device = target.base.weight.device
+            U, S, V = (t.to(device=device, dtype=torch.float32) for t in (basis.U, basis.S, basis.V))
+            self.guards.append(_Guard(target, U, S, V, start_core=torch.zeros(0)))
+        for guard in self.guards:
+            guard.start_core = self._effective_core(guard)
+
+    @torch.no_grad()
+    def _effective_core(self, guard: _Guard) -> Tensor:
+        """Return ``U^T W_eff V`` (r, r), with ``W_eff = W + s B A`` under LoRA, never forming ``B A``."""
+        t = guard.target
+        c = P.core(t.base.weight, guard.U, guard.V)
+        if t.is_lora:
+            c = c + t.scaling * (guard.U.T @ t.lora_B.float()) @ (t.lora_A.float() @ guard.V)
+        return c
+
+    def _reset_counters(self) -> None:
+        self._steps = 0
+        self._checked = 0
+        # sums per (metric, device): adding on the tensors' own device avoids a host sync per target and step
+        self._sums: dict[tuple[str, torch.device], Tensor] = {}
+
+    # --- the two hooks around optimizer.step() -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        """Project gradients (``project="grad"``) or remember the pre-step sketches (``project="update"``)."""
+        # the gradient norm costs a pass over every gradient: measure it only on the step the monitor reports
+        measure = bool(self.config.monitor_every) and (self.step + 1) % self.config.monitor_every == 0
+        for guard in self.guards:
+            if self.config.project == "grad":
+                self._project_gradient(guard, measure)
+            elif guard.corrected and guard.versions == tuple(w._version for w in guard.weights()):
+                guard.before = guard.corrected  # nothing wrote to the weights since the last correction
+            else:
+                guard.before = self._sketches(guard)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Correct the weight change (``project="update"``); count the step; refresh the subspace when due."""
+        if self.config.project == "update":
+            for guard in self.guards:
+                self._project_update(guard)
+                guard.before = ()
+        self.step += 1
+        self._steps += 1
+        if self.config.refresh_every and self.step % self.config.refresh_every == 0:
+            self.refresh()
+
+    def _project_gradient(self, guard: _Guard, measure: bool) -> None:
+        t, cfg = guard.target, self.config
+        grads = (t.lora_B.grad, t.lora_A.grad) if t.is_lora else (t.base.weight.grad,)
+        if any(g is None for g in grads):
+            return
+        grad_sq = sum(torch.linalg.vector_norm(g, dtype=torch.float32) ** 2 for g in grads) if measure else None
+        try:
+            if t.is_lora:
+                stats = P.project_lora_(*grads, t.lora_B, t.lora_A, guard.U, guard.S, guard.V, mode=cfg.mode)
+            else:
+                stats = P.project_(grads[0], guard.U, guard.S, guard.V, side=cfg.side, mode=cfg.mode)
+        except FloatingPointError:
+            raise FloatingPointError(self._non_finite_message(t.name)) from None
+        self._count(stats.fired, stats.removed_sq, grad_sq)
+
+    def _sketches(self, guard: _Guard) -> tuple[Tensor, ...]:
+        t = guard.target
+        if t.is_lora:
+            return guard.U.T @ t.lora_B.float(), t.lora_A.float() @ guard.V  # (r, k), (k, r)
+        return (P.sketch(t.base.weight, guard.U, guard.V, self.config.side),)
+
+    def _project_update(self, guard: _Guard) -> None:
+        t, cfg = guard.target, self.config
+        after = self._sketches(guard)
+        deltas = [a - b for a, b in zip(after, guard.before)]  # sketches of the weight change the optimizer made
+        if not all(torch.isfinite(d).all() for d in deltas):
+            raise FloatingPointError(self._non_finite_message(t.name))
+        if t.is_lora:
+            (ub_old, av_old), (ub_new, av_new) = guard.before, after
+            diag = t.scaling * torch.diagonal(ub_new @ av_new - ub_old @ av_old)  # diag(U^T dW V)
+        else:
+            diag = P.core_diagonal(deltas[0], guard.U, guard.V, cfg.side)
+        mask = P.removal_mask(-diag, guard.S, cfg.mode)  # a weight change dW acts like a step along -dW
+        sides = ("left", "right") if t.is_lora else (cfg.side,)
+        removed = [P.masked_sketch(d, mask, side) for d, side in zip(deltas, sides)]
+        for weight, delta, side in zip(guard.weights(), deltas, sides):
+            P.subtract_(weight.data, delta, guard.U, guard.V, mask, side)  # .data: no version bump, no autograd
+        guard.corrected = tuple(a - r for a, r in zip(after, removed))
+        guard.versions = tuple(w._version for w in guard.weights())
+        self._count((mask.sum() > 0).float(), sum(r.pow(2).sum() for r in removed), None)
+
+    def _count(self, fired: Tensor, removed_sq: Tensor, grad_sq: Tensor | None) -> None:
+        self._checked += 1
+        self._add("fired", fired)
+        self._add("removed_sq", removed_sq)
+        if grad_sq is not None:  # sampled steps: the gradient norm was measured too
+            self._add("sampled_removed_sq", removed_sq)
+            self._add("sampled_grad_sq", grad_sq)
+
+    def _add(self, metric: str, value: Tensor) -> None:
+        key = (metric, value.device)
+        self._sums[key] = self._sums[key] + value if key in self._sums else value.detach().clone()
+
+    def _total(self, metric: str) -> float:
+        return sum(float(v) for (name, _), v in self._sums.items() if name == metric)
+
+    @staticmethod
+    def _non_finite_message(name: str) -> str:
+        return (f"non-finite gradient or update at SPF target {name!r}: training diverged (NaN/inf). Lower the "
+                "learning rate, enable gradient clipping, or train in float32/bfloat16 instead of float16.")
+
+    # --- refresh and monitor -----------------------------------------------------------------------------------
+
+    def safety_drift(self) -> float:
+        """Return the predicted first-order change of the safety loss since SPF started: ``sum <U S V^T, W - W_0>``."""
+        drift = sum(float((g.S * torch.diagonal(self._effective_core(g) - g.start_core)).sum()) for g in self.guards)
+        return self.drift_before_refresh + drift
+
+    def refresh(self) -> None:
+        """Re-estimate the subspace at the current weights from the same samples and rank policy."""
+        if self.tokenizer is None:
+            raise ValueError("refreshing the safety subspace needs the tokenizer: pass tokenizer= to attach_spf")
+        self.drift_before_refresh = self.safety_drift()
+        policy = self.subspace.config
+        fresh = SafetySubspace.estimate(self.model, self.tokenizer, self.subspace.samples, policy, show_progress=False)
+        self._use(fresh)
+
+    def metrics(self, measure_loss: bool = True) -> dict[str, float]:
+        """Return the monitor metrics since the last call and reset the step counters.
+
+        ``spf/conflict_rate``: fraction of (target, step) pairs where removal ran; ``spf/removed_norm``: norm of
+        what was removed, per step; ``spf/removed_norm_frac`` (grad mode): that norm over the gradient norm, on the
+        steps where the monitor reports (measuring it costs a pass over the gradients);
+        ``spf/safety_drift``: predicted first-order safety-loss change so far; ``spf/safety_loss``: measured on the
+        safety samples (needs the tokenizer).
+        """
+        steps = max(self._steps, 1)
+        out = {
+            f"{METRIC_PREFIX}conflict_rate": self._total("fired") / max(self._checked, 1),
+            f"{METRIC_PREFIX}removed_norm": (self._total("removed_sq") / steps) ** 0.5,
+            f"{METRIC_PREFIX}safety_drift": self.safety_drift(),
+        }
+        if self.config.project == "grad" and self._total("sampled_grad_sq") > 0:
+            frac = self._total("sampled_removed_sq") / self._total("sampled_grad_sq")
+            out[f"{METRIC_PREFIX}removed_norm_frac"] = frac ** 0.5
+        if measure_loss and self.tokenizer is not None:
+            out[f"{METRIC_PREFIX}safety_loss"] = safety_loss(self.model, self.tokenizer, self.subspace.samples)
+        self._reset_counters()
+        return out
+
+    def monitor_due(self) -> bool:
+        """Return True when ``monitor_every`` says the metrics should be logged after the current step."""
+        return bool(self.config.monitor_every) and self.step % self.config.monitor_every == 0
+
+
+class SPFHandle:
+    """What :func:`attach_spf` returns: the projector, and ``detach()`` to remove the optimizer hooks."""
+
+    def __init__(self, projector: SPFProjector, hooks: list):
+        self.projector = projector
+        self._hooks = hooks
+
+    def metrics(self) -> dict[str, float]:
+        """Return the monitor metrics since the last call (see :meth:`SPFProjector.metrics`)."""
+        return self.projector.metrics()
+
+    def detach(self) -> None:
+        """Stop projecting: remove the optimizer hooks."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+
+def attach_spf(optimizer: torch.optim.Optimizer, model: nn.Module, subspace: SafetySubspace,
+               config: SPFConfig | None = None, tokenizer=None) -> SPFHandle:
+    """Make every ``optimizer.step()`` SPF-projected, for a plain PyTorch training loop.
+
+    Registers a step pre-hook (project the gradients, or remember sketches for ``project="update"``) and a step
+    post-hook (correct the update). Gradients are taken as they are when ``step()`` is called: after backward,
+    accumulation, DDP all-reduce and any clipping the loop does.
+
+    Returns:
+        An :class:`SPFHandle`; call ``handle.metrics()`` to read the monitor metrics, ``handle.detach()`` to stop.
+    """
+    projector = SPFProjector(model, subspace, config, tokenizer)
+    hooks = [optimizer.register_step_pre_hook(lambda opt, args, kwargs: projector.before_step()),
+             optimizer.register_step_post_hook(lambda opt, args, kwargs: projector.after_step())]
+    return SPFHandle(projector, hooks)
+
+
+class SPFCallback(TrainerCallback):
+    """SPF for a transformers ``Trainer`` or TRL ``SFTTrainer``: ``Trainer(..., callbacks=[SPFCallback(subspace)])``.
+
+    Projects in ``on_pre_optimizer_step`` (after gradient clipping; projection only shrinks the gradient, so the
+    clipped norm still holds) and corrects the update in ``on_optimizer_step``. Every ``monitor_every`` steps and
+    at the last step it asks the trainer to log and adds the ``spf/*`` metrics to that log entry
+    (``state.log_history`` and the loggers that run after it; use :func:`add_spf_callback` to put it ahead of
+    TensorBoard / W&B).
+
+    Args:
+        subspace: the safety subspace of the model being trained.
+        config: SPF settings; defaults to ``SPFConfig()``.
+        tokenizer: for refresh and the safety-loss metric; defaults to the trainer's ``processing_class``.
+    """
+
+    def __init__(self, subspace: SafetySubspace, config: SPFConfig | None = None, tokenizer=None):
+        self.subspace = subspace
+        self.config = config or SPFConfig()
+        self.tokenizer = tokenizer
+        self.projector: SPFProjector | None = None
+        self._pending: dict[str, float] = {}
+
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+        tokenizer = self.tokenizer or getattr(processing_class, "tokenizer", processing_class)
+        self.projector = SPFProjector(model, self.subspace, self.config, tokenizer)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.projector.before_step()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.projector.after_step()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        last = state.global_step >= state.max_steps and self.config.monitor_every > 0
+        if self.projector.monitor_due() or last:
+            self._pending = self.projector.metrics()
+            control.should_log = True
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._pending and logs is not None:
+            logs.update(self._pending)
+            if state.log_history:
+                state.log_history[-1].update(self._pending)
+            self._pending = {}
+
+
+def add_spf_callback(trainer, subspace: SafetySubspace, config: SPFConfig | None = None,
+                     tokenizer=None) -> SPFCallback:
+    """Add an :class:`SPFCallback` to ``trainer`` ahead of its loggers, so TensorBoard / W&B receive ``spf/*``."""
+    callback = SPFCallback(subspace, config, tokenizer)
+    trainer.callback_handler.callbacks.insert(0, callback)
+    return callback

@@ -1,0 +1,370 @@
+"""The safety subspace: per-target rank-r SVD of the safety gradient, estimated with hooks, saved with safetensors.
+
+Estimation never materialises a full-weight gradient in ``.grad``: a forward hook keeps each target's input
+``x: (tokens, n)``, a tensor hook on its output receives ``dL/dy: (tokens, m)``, and the weight gradient
+``G = dL/dy^T x`` is kept as those two thin factors until it is factored by QR + a small SVD. This works when the
+weights are frozen (LoRA) and does not touch the gradients of DDP or the optimizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from safeft.chat import EncodedChat, collate, encode_chat, response_token_loss_sum
+from safeft.config import SPFConfig
+from safeft.targets import Target, find_targets
+
+FORMAT = "safeft.subspace/1"
+TENSORS_FILE = "subspace.safetensors"
+METADATA_FILE = "subspace.json"
+_DENSE_SVD_LIMIT = 1024  # cores larger than this on both sides use a randomized SVD
+
+
+@dataclass(frozen=True)
+class SafetySample:
+    """One (harmful prompt, refusal) pair; the safety loss is taken on the refusal tokens only."""
+
+    prompt: str
+    refusal: str
+
+
+@dataclass(frozen=True)
+class Basis:
+    """The rank-r safety basis of one target: ``U: (m, r)``, ``S: (r,)``, ``V: (n, r)``, fp32."""
+
+    U: Tensor
+    S: Tensor
+    V: Tensor
+
+    @property
+    def rank(self) -> int:
+        """Return r."""
+        return self.S.shape[0]
+
+
+class LowRankSum:
+    """A running sum of ``L_i R_i^T`` kept as factors ``L: (m, k)``, ``R: (n, k)``; exact until k exceeds ``width``."""
+
+    def __init__(self, width: int):
+        self.width = width
+        self.left: Tensor | None = None
+        self.right: Tensor | None = None
+
+    def add(self, left: Tensor, right: Tensor) -> None:
+        """Add ``left @ right.T`` with ``left: (m, t)``, ``right: (n, t)``."""
+        if self.left is None:
+            self.left, self.right = left, right
+        else:
+            self.left, self.right = torch.cat([self.left, left], 1), torch.cat([self.right, right], 1)
+        if self.left.shape[1] > self.width:  # keep the top `width` directions of the partial sum
+            U, S, V = factor_svd(self.left, self.right, self.width)
+            self.left, self.right = U * S, V
+
+    def svd(self, max_rank: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Return the top ``max_rank`` singular triplets ``U: (m, q)``, ``S: (q,)``, ``V: (n, q)`` of the sum."""
+        return factor_svd(self.left, self.right, max_rank)
+
+
+def factor_svd(left: Tensor, right: Tensor, max_rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Return the top ``q <= max_rank`` singular triplets of ``left @ right.T`` without forming it.
+
+    ``left: (m, t)`` and ``right: (n, t)`` in fp32; both are reduced by QR to a core of at most ``(t, t)``, which
+    gets an exact SVD when small and a randomized one (``torch.svd_lowrank``) when large.
+    """
+    q_left, r_left = torch.linalg.qr(left)  # (m, a), (a, t)
+    q_right, r_right = torch.linalg.qr(right)  # (n, b), (b, t)
+    small = r_left @ r_right.T  # (a, b)
+    q = min(max_rank, *small.shape)
+    if min(small.shape) > _DENSE_SVD_LIMIT and q < min(small.shape) // 4:
+        u, s, v = torch.svd_lowrank(small, q=q + 8, niter=4)
+    else:
+        u, s, vh = torch.linalg.svd(small, full_matrices=False)
+        v = vh.T
+    return q_left @ u[:, :q], s[:q], q_right @ v[:, :q]
+
+
+def select_rank(S: Tensor, config: SPFConfig) -> int:
+    """Return how many leading singular values to keep under the config's rank policy (never numerical zeros)."""
+    if S.numel() == 0 or S[0] <= 0:
+        return 0
+    numerical = int((S > S[0] * 1e-6).sum())
+    if config.rank is not None:
+        return min(config.rank, numerical)
+    energy = torch.cumsum(S.double() ** 2, 0) / (S.double() ** 2).sum()
+    keep = int((energy < config.energy - 1e-12).sum()) + 1
+    return min(keep, config.max_rank, numerical)
+
+
+def samples_sha256(samples: Sequence[SafetySample]) -> str:
+    """Return a stable hash of the safety samples (order-sensitive)."""
+    payload = json.dumps([asdict(s) for s in samples], ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _as_samples(samples: Sequence[SafetySample | tuple[str, str] | dict]) -> list[SafetySample]:
+    out = []
+    for i, s in enumerate(samples):
+        if isinstance(s, SafetySample):
+            out.append(s)
+        elif isinstance(s, dict) and {"prompt", "refusal"} <= s.keys():
+            out.append(SafetySample(s["prompt"], s["refusal"]))
+        elif isinstance(s, (tuple, list)) and len(s) == 2:
+            out.append(SafetySample(*s))
+        else:
+            raise ValueError(f"safety sample {i} must be a SafetySample, a (prompt, refusal) pair or a dict with "
+                             f"'prompt' and 'refusal'; got {type(s).__name__}")
+        if not (isinstance(out[-1].prompt, str) and out[-1].prompt.strip()
+                and isinstance(out[-1].refusal, str) and out[-1].refusal.strip()):
+            raise ValueError(f"safety sample {i} has an empty prompt or refusal; both must be non-empty text")
+    if not out:
+        raise ValueError("no safety samples given: SPF needs at least one (harmful prompt, refusal) pair")
+    return out
+
+
+def _pad_id(tokenizer) -> int:
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    return 0
+
+
+def _batches(encoded: list[EncodedChat], batch_size: int, tokenizer):
+    for start in range(0, len(encoded), batch_size):
+        yield collate(encoded[start:start + batch_size], _pad_id(tokenizer))
+
+
+@contextmanager
+def _eval_without_param_grads(model: nn.Module):
+    """Eval mode (no dropout) and no parameter gradients; both restored on exit."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def safety_loss(model: nn.Module, tokenizer, samples: Sequence[SafetySample], batch_size: int = 8) -> float:
+    """Return the mean cross-entropy (nats per token) of the refusals given the prompts, in eval mode, no grad."""
+    encoded = [encode_chat(tokenizer, s.prompt, s.refusal) for s in _as_samples(samples)]
+    total, count = 0.0, 0
+    with _eval_without_param_grads(model), torch.no_grad():
+        for batch in _batches(encoded, batch_size, tokenizer):
+            logits = model(input_ids=batch["input_ids"].to(_device(model)),
+                           attention_mask=batch["attention_mask"].to(_device(model))).logits
+            loss, n = response_token_loss_sum(logits, batch["labels"])
+            total, count = total + float(loss), count + n
+    return total / max(count, 1)
+
+
+def _estimate_gradient_factors(model: nn.Module, targets: dict[str, Target], encoded: list[EncodedChat],
+                               tokenizer, config: SPFConfig, show_progress: bool) -> dict[str, LowRankSum]:
+    """Run forward/backward on the safety samples and return each target's safety gradient as a LowRankSum."""
+    width = max(4 * (config.rank or config.max_rank), 64, config.max_rank)
+    sums = {name: LowRankSum(width) for name in targets}
+    inputs: dict[str, Tensor] = {}
+    total_tokens = sum(sum(1 for label in e.labels[1:] if label != -100) for e in encoded)
+
+    def on_forward(name):
+        def hook(module, args, output):
+            inputs[name] = args[0].detach().reshape(-1, args[0].shape[-1])  # (tokens, n)
+            if not output.requires_grad:  # frozen weights and no grad upstream: make the output a leaf
+                output.requires_grad_(True)
+            output.register_hook(lambda grad: on_backward(name, grad))
+        return hook
+
+    def on_backward(name, grad):
+        grad_out = grad.reshape(-1, grad.shape[-1]).float()  # (tokens, m)
+        x = inputs.pop(name).float()  # (tokens, n)
+        if not torch.isfinite(grad_out).all() or not torch.isfinite(x).all():
+            raise FloatingPointError(
+                f"non-finite safety gradient at target {name!r}: the model produces NaN/inf on the safety samples. "
+                "Check the model loads correctly, estimate in float32 (not float16), and check the samples."
+            )
+        used = grad_out.abs().sum(-1) > 0  # tokens that influence the loss
+        sums[name].add(grad_out[used].T, x[used].T)  # (m, t), (n, t)
+
+    handles = [t.base.register_forward_hook(on_forward(name)) for name, t in targets.items()]
+    try:
+        with _eval_without_param_grads(model), torch.enable_grad():  # may run inside optimizer.step() (refresh)
+            for batch in tqdm(list(_batches(encoded, config.batch_size, tokenizer)), desc="safety gradient",
+                              disable=not show_progress):
+                logits = model(input_ids=batch["input_ids"].to(_device(model)),
+                               attention_mask=batch["attention_mask"].to(_device(model))).logits
+                loss, _ = response_token_loss_sum(logits, batch["labels"])
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"safety loss is {float(loss.detach())}: the model produces NaN/inf on "
+                                             "the safety samples; estimate in float32 and check the weights")
+                (loss / total_tokens).backward()
+    finally:
+        for h in handles:
+            h.remove()
+        inputs.clear()
+    return sums
+
+
+class SafetySubspace:
+    """Per-target safety bases ``{name: Basis}`` plus the metadata that says where they came from."""
+
+    def __init__(self, bases: dict[str, Basis], metadata: dict):
+        self.bases = bases
+        self.metadata = metadata
+
+    def __len__(self) -> int:
+        return len(self.bases)
+
+    def __getitem__(self, name: str) -> Basis:
+        return self.bases[name]
+
+    def __repr__(self) -> str:
+        ranks = [b.rank for b in self.bases.values()]
+        return (f"SafetySubspace({len(self)} targets, rank {min(ranks, default=0)}..{max(ranks, default=0)}, "
+                f"{self.metadata.get('num_samples')} samples)")
+
+    @property
+    def samples(self) -> list[SafetySample]:
+        """Return the safety samples the subspace was estimated from."""
+        return [SafetySample(**s) for s in self.metadata["samples"]]
+
+    @property
+    def config(self) -> SPFConfig:
+        """Return an SPFConfig carrying the rank policy this subspace was estimated with."""
+        policy = self.metadata["rank_policy"]
+        return SPFConfig(rank=policy["rank"], energy=policy["energy"], max_rank=policy["max_rank"],
+                         target_modules=policy["target_modules"])
+
+    def numel(self) -> int:
+        """Return the number of stored scalars (all U, S, V)."""
+        return sum(b.U.numel() + b.S.numel() + b.V.numel() for b in self.bases.values())
+
+    @classmethod
+    def estimate(cls, model: nn.Module, tokenizer, samples: Sequence[SafetySample | tuple[str, str] | dict],
+                 config: SPFConfig | None = None, *, show_progress: bool = True) -> SafetySubspace:
+        """Estimate the safety subspace of ``model`` at its current weights.
+
+        Args:
+            model: a causal LM (plain, peft-LoRA or DDP-wrapped); its weights and ``requires_grad`` are unchanged.
+            tokenizer: its tokenizer, with a chat template.
+            samples: one or more (harmful prompt, refusal) pairs.
+            config: the rank policy and targets (``rank`` / ``energy`` / ``max_rank`` / ``target_modules``).
+
+        Returns:
+            A SafetySubspace with a Basis per target. A target's rank never exceeds the numerical rank of its
+            safety gradient (one short sample gives at most as many directions as it has tokens).
+        """
+        config = config or SPFConfig()
+        samples = _as_samples(samples)
+        targets = find_targets(model, config.target_modules)
+        if not targets:
+            raise ValueError(f"no target matrices match target_modules={config.target_modules!r}; "
+                             "list the linear layers to guard by name (e.g. ['q_proj', 'v_proj'])")
+        if config.rank is not None:
+            too_big = {n: t.shape for n, t in targets.items() if config.rank > min(t.shape)}
+            if too_big:
+                listed = ", ".join(f"{n} {m}x{k}" for n, (m, k) in list(too_big.items())[:5])
+                raise ValueError(f"rank {config.rank} exceeds the smaller dimension of {len(too_big)} target(s) "
+                                 f"({listed}); lower SPFConfig.rank or exclude them with target_modules")
+        encoded = [encode_chat(tokenizer, s.prompt, s.refusal) for s in samples]
+        sums = _estimate_gradient_factors(model, targets, encoded, tokenizer, config, show_progress)
+        bases = {}
+        for name, target in targets.items():
+            m, n = target.shape
+            if sums[name].left is None:  # the target never saw a gradient
+                U, S, V = torch.zeros(m, 0), torch.zeros(0), torch.zeros(n, 0)
+            else:
+                U, S, V = sums[name].svd(config.rank or config.max_rank)
+            r = select_rank(S, config)
+            bases[name] = Basis(U[:, :r].contiguous().cpu(), S[:r].contiguous().cpu(), V[:, :r].contiguous().cpu())
+            sums[name] = None  # free the factors as we go
+        from safeft import __version__
+
+        metadata = {
+            "format": FORMAT,
+            "safeft_version": __version__,
+            "model": {"name_or_path": getattr(getattr(model, "config", None), "name_or_path", None),
+                      "targets": {name: list(t.shape) for name, t in targets.items()}},
+            "rank_policy": config.rank_policy(),
+            "ranks": {name: b.rank for name, b in bases.items()},
+            "num_samples": len(samples),
+            "samples_sha256": samples_sha256(samples),
+            "samples": [asdict(s) for s in samples],
+        }
+        return cls(bases, metadata)
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write ``subspace.safetensors`` and ``subspace.json`` into directory ``path`` and return it.
+
+        Refuses to replace an existing subspace unless ``overwrite=True``.
+        """
+        path = Path(path)
+        if (path / TENSORS_FILE).exists() and not overwrite:
+            raise FileExistsError(f"{path} already holds a subspace; choose another path or pass overwrite=True")
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for name, b in self.bases.items():
+            tensors.update({f"{name}.{key}": getattr(b, key).contiguous() for key in "USV"})
+        save_file(tensors, str(path / TENSORS_FILE), metadata={"format": FORMAT})
+        (path / METADATA_FILE).write_text(json.dumps(self.metadata, indent=2, ensure_ascii=False) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, model: nn.Module | None = None) -> SafetySubspace:
+        """Read a subspace saved by :meth:`save`; with ``model``, check that it fits (see :meth:`check_model`)."""
+        path = Path(path)
+        if not (path / TENSORS_FILE).exists() or not (path / METADATA_FILE).exists():
+            raise FileNotFoundError(f"{path} is not a saved subspace: expected {TENSORS_FILE} and {METADATA_FILE}")
+        metadata = json.loads((path / METADATA_FILE).read_text())
+        if metadata.get("format") != FORMAT:
+            raise ValueError(f"{path}: unknown subspace format {metadata.get('format')!r}, expected {FORMAT!r}")
+        tensors = load_file(str(path / TENSORS_FILE))
+        bases = {}
+        for name, (m, n) in metadata["model"]["targets"].items():
+            U, S, V = (tensors.get(f"{name}.{k}") for k in "USV")
+            r = metadata["ranks"][name]
+            if U is None or S is None or V is None or U.shape != (m, r) or S.shape != (r,) or V.shape != (n, r):
+                raise ValueError(f"{path}: tensors of target {name!r} are missing or do not match its metadata "
+                                 f"({m}x{n}, rank {r}); the file is corrupt or was edited")
+            bases[name] = Basis(U, S, V)
+        subspace = cls(bases, metadata)
+        if model is not None:
+            subspace.check_model(model)
+        return subspace
+
+    def check_model(self, model: nn.Module) -> dict[str, Target]:
+        """Return the model's targets for this subspace; raise ``ValueError`` listing every name or shape mismatch."""
+        found = find_targets(model, self.metadata["rank_policy"]["target_modules"])
+        missing = [n for n in self.bases if n not in found]
+        shapes = [f"{n}: subspace {tuple(self.metadata['model']['targets'][n])} vs model {found[n].shape}"
+                  for n in self.bases if n in found and tuple(self.metadata["model"]["targets"][n]) != found[n].shape]
+        if missing or shapes:
+            lines = []
+            if missing:
+                lines.append(f"{len(missing)} target(s) not in the model: " + ", ".join(missing[:10])
+                             + (" ..." if len(missing) > 10 else ""))
+            if shapes:
+                lines.append(f"{len(shapes)} shape mismatch(es): " + "; ".join(shapes[:10])
+                             + (" ..." if len(shapes) > 10 else ""))
+            origin = self.metadata["model"].get("name_or_path") or "another model"
+            raise ValueError("safety subspace does not fit this model (it was estimated on "
+                             f"{origin}):\n  " + "\n  ".join(lines)
+                             + "\nEstimate a new subspace on this model (safeft subspace estimate).")
+        return {n: found[n] for n in self.bases}

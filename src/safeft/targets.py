@@ -1,0 +1,89 @@
+"""Find the weight matrices SPF guards, in plain, peft-LoRA and DDP-wrapped models, under one canonical name each."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+_BLOCK_SEGMENT = re.compile(r"(^|\.)\d+\.")  # a numbered segment: `layers.3.`, `h.0.`, `blocks.11.`
+_WRAPPER_PREFIXES = ("module.", "base_model.model.", "_orig_mod.")
+
+
+@dataclass
+class Target:
+    """One guarded matrix: the base ``nn.Linear`` (weight ``W: (m, n)``) and, under peft LoRA, its trainable factors.
+
+    With LoRA the effective weight is ``W + scaling * lora_B @ lora_A`` with ``lora_B: (m, k)``, ``lora_A: (k, n)``.
+    """
+
+    name: str
+    base: nn.Linear
+    lora_A: nn.Parameter | None = None
+    lora_B: nn.Parameter | None = None
+    scaling: float = 1.0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Return ``(m, n)``, the shape of the base weight."""
+        return tuple(self.base.weight.shape)
+
+    @property
+    def is_lora(self) -> bool:
+        """Return True when the target is trained through LoRA factors."""
+        return self.lora_A is not None
+
+
+def canonical_name(name: str) -> str:
+    """Return a module name without DDP / peft / torch.compile wrappers, so a subspace fits every wrapping."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, changed = name[len(prefix):], True
+    return name.removesuffix(".base_layer")
+
+
+def matches(name: str, patterns: list[str] | None) -> bool:
+    """Return True if ``name`` is a target under ``patterns`` (see ``SPFConfig.target_modules``)."""
+    if patterns is None:
+        return bool(_BLOCK_SEGMENT.search(name))
+    return any(name == p or name.endswith("." + p) or re.fullmatch(p, name) for p in patterns)
+
+
+def find_targets(model: nn.Module, patterns: list[str] | None = None) -> dict[str, Target]:
+    """Return the targets of ``model`` matching ``patterns``, keyed by canonical name, in module order.
+
+    A peft LoRA layer counts once, as its base linear plus its active adapter's factors; the adapter's own
+    ``lora_A`` / ``lora_B`` linears are never targets.
+    """
+    targets: dict[str, Target] = {}
+    lora_parts: set[int] = set()
+    for raw_name, module in model.named_modules():
+        if id(module) in lora_parts:
+            continue
+        name = canonical_name(raw_name)
+        if hasattr(module, "base_layer") and hasattr(module, "lora_A"):
+            lora_parts.update(id(m) for m in module.modules() if m is not module)
+            base = module.get_base_layer()
+            if isinstance(base, nn.Linear) and matches(name, patterns):
+                targets[name] = _lora_target(name, module, base)
+        elif isinstance(module, nn.Linear) and matches(name, patterns):
+            targets[name] = Target(name=name, base=module)
+    return targets
+
+
+def _lora_target(name: str, module: nn.Module, base: nn.Linear) -> Target:
+    active = [a for a in module.active_adapters if a in module.lora_A]
+    if not active:
+        return Target(name=name, base=base)
+    if len(active) > 1:
+        raise ValueError(f"{name}: SPF supports one active LoRA adapter per layer, found {active}; "
+                         "merge or disable the others")
+    adapter = active[0]
+    if getattr(module, "use_dora", {}).get(adapter, False):
+        raise ValueError(f"{name}: DoRA adapters are not supported by SPF; use plain LoRA (use_dora=False)")
+    return Target(name=name, base=base, lora_A=module.lora_A[adapter].weight, lora_B=module.lora_B[adapter].weight,
+                  scaling=float(module.scaling[adapter]))

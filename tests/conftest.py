@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny random Llama, a byte tokenizer with a chat template, and small chat batches."""
+
+import pytest
+import torch
+
+from safeft.chat import collate, encode_chat
+from safeft.testing import SAFETY_PAIRS, byte_tokenizer, tiny_llama
+
+BENIGN_PAIRS = [
+    ("Summarise: the cat sat on the mat.", "A cat sat on a mat."),
+    ("What is two plus three?", "Two plus three is five."),
+    ("Name a colour of the sky.", "The sky is often blue."),
+    ("Translate 'bonjour' to English.", "It means hello."),
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return byte_tokenizer()
+
+
+@pytest.fixture
+def model():
+    return tiny_llama(seed=0)
+
+
+@pytest.fixture(scope="session")
+def benign_batch(tokenizer):
+    return collate([encode_chat(tokenizer, p, r) for p, r in BENIGN_PAIRS], tokenizer.pad_token_id)
+
+
+@pytest.fixture(scope="session")
+def safety_pairs():
+    return SAFETY_PAIRS
+
+
+def train_steps(model, optimizer, batch, steps: int) -> None:
+    """Run a few plain training steps on one batch (loss on response tokens)."""
+    model.train()
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -1,0 +1,72 @@
+"""Under DDP (gloo, 2 CPU processes) SPF makes the same update as one process with the same global batch."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+from conftest import BENIGN_PAIRS
+from safeft import SafetySubspace, SPFConfig, attach_spf
+from safeft.chat import collate, encode_chat, response_token_loss_sum
+from safeft.testing import SAFETY_PAIRS, byte_tokenizer, tiny_llama
+
+STEPS = 3
+
+
+def global_batch():
+    tokenizer = byte_tokenizer()
+    return collate([encode_chat(tokenizer, p, r) for p, r in BENIGN_PAIRS], tokenizer.pad_token_id)
+
+
+def train(model, batch, subspace, config, rows, world_size):
+    """SPF-train ``model`` on ``rows`` of the global batch; the loss is scaled so DDP's mean gives the global mean."""
+    global_tokens = int((batch["labels"][:, 1:] != -100).sum())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    attach_spf(optimizer, model, subspace, config)
+    local = {k: v[rows] for k, v in batch.items()}
+    for _ in range(STEPS):
+        logits = model(input_ids=local["input_ids"], attention_mask=local["attention_mask"]).logits
+        loss_sum, _ = response_token_loss_sum(logits, local["labels"])
+        (loss_sum * world_size / global_tokens).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def _worker(rank, world_size, workdir, config_kwargs):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{workdir}/rendezvous", rank=rank, world_size=world_size)
+    try:
+        model = tiny_llama(seed=0)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        subspace = SafetySubspace.load(os.path.join(workdir, "subspace"), model=model)
+        batch = global_batch()
+        per_rank = batch["input_ids"].shape[0] // world_size
+        rows = slice(rank * per_rank, (rank + 1) * per_rank)
+        train(ddp, batch, subspace, SPFConfig(**config_kwargs), rows, world_size)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(workdir, f"rank{rank}.st"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("config_kwargs", [
+    {"rank": 4, "mode": "conflict", "project": "grad"},
+    {"rank": 4, "mode": "directional", "project": "update", "side": "two_sided"},
+], ids=["grad-conflict", "update-directional"])
+def test_ddp_matches_single_process(tmp_path, config_kwargs):
+    subspace = SafetySubspace.estimate(tiny_llama(seed=0), byte_tokenizer(), SAFETY_PAIRS[:1], SPFConfig(rank=4),
+                                       show_progress=False)
+    subspace.save(tmp_path / "subspace")
+    mp.spawn(_worker, args=(2, str(tmp_path), config_kwargs), nprocs=2, join=True)
+
+    single = tiny_llama(seed=0)
+    start = {k: v.clone() for k, v in single.state_dict().items()}
+    train(single, global_batch(), subspace, SPFConfig(**config_kwargs), slice(None), 1)
+    expected = single.state_dict()
+    for rank in range(2):
+        got = load_file(str(tmp_path / f"rank{rank}.st"))
+        for name, value in expected.items():
+            torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5, msg=f"rank {rank}: {name}")
+    assert any(not torch.equal(expected[k], start[k]) for k in start)  # training did move the weights

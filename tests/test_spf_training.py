@@ -1,0 +1,128 @@
+"""SPF during training on a tiny random Llama: the weight change stays out of the rank-r safety gradient."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from conftest import snapshot, train_steps
+from safeft import SafetySubspace, SPFConfig, attach_spf
+from safeft.targets import find_targets
+from safeft.testing import tiny_llama
+
+
+def weight_deltas(model, before) -> dict[str, torch.Tensor]:
+    """Return the change of every target's effective weight (base + LoRA) since ``before``, densely."""
+    params = dict(model.named_parameters())
+    name_of = {id(p): n for n, p in params.items()}
+    deltas = {}
+    for name, t in find_targets(model).items():
+        delta = t.base.weight.detach() - before[name_of[id(t.base.weight)]]
+        if t.is_lora:
+            delta = delta + t.scaling * (t.lora_B @ t.lora_A).detach()  # LoRA starts at B = 0
+        deltas[name] = delta
+    return deltas
+
+
+def safety_component(subspace, deltas) -> float:
+    """Return ``sum_targets |<U S V^T, W_T - W_0>|``: the first-order safety-loss change the training caused."""
+    return sum(abs(float(((b.U * b.S) @ b.V.T * deltas[n]).sum())) for n, b in subspace.bases.items())
+
+
+def run(model, tokenizer, batch, subspace, config, optimizer_cls, lr, steps=4, lora=False):
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+        # start B away from zero so the first steps move both factors
+        for t in find_targets(model).values():
+            torch.nn.init.normal_(t.lora_B, std=0.02)
+    before = snapshot(model)
+    lora_start = {n: t.scaling * (t.lora_B @ t.lora_A).detach() for n, t in find_targets(model).items() if t.is_lora}
+    optimizer = optimizer_cls([p for p in model.parameters() if p.requires_grad], lr=lr)
+    handle = attach_spf(optimizer, model, subspace, config, tokenizer) if config else None
+    train_steps(model, optimizer, batch, steps)
+    deltas = weight_deltas(model, before)
+    for n, start in lora_start.items():
+        deltas[n] = deltas[n] - start
+    changed = max(float(d.abs().max()) for d in deltas.values())
+    return safety_component(subspace, deltas), changed, handle
+
+
+@pytest.fixture
+def subspace(model, tokenizer, safety_pairs):
+    return SafetySubspace.estimate(model, tokenizer, safety_pairs[:1], SPFConfig(rank=8), show_progress=False)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("side", ["left", "right", "two_sided"])
+def test_always_mode_keeps_weight_change_out_of_the_safety_gradient(model, tokenizer, benign_batch, subspace, lora,
+                                                                     side):
+    sft, sft_changed, _ = run(model, tokenizer, benign_batch, subspace, None, torch.optim.SGD, lr=0.5, lora=lora)
+    cfg = SPFConfig(rank=8, mode="always", side=side)
+    spf, spf_changed, handle = run(tiny_llama(seed=0), tokenizer, benign_batch, subspace, cfg, torch.optim.SGD,
+                                   lr=0.5, lora=lora)
+    assert sft_changed > 1e-3 and spf_changed > 1e-3  # parameters did change
+    assert sft > 1e-4  # plain SFT moves along the safety gradient
+    assert spf < 1e-4 * sft  # SPF does not (numerical noise)
+    assert abs(handle.projector.safety_drift()) < 1e-4 * sft  # and its own monitor agrees
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_update_projection_holds_under_adamw_where_grad_projection_leaks(tokenizer, benign_batch, subspace, lora):
+    grad_cfg = SPFConfig(rank=8, mode="always", project="grad")
+    update_cfg = SPFConfig(rank=8, mode="always", project="update")
+    leaked, _, _ = run(tiny_llama(seed=0), tokenizer, benign_batch, subspace, grad_cfg, torch.optim.AdamW, 1e-2,
+                       lora=lora)
+    kept, changed, _ = run(tiny_llama(seed=0), tokenizer, benign_batch, subspace, update_cfg, torch.optim.AdamW, 1e-2,
+                           lora=lora)
+    assert changed > 1e-3
+    assert leaked > 1e-3  # Adam rescales the projected gradient back into the subspace
+    assert kept < 1e-4 * leaked  # projecting the actual update keeps the guarantee
+
+
+def test_conflict_mode_never_raises_first_order_safety_loss_per_step(tokenizer, benign_batch, subspace):
+    model = tiny_llama(seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    handle = attach_spf(optimizer, model, subspace, SPFConfig(rank=8, mode="conflict", monitor_every=1), tokenizer)
+    train_steps(model, optimizer, benign_batch, 1)  # one SGD step: drift = -lr * sum_t <G_s, G'_t> <= 0
+    assert handle.projector.safety_drift() <= 1e-6
+    metrics = handle.metrics()
+    assert set(metrics) >= {"spf/conflict_rate", "spf/removed_norm_frac", "spf/safety_drift", "spf/safety_loss"}
+    assert 0.0 <= metrics["spf/conflict_rate"] <= 1.0 and 0.0 <= metrics["spf/removed_norm_frac"] <= 1.0
+
+
+def test_refresh_reestimates_at_current_weights(tokenizer, benign_batch, subspace):
+    model = tiny_llama(seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    handle = attach_spf(optimizer, model, subspace, SPFConfig(rank=8, refresh_every=2), tokenizer)
+    train_steps(model, optimizer, benign_batch, 2)
+    fresh = handle.projector.subspace
+    assert fresh is not subspace
+    name = next(iter(subspace.bases))
+    assert not torch.allclose(fresh[name].S, subspace[name].S)  # the weights moved, so did the safety gradient
+    handle.detach()
+    train_steps(model, optimizer, benign_batch, 1)
+    assert handle.projector.step == 2  # detached: no more projection
+
+
+def test_nan_gradient_is_a_clear_error(tokenizer, benign_batch, subspace):
+    model = tiny_llama(seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    attach_spf(optimizer, model, subspace, SPFConfig(rank=8, mode="always"))
+    model(**benign_batch).loss.backward()
+    model.model.layers[0].self_attn.q_proj.weight.grad[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite gradient.*q_proj"):
+        optimizer.step()
+
+
+def test_update_projection_notices_weights_written_between_steps(tokenizer, benign_batch, subspace):
+    """project="update" reuses its post-correction sketch as the next pre-step sketch, unless the weights were
+    written in between (here: a checkpoint loaded mid-run); the guarantee holds from the new weights on."""
+    model = tiny_llama(seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    attach_spf(optimizer, model, subspace, SPFConfig(rank=8, mode="always", project="update"))
+    train_steps(model, optimizer, benign_batch, 2)
+    model.load_state_dict(tiny_llama(seed=1).state_dict())  # in-place copy_: bumps the version counters
+    before = snapshot(model)
+    train_steps(model, optimizer, benign_batch, 2)
+    moved = weight_deltas(model, before)
+    assert max(float(d.abs().max()) for d in moved.values()) > 1e-3
+    assert safety_component(subspace, moved) < 1e-6

@@ -1,0 +1,129 @@
+"""Estimating, saving and loading the safety subspace on a tiny random Llama."""
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from safeft import SafetySubspace, SPFConfig
+from safeft.chat import collate, encode_chat, response_token_loss_sum
+from safeft.subspace import select_rank
+from safeft.testing import byte_tokenizer, tiny_llama
+
+
+def autograd_safety_gradients(model, tokenizer, pairs):
+    """The reference: dense weight gradients of the mean refusal-token loss, by plain autograd."""
+    batch = collate([encode_chat(tokenizer, p, r) for p, r in pairs], tokenizer.pad_token_id)
+    model.zero_grad()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    loss, count = response_token_loss_sum(logits, batch["labels"])
+    (loss / count).backward()
+    return {n.removesuffix(".weight"): p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_matches_truncated_svd_of_the_autograd_gradient(model, tokenizer, safety_pairs):
+    subspace = SafetySubspace.estimate(model, tokenizer, safety_pairs, SPFConfig(rank=4, batch_size=2),
+                                       show_progress=False)
+    reference = autograd_safety_gradients(model, tokenizer, safety_pairs)
+    assert len(subspace) == 14  # 7 linear layers x 2 blocks; embeddings and LM head excluded
+    assert "lm_head" not in subspace.bases
+    for name, b in subspace.bases.items():
+        G = reference[name]
+        U, S, Vh = torch.linalg.svd(G)
+        assert torch.allclose(b.S, S[:4], rtol=1e-4, atol=1e-6)
+        best = (U[:, :4] * S[:4]) @ Vh[:4]
+        assert float(((b.U * b.S) @ b.V.T - best).norm()) <= 1e-4 * float(G.norm())
+        assert torch.allclose(b.U.T @ b.U, torch.eye(4), atol=1e-5)
+        assert torch.allclose(b.V.T @ b.V, torch.eye(4), atol=1e-5)
+
+
+def test_leaves_model_untouched_and_works_under_frozen_lora(model, tokenizer, safety_pairs):
+    plain = SafetySubspace.estimate(model, tokenizer, safety_pairs[:1], SPFConfig(rank=4), show_progress=False)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    assert model.training
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    grads_before = [p.requires_grad for p in lora.parameters()]
+    frozen = SafetySubspace.estimate(lora, tokenizer, safety_pairs[:1], SPFConfig(rank=4), show_progress=False)
+    assert [p.requires_grad for p in lora.parameters()] == grads_before
+    assert set(frozen.bases) == set(plain.bases)  # same canonical names through the peft wrapper
+    for name in plain.bases:  # B = 0 at init, so the base model's safety gradient is unchanged
+        assert torch.allclose(frozen[name].S, plain[name].S, rtol=1e-4, atol=1e-7)
+
+
+def test_target_patterns_and_energy_policy(model, tokenizer, safety_pairs):
+    cfg = SPFConfig(rank=None, energy=0.9, max_rank=6, target_modules=["q_proj", r".*\.mlp\.down_proj"])
+    subspace = SafetySubspace.estimate(model, tokenizer, safety_pairs, cfg, show_progress=False)
+    assert sorted(subspace.bases) == sorted(f"model.layers.{i}.{m}" for i in (0, 1)
+                                            for m in ("self_attn.q_proj", "mlp.down_proj"))
+    for b in subspace.bases.values():
+        assert 1 <= b.rank <= 6
+
+
+def test_select_rank():
+    S = torch.tensor([3.0, 2.0, 1.0, 0.0])
+    assert select_rank(S, SPFConfig(rank=8)) == 3  # never beyond the numerical rank
+    assert select_rank(S, SPFConfig(rank=2)) == 2
+    assert select_rank(S, SPFConfig(rank=None, energy=9 / 14)) == 1  # 9 of 14 units of energy in the first
+    assert select_rank(S, SPFConfig(rank=None, energy=0.65)) == 2
+    assert select_rank(S, SPFConfig(rank=None, energy=1.0, max_rank=2)) == 2
+    assert select_rank(torch.zeros(3), SPFConfig(rank=2)) == 0
+
+
+def test_save_load_round_trip(model, tokenizer, safety_pairs, tmp_path):
+    subspace = SafetySubspace.estimate(model, tokenizer, safety_pairs[:2], SPFConfig(rank=4), show_progress=False)
+    subspace.save(tmp_path / "s")
+    loaded = SafetySubspace.load(tmp_path / "s", model=model)
+    assert loaded.bases.keys() == subspace.bases.keys()
+    for name, b in subspace.bases.items():
+        for key in "USV":
+            assert torch.equal(getattr(loaded[name], key), getattr(b, key))
+    meta = json.loads((tmp_path / "s" / "subspace.json").read_text())
+    assert meta["num_samples"] == 2 and len(meta["samples_sha256"]) == 64
+    assert meta["rank_policy"]["rank"] == 4 and meta["safeft_version"]
+    assert meta["model"]["targets"]["model.layers.0.mlp.gate_proj"] == [64, 32]
+    assert loaded.samples == subspace.samples
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        subspace.save(tmp_path / "s")  # never overwrites without asking
+    subspace.save(tmp_path / "s", overwrite=True)
+
+
+def test_loading_against_another_model_lists_the_mismatch(model, tokenizer, safety_pairs, tmp_path):
+    SafetySubspace.estimate(model, tokenizer, safety_pairs[:1], SPFConfig(rank=4), show_progress=False).save(tmp_path)
+    wider = tiny_llama(hidden=48)
+    with pytest.raises(ValueError, match=r"shape mismatch.*model.layers.0.self_attn.q_proj: subspace \(32, 32\) vs "
+                                         r"model \(48, 48\)"):
+        SafetySubspace.load(tmp_path, model=wider)
+    shallower = tiny_llama(layers=1)
+    with pytest.raises(ValueError, match=r"7 target\(s\) not in the model: model.layers.1"):
+        SafetySubspace.load(tmp_path, model=shallower)
+
+
+def test_bad_inputs_give_clear_errors(model, tokenizer, safety_pairs, tmp_path):
+    with pytest.raises(ValueError, match="no safety samples"):
+        SafetySubspace.estimate(model, tokenizer, [], SPFConfig(rank=4))
+    with pytest.raises(ValueError, match="empty prompt or refusal"):
+        SafetySubspace.estimate(model, tokenizer, [("How do I hurt someone?", "  ")], SPFConfig(rank=4))
+    with pytest.raises(ValueError, match=r"rank 20 exceeds the smaller dimension .*k_proj 16x32"):
+        SafetySubspace.estimate(model, tokenizer, safety_pairs[:1], SPFConfig(rank=20))
+    with pytest.raises(ValueError, match="no target matrices match"):
+        SafetySubspace.estimate(model, tokenizer, safety_pairs[:1], SPFConfig(rank=4, target_modules=["nope"]))
+    with pytest.raises(ValueError, match="no chat template.*chat_template"):
+        SafetySubspace.estimate(model, byte_tokenizer(chat_template=None), safety_pairs[:1])
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN/inf"):
+        SafetySubspace.estimate(model, tokenizer, safety_pairs[:1], SPFConfig(rank=4), show_progress=False)
+    with pytest.raises(FileNotFoundError, match="not a saved subspace"):
+        SafetySubspace.load(tmp_path)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"rank": 0}, "rank"), ({"rank": None, "energy": 1.5}, "energy"), ({"rank": 4, "energy": 0.9}, "exactly one"),
+    ({"side": "up"}, "side"), ({"mode": "sometimes"}, "mode"), ({"project": "weights"}, "project"),
+    ({"refresh_every": -1}, "refresh_every"), ({"rank": 128}, "max_rank"),
+])
+def test_config_validation_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SPFConfig(**kwargs)
