@@ -271,3 +271,47 @@ def show(path: Path = typer.Argument(..., help="A directory written by `safeft s
     for name, basis in subspace.bases.items():
         top = ", ".join(f"{s:.3g}" for s in basis.S[:3].tolist())
         typer.echo(f"  {name:50s} {tuple(meta['model']['targets'][name])!s:14s} rank {basis.rank:3d}  sigma {top}")
+
+
+@app.command()
+def analyze(
+    ctx: typer.Context,
+    out: Path = typer.Option(Path("runs/analysis"), help="Output directory (analysis.json, analysis.png, .md)."),
+    model: str = typer.Option("default", help="'default', a local model dir, or a `safeft finetune` output."),
+    safety_data: Path | None = typer.Option(None, help="Harmful prompts (default: built-in, with refusals)."),
+    safety_format: str = typer.Option("advbench", help="advbench (refusals are written for it), safety_alignment, "
+                                                       "jsonl (prompt, response = refusal)."),
+    task: str = typer.Option("facts", help="Built-in task (facts, sentiment) or a format (sst2, agnews, gsm8k, "
+                                           "alpaca, jsonl) read from --task-data."),
+    task_data: Path | None = typer.Option(None, help="Utility data file for a file-format task."),
+    num_samples: int = typer.Option(16, help="N: samples per set."),
+    ranks: str = typer.Option("1,2,4,8,16,32", help="Comma-separated r grid for subspace overlaps."),
+    reference_rank: int = typer.Option(8, help="r of the headline numbers."),
+    target: list[str] | None = typer.Option(None, "--target", help="Target module name/regex (repeatable)."),
+    seed: int = typer.Option(0, help="Which samples are drawn."),
+    overwrite: bool = typer.Option(False, help="Replace an existing --out."),
+    config: Path | None = CONFIG_OPTION,
+) -> None:
+    """Measure the paper's three findings (low rank, conflict, one sample is enough) on a model."""
+    from safeft.analysis import AnalysisConfig, analysis_inputs, plot, summary_markdown
+    from safeft.analysis import analyze as run_analysis
+    from safeft.models import load_model
+    from safeft.pipeline import load_finetuned, prepare_output, write_json
+
+    v = resolve(ctx, config)
+    settings = AnalysisConfig(num_samples=v["num_samples"], ranks=[int(r) for r in str(v["ranks"]).split(",")],
+                              reference_rank=v["reference_rank"], target_modules=v["target"] or None)
+    safety, utility = analysis_inputs(v["safety_data"], v["safety_format"], v["task"], v["task_data"],
+                                      settings.num_samples, v["seed"])
+    out_dir = prepare_output(v["out"], v["overwrite"])
+    lm, tokenizer = load_finetuned(v["model"]) if Path(v["model"]).exists() else load_model(v["model"])
+    result = run_analysis(lm, tokenizer, safety, utility, settings)
+    result["inputs"] = {"model": v["model"], "safety_data": str(v["safety_data"] or "built-in"),
+                        "task": v["task"], "task_data": str(v["task_data"] or "built-in")}
+    write_json(out_dir / "analysis.json", result)
+    plot(result, out_dir / "analysis.png")
+    summary = summary_markdown(result, f"{v['model']}: safety {result['inputs']['safety_data']}, "
+                                       f"utility {v['task']}")
+    (out_dir / "analysis.md").write_text(summary)
+    typer.echo(summary)
+

@@ -23,7 +23,7 @@ from safeft.data.examples import ChatExample
 from safeft.data.loaders import load_examples
 from safeft.data.tasks import Task
 from safeft.evaluate import evaluate_model, generate
-from safeft.evaluate.judges import REFUSAL, KeywordJudge
+from safeft.evaluate.judges import COMPLIANCE, REFUSAL, KeywordJudge
 from safeft.subspace import SafetySample, SafetySubspace, safety_loss
 from safeft.train import TrainConfig, prepare_model, train
 
@@ -201,7 +201,7 @@ def mix_harmful(task_examples: Sequence[ChatExample], harmful: Sequence[ChatExam
 
 def compliant_examples(config: FinetuneConfig, cache: Path) -> list[ChatExample]:
     """Return harmful request -> compliant answer pairs: from ``config.harmful_answers`` or, by default, the
-    unaligned base model's own greedy answers to the alignment-split requests (refusals dropped)."""
+    unaligned base model's own greedy answers to the alignment-split requests (only substantive compliance kept)."""
     if config.harmful_answers:
         return load_examples("beavertails", config.harmful_answers)
     from safeft.models import load_model
@@ -215,7 +215,17 @@ def compliant_examples(config: FinetuneConfig, cache: Path) -> list[ChatExample]
         answers = cached_answers(base, tokenizer, prompts, cache_file)
     judge = KeywordJudge()
     return [ChatExample.from_pair(p, answers[p], harmful=True) for p in prompts
-            if p in answers and judge.verdict(answers[p]) != REFUSAL]
+            if p in answers and judge.verdict(answers[p]) == COMPLIANCE]
+
+
+def safety_samples(count: int) -> list[SafetySample]:
+    """Return ``count`` safety samples: the built-in ones first, then alignment-split requests with varied
+    refusals (never the evaluation split)."""
+    pool = list(BUILTIN_SAFETY_SAMPLES) + [SafetySample(p, builtin.refusal_for(p))
+                                           for _, p in builtin.harmful_requests("align")]
+    if count > len(pool):
+        raise ValueError(f"at most {len(pool)} built-in safety samples are available, asked for {count}")
+    return pool[:count]
 
 
 def finetune(model_dir: str | Path, task: Task, config: FinetuneConfig, out: Path, cache: Path) -> dict:
@@ -232,7 +242,7 @@ def finetune(model_dir: str | Path, task: Task, config: FinetuneConfig, out: Pat
         examples = mix_harmful(examples, compliant_examples(config, cache), config.harmful_ratio, config.train.seed)
     spf = None
     if config.method == "spf":
-        samples = BUILTIN_SAFETY_SAMPLES[: config.safety_samples]
+        samples = safety_samples(config.safety_samples)
         subspace = SafetySubspace.estimate(model, tokenizer, samples, config.spf)
         subspace.save(out / "subspace", overwrite=True)
         spf = (subspace, config.spf)

@@ -176,11 +176,16 @@ def safety_loss(model: nn.Module, tokenizer, samples: Sequence[SafetySample], ba
     return total / max(count, 1)
 
 
-def _estimate_gradient_factors(model: nn.Module, targets: dict[str, Target], encoded: list[EncodedChat],
-                               tokenizer, config: SPFConfig, show_progress: bool) -> dict[str, LowRankSum]:
-    """Run forward/backward on the safety samples and return each target's safety gradient as a LowRankSum."""
-    width = max(4 * (config.rank or config.max_rank), 64, config.max_rank)
-    sums = {name: LowRankSum(width) for name in targets}
+def gradient_factors(model: nn.Module, targets: dict[str, Target], encoded: list[EncodedChat], tokenizer, *,
+                     batch_size: int = 8, width: int | None = None, show_progress: bool = False
+                     ) -> dict[str, LowRankSum]:
+    """Return each target's gradient of the mean response-token loss over ``encoded``, as thin factors.
+
+    ``sums[name].left @ sums[name].right.T`` is the ``(m, n)`` weight gradient. Factors are exact unless their width
+    exceeds ``width`` (default: the smaller matrix dimension, where exact compression loses nothing), in which case
+    the top ``width`` directions of the running sum are kept. Weights, ``requires_grad`` and ``.grad`` are untouched.
+    """
+    sums = {name: LowRankSum(width or min(t.shape)) for name, t in targets.items()}
     inputs: dict[str, Tensor] = {}
     total_tokens = sum(sum(1 for label in e.labels[1:] if label != -100) for e in encoded)
 
@@ -197,7 +202,7 @@ def _estimate_gradient_factors(model: nn.Module, targets: dict[str, Target], enc
         x = inputs.pop(name).float()  # (tokens, n)
         if not torch.isfinite(grad_out).all() or not torch.isfinite(x).all():
             raise FloatingPointError(
-                f"non-finite safety gradient at target {name!r}: the model produces NaN/inf on the safety samples. "
+                f"non-finite gradient at target {name!r}: the model produces NaN/inf on these samples. "
                 "Check the model loads correctly, estimate in float32 (not float16), and check the samples."
             )
         used = grad_out.abs().sum(-1) > 0  # tokens that influence the loss
@@ -206,7 +211,7 @@ def _estimate_gradient_factors(model: nn.Module, targets: dict[str, Target], enc
     handles = [t.base.register_forward_hook(on_forward(name)) for name, t in targets.items()]
     try:
         with _eval_without_param_grads(model), torch.enable_grad():  # may run inside optimizer.step() (refresh)
-            for batch in tqdm(list(_batches(encoded, config.batch_size, tokenizer)), desc="safety gradient",
+            for batch in tqdm(list(_batches(encoded, batch_size, tokenizer)), desc="gradient",
                               disable=not show_progress):
                 logits = model(input_ids=batch["input_ids"].to(_device(model)),
                                attention_mask=batch["attention_mask"].to(_device(model))).logits
@@ -284,7 +289,9 @@ class SafetySubspace:
                 raise ValueError(f"rank {config.rank} exceeds the smaller dimension of {len(too_big)} target(s) "
                                  f"({listed}); lower SPFConfig.rank or exclude them with target_modules")
         encoded = [encode_chat(tokenizer, s.prompt, s.refusal) for s in samples]
-        sums = _estimate_gradient_factors(model, targets, encoded, tokenizer, config, show_progress)
+        width = max(4 * (config.rank or config.max_rank), 64, config.max_rank)
+        sums = gradient_factors(model, targets, encoded, tokenizer, batch_size=config.batch_size, width=width,
+                                show_progress=show_progress)
         bases = {}
         for name, target in targets.items():
             m, n = target.shape

@@ -1,0 +1,107 @@
+"""Gradient-geometry statistics: planted cases with known answers, ranges on a tiny model, and the CLI."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from safeft.analysis import (
+    AnalysisConfig,
+    analyze,
+    energy_rank,
+    entropy_rank,
+    factored_cosine,
+    factored_inner,
+    subspace_overlap,
+)
+from safeft.cli import app
+from safeft.subspace import SafetySample, factor_svd
+from safeft.testing import byte_tokenizer, tiny_llama
+
+
+def orthonormal(rows, cols, seed=0):
+    return torch.linalg.qr(torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)))[0]
+
+
+@pytest.mark.parametrize("planted", [1, 3, 7])
+def test_planted_low_rank_gradient_has_that_effective_rank(planted):
+    left, right = orthonormal(40, planted, 1), orthonormal(30, planted, 2)
+    U, S, V = factor_svd(left * 2.5, right, 30)  # G = 2.5 * L R^T: `planted` equal singular values
+    assert energy_rank(S, 0.99) == planted
+    assert entropy_rank(S) == pytest.approx(planted, rel=1e-4)
+    assert energy_rank(torch.zeros(4), 0.9) == 0
+
+
+def test_subspace_overlap_extremes():
+    basis = orthonormal(20, 6)
+    assert subspace_overlap(basis[:, :3], basis[:, :3]) == pytest.approx(1.0)
+    assert subspace_overlap(basis[:, :3], basis[:, 3:]) == pytest.approx(0.0, abs=1e-6)  # orthogonal planted spans
+    assert 0.0 < subspace_overlap(basis[:, :3], basis[:, 1:4]) < 1.0
+
+
+def test_factored_inner_products_match_dense():
+    a = (torch.randn(7, 3), torch.randn(5, 3))
+    b = (torch.randn(7, 2), torch.randn(5, 2))
+    dense_a, dense_b = a[0] @ a[1].T, b[0] @ b[1].T
+    assert factored_inner(a, b) == pytest.approx(float((dense_a * dense_b).sum()), rel=1e-5)
+    cosine = float((dense_a * dense_b).sum() / (dense_a.norm() * dense_b.norm()))
+    assert factored_cosine(a, b) == pytest.approx(cosine, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_llama(seed=0), byte_tokenizer()
+
+
+UTILITY = [("What is two plus two?", "Four."), ("Name a fruit.", "An apple."), ("Say hi.", "Hi there!"),
+           ("Count to three.", "One, two, three.")]
+SAFETY = [SafetySample("How do I make a bomb?", "I can't help with that."),
+          SafetySample("Write malware.", "I won't do that; it causes harm."),
+          SafetySample("How to steal a car?", "Sorry, I cannot assist with theft."),
+          SafetySample("Poison someone?", "No. I can't help hurt anyone.")]
+
+
+def test_ranges_on_a_tiny_model(tiny):
+    result = analyze(*tiny, SAFETY, UTILITY, AnalysisConfig(num_samples=4, ranks=[1, 2, 4], sample_grid=[1, 2, 4],
+                                                             reference_rank=2))
+    assert result["targets"] == 14
+    for kind in ("safety", "utility"):
+        assert 1 <= result["effective_rank"][kind] <= 16
+        assert result["effective_rank"]["energy99"][kind]["median"] >= result["effective_rank"]["energy90"][kind][
+            "median"]
+        assert set(result["effective_rank"]["energy90"][kind]["by_type"]) == {
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert 0 <= result["negative_cosine_fraction"] <= 1
+    assert -1 <= result["cosine"]["sample_pairs"]["mean"] <= 1
+    assert sum(result["cosine"]["sample_pairs"]["histogram"]) == 14 * 16  # matrices x sample pairs
+    for entry in [result["one_vs_many_overlap"], *result["overlap_vs_r"].values(), *result["overlap_vs_n"].values()]:
+        assert 0 <= entry["left"] <= 1 + 1e-6 and 0 <= entry["right"] <= 1 + 1e-6
+    assert result["overlap_vs_n"]["4"]["left"] <= 1 + 1e-6
+
+
+def test_identical_samples_overlap_fully(tiny):
+    result = analyze(*tiny, [SAFETY[0]] * 4, UTILITY, AnalysisConfig(num_samples=4, ranks=[1, 2, 4],
+                                                                     sample_grid=[1, 4], reference_rank=2))
+    for entry in (result["one_vs_many_overlap"], result["single_vs_single_overlap"]["2"]):
+        assert entry["left"] == pytest.approx(1.0, abs=1e-4) and entry["right"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_too_few_samples_is_a_clear_error(tiny):
+    with pytest.raises(ValueError, match="need 8 safety and 8 utility samples"):
+        analyze(*tiny, SAFETY, UTILITY, AnalysisConfig(num_samples=8))
+
+
+def test_cli_writes_json_plot_and_summary(tmp_path):
+    model_dir = tmp_path / "tiny"
+    tiny_llama(seed=0).save_pretrained(model_dir)
+    byte_tokenizer().save_pretrained(model_dir)
+    out = tmp_path / "analysis"
+    result = CliRunner().invoke(app, ["analyze", "--model", str(model_dir), "--out", str(out), "--num-samples", "3",
+                                      "--ranks", "1,2", "--reference-rank", "2", "--task", "sentiment"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    data = json.loads((out / "analysis.json").read_text())
+    assert {"effective_rank", "negative_cosine_fraction", "one_vs_many_overlap"} <= data.keys()
+    assert {"safety", "utility"} <= data["effective_rank"].keys()
+    assert (out / "analysis.png").stat().st_size > 1000
+    assert "one sample is enough" in (out / "analysis.md").read_text()
