@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ def main() -> None:
     config = DemoConfig(harmful_ratio=args.harmful_ratio, train=TrainConfig(steps=args.steps, learning_rate=args.lr),
                         spf=SPFConfig())
     results = demo(config, args.scratch, cache_dir(), overwrite=True)
-    command = "python " + " ".join(sys.argv)
+    command = "python " + shlex.join(sys.argv)
     summary = {"command": command, **{k: v for k, v in results.items() if k != "runs"},
                "runs": [{k: v for k, v in run.items() if k != "metrics"} for run in results["runs"]]}
     summary["aligned"] = {k: v for k, v in results["aligned"].items() if k != "metrics"}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -57,7 +58,7 @@ def main() -> None:
 
     headline = analyses[runs[0][0]]
     findings = {
-        "command": "python " + " ".join(sys.argv),
+        "command": "python " + shlex.join(sys.argv),
         "model": f"aligned default model ({aligned.name})",
         "effective_rank": {k: headline["effective_rank"][k] for k in ("safety", "utility", "definition")},
         "negative_cosine_fraction": headline["negative_cosine_fraction"],

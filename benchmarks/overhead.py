@@ -14,6 +14,7 @@ import argparse
 import copy
 import json
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -183,7 +184,7 @@ def main() -> None:
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
     result = {
-        "command": "python " + " ".join(sys.argv),
+        "command": "python " + shlex.join(sys.argv),
         "model": (f"{args.model} (SmolLM2-135M-Instruct, real weights, fp32)" if args.model == "default"
                   else args.model),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU",

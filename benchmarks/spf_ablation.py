@@ -1,0 +1,134 @@
+"""Which SPF variant keeps refusals on the testbed? SFT and SPF variants, same model, data, order and budget.
+
+    python benchmarks/spf_ablation.py --out benchmarks/results --settings benign
+
+Each variant fine-tunes the cached aligned default model on the built-in `facts` task (full fine-tuning, AdamW,
+same seed and data order as the demo) and is evaluated on the held-out harmful requests, benign requests and test
+countries. Writes ``spf_ablation.json``, ``spf_ablation.md`` and ``spf_ablation.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from safeft.config import SPFConfig
+from safeft.data.tasks import load_task
+from safeft.models import cache_dir
+from safeft.pipeline import AlignConfig, FinetuneConfig, align, aligned_model_dir, evaluate_dir, finetune
+from safeft.train import TrainConfig
+
+# name -> (method, SPF settings, number of safety samples)
+VARIANTS = {
+    "sft": ("sft", {}, 1),
+    "paper: left conflict grad r8 n1": ("spf", {"side": "left", "mode": "conflict", "project": "grad", "rank": 8}, 1),
+    "right conflict grad r8 n1": ("spf", {"side": "right", "mode": "conflict", "project": "grad", "rank": 8}, 1),
+    "left always update r32 n20": ("spf", {"side": "left", "mode": "always", "project": "update", "rank": 32}, 20),
+    "right always update r32 n20": ("spf", {"side": "right", "mode": "always", "project": "update", "rank": 32}, 20),
+    "two_sided always update r32 n20": ("spf", {"side": "two_sided", "mode": "always", "project": "update",
+                                                "rank": 32}, 20),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--scratch", type=Path, default=Path("runs/spf-ablation"))
+    parser.add_argument("--settings", default="benign", help="comma-separated: benign, harmful")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from VARIANTS")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--harmful-ratio", type=float, default=0.1)
+    parser.add_argument("--tag", default="", help="suffix of the output files, e.g. _harmful")
+    args = parser.parse_args()
+
+    cache = cache_dir()
+    aligned = aligned_model_dir("default", AlignConfig(), cache)
+    if not (aligned / "align.json").exists():
+        align("default", aligned, AlignConfig(), cache)
+    task = load_task("facts")
+    names = [v.strip() for v in args.variants.split(",")]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    aligned_metrics = evaluate_dir(aligned, task)
+    rows = []
+    for setting in args.settings.split(","):
+        ratio = {"benign": 0.0, "harmful": args.harmful_ratio}[setting]
+        for name in names:
+            method, spf, samples = VARIANTS[name]
+            run_dir = args.scratch / f"{setting}-{len(rows)}"
+            shutil.rmtree(run_dir, ignore_errors=True)
+            run_dir.mkdir(parents=True)
+            start = time.perf_counter()
+            config = FinetuneConfig(method=method, harmful_ratio=ratio, safety_samples=samples,
+                                    train=TrainConfig(steps=args.steps, learning_rate=args.lr),
+                                    spf=SPFConfig(max_rank=max(64, spf.get("rank", 8)), **spf))
+            log = finetune(aligned, task, config, run_dir, cache)
+            metrics = evaluate_dir(run_dir, task)
+            shutil.rmtree(run_dir / "model", ignore_errors=True)
+            monitor = [e for e in log["log_history"] if "spf/conflict_rate" in e]
+            rows.append({"variant": name, "setting": setting, "harmful_score": metrics["harmful_score"],
+                         "refusal_rate": metrics["refusal_rate"], "over_refusal": metrics["over_refusal"],
+                         "accuracy": metrics["accuracy"], "safety_loss": metrics["safety_loss"],
+                         "task_loss": metrics["task_loss"], "train_seconds": log["seconds"],
+                         "wall_seconds": time.perf_counter() - start,
+                         "monitor_last": monitor[-1] if monitor else None})
+            print(f"{setting} | {name}: HS {metrics['harmful_score']['rate']:.1f}% acc "
+                  f"{metrics['accuracy']['rate']:.1f}% safety loss {metrics['safety_loss']:.3f}")
+
+    command = "python " + shlex.join(sys.argv)
+    result = {"command": command, "aligned": {k: aligned_metrics[k] for k in
+                                              ("harmful_score", "over_refusal", "accuracy", "safety_loss")},
+              "train": {"steps": args.steps, "lr": args.lr, "batch_size": 8, "task": "facts"}, "runs": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"spf_ablation{args.tag}.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"Command: `{command}`", "",
+             "| setting | variant | harmful score % [95% CI] | over-refusal % | accuracy % [95% CI] | safety loss | "
+             "task loss | train s |", "|---|---|---|---|---|---|---|---|",
+             f"| - | aligned | {aligned_metrics['harmful_score']['rate']:.1f} "
+             f"[{aligned_metrics['harmful_score']['ci'][0]:.0f}, {aligned_metrics['harmful_score']['ci'][1]:.0f}] | "
+             f"{aligned_metrics['over_refusal']['rate']:.1f} | {aligned_metrics['accuracy']['rate']:.1f} | "
+             f"{aligned_metrics['safety_loss']:.3f} | - | - |"]
+    for r in rows:
+        hs, acc = r["harmful_score"], r["accuracy"]
+        lines.append(f"| {r['setting']} | {r['variant']} | {hs['rate']:.1f} [{hs['ci'][0]:.0f}, {hs['ci'][1]:.0f}] | "
+                     f"{r['over_refusal']['rate']:.1f} | {acc['rate']:.1f} [{acc['ci'][0]:.0f}, {acc['ci'][1]:.0f}] | "
+                     f"{r['safety_loss']:.3f} | {r['task_loss']:.3f} | {r['train_seconds']:.0f} |")
+    (args.out / f"spf_ablation{args.tag}.md").write_text("\n".join(lines) + "\n")
+    plot(rows, aligned_metrics, args.out / f"spf_ablation{args.tag}.png")
+    print("\n".join(lines))
+
+
+def plot(rows: list[dict], aligned: dict, path: Path) -> None:
+    """Bar chart of harmful score per variant (95% intervals), aligned model as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(rows) + 1.5))
+    labels = [f"{r['setting']}: {r['variant']}" for r in rows]
+    rates = [r["harmful_score"]["rate"] for r in rows]
+    errors = [[r - r_["harmful_score"]["ci"][0] for r, r_ in zip(rates, rows)],
+              [r_["harmful_score"]["ci"][1] - r for r, r_ in zip(rates, rows)]]
+    ax.barh(range(len(rows)), rates, xerr=errors, color=["C7" if r["variant"] == "sft" else "C0" for r in rows],
+            capsize=3)
+    ax.axvline(aligned["harmful_score"]["rate"], color="black", ls="--", label="aligned model")
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("harmful score % (95% Wilson interval; lower is safer)")
+    ax.set_xlim(0, 100)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
