@@ -22,7 +22,7 @@ from pathlib import Path
 
 from safeft.analysis import AnalysisConfig, analysis_inputs, analyze, plot, summary_markdown
 from safeft.models import cache_dir
-from safeft.pipeline import AlignConfig, align, aligned_model_dir, load_finetuned
+from safeft.pipeline import AlignConfig, ensure_aligned, load_finetuned
 
 
 def main() -> None:
@@ -33,9 +33,7 @@ def main() -> None:
         parser.add_argument(f"--{name}", type=Path, default=None, help=f"path of the {name} file")
     args = parser.parse_args()
 
-    aligned = aligned_model_dir("default", AlignConfig(), cache_dir())
-    if not (aligned / "align.json").exists():
-        align("default", aligned, AlignConfig(), cache_dir())
+    aligned, _, _ = ensure_aligned("default", AlignConfig(), cache_dir())
     model, tokenizer = load_finetuned(aligned)
     config = AnalysisConfig(num_samples=args.num_samples)
 

@@ -20,7 +20,8 @@ from pathlib import Path
 from safeft.config import SPFConfig
 from safeft.data.tasks import load_task
 from safeft.models import cache_dir
-from safeft.pipeline import AlignConfig, FinetuneConfig, align, aligned_model_dir, evaluate_dir, finetune
+from safeft.pipeline import AlignConfig, FinetuneConfig, ensure_aligned, evaluate_dir, finetune
+from safeft.report import format_rate
 from safeft.train import TrainConfig
 
 # name -> (method, SPF settings, number of safety samples)
@@ -48,9 +49,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cache = cache_dir()
-    aligned = aligned_model_dir("default", AlignConfig(), cache)
-    if not (aligned / "align.json").exists():
-        align("default", aligned, AlignConfig(), cache)
+    aligned, _, _ = ensure_aligned("default", AlignConfig(), cache)
     task = load_task("facts")
     names = [v.strip() for v in args.variants.split(",")]
     unknown = [n for n in names if n not in VARIANTS]
@@ -96,9 +95,8 @@ def main() -> None:
              f"{aligned_metrics['over_refusal']['rate']:.1f} | {aligned_metrics['accuracy']['rate']:.1f} | "
              f"{aligned_metrics['safety_loss']:.3f} | - | - |"]
     for r in rows:
-        hs, acc = r["harmful_score"], r["accuracy"]
-        lines.append(f"| {r['setting']} | {r['variant']} | {hs['rate']:.1f} [{hs['ci'][0]:.0f}, {hs['ci'][1]:.0f}] | "
-                     f"{r['over_refusal']['rate']:.1f} | {acc['rate']:.1f} [{acc['ci'][0]:.0f}, {acc['ci'][1]:.0f}] | "
+        lines.append(f"| {r['setting']} | {r['variant']} | {format_rate(r['harmful_score'])} | "
+                     f"{r['over_refusal']['rate']:.1f} | {format_rate(r['accuracy'])} | "
                      f"{r['safety_loss']:.3f} | {r['task_loss']:.3f} | {r['train_seconds']:.0f} |")
     (args.out / f"spf_ablation{args.tag}.md").write_text("\n".join(lines) + "\n")
     plot(rows, aligned_metrics, args.out / f"spf_ablation{args.tag}.png")

@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from safeft.chat import encode_chat
-from safeft.subspace import LowRankSum, SafetySample, factor_svd, gradient_factors
+from safeft.subspace import LowRankSum, SafetySample, energy_rank, factor_svd, gradient_factors
 from safeft.targets import find_targets
 
 Factors = tuple[Tensor, Tensor]  # (L: (m, t), R: (n, t)) with G = L @ R.T
@@ -57,15 +57,6 @@ class AnalysisConfig:
 
 
 # --- statistics of one spectrum / pair of factored matrices ---------------------------------------------------
-
-
-def energy_rank(S: Tensor, fraction: float) -> int:
-    """Return the number of leading singular values holding ``fraction`` of the squared spectrum (0 for zero)."""
-    energy = S.double() ** 2
-    if energy.sum() <= 0:
-        return 0
-    cumulative = torch.cumsum(energy, 0) / energy.sum()
-    return int((cumulative < fraction - 1e-12).sum()) + 1
 
 
 def entropy_rank(S: Tensor) -> float:

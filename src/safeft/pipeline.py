@@ -44,11 +44,16 @@ def write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
+def read_answers(cache_file: Path) -> dict[str, str]:
+    """Return ``{prompt: response}`` from a JSONL answer cache ({} if it does not exist)."""
+    if not cache_file.exists():
+        return {}
+    return {row["prompt"]: row["response"] for row in map(json.loads, cache_file.read_text().splitlines())}
+
+
 def cached_answers(model, tokenizer, prompts: Sequence[str], cache_file: Path, max_new_tokens: int = 96) -> dict:
     """Return ``{prompt: greedy answer}`` of ``model``, generating only the prompts not yet in ``cache_file``."""
-    cache = {}
-    if cache_file.exists():
-        cache = {row["prompt"]: row["response"] for row in map(json.loads, cache_file.read_text().splitlines())}
+    cache = read_answers(cache_file)
     missing = [p for p in dict.fromkeys(prompts) if p not in cache]
     if missing:
         replies = generate(model, tokenizer, [[{"role": "user", "content": p}] for p in missing],
@@ -159,6 +164,14 @@ def aligned_model_dir(model_name: str, config: AlignConfig, cache: Path) -> Path
     return cache / f"aligned-{model_key(model_name)}-{key}"
 
 
+def ensure_aligned(model_name: str, config: AlignConfig, cache: Path) -> tuple[Path, dict, bool]:
+    """Return ``(aligned model dir, alignment report, was cached)``, aligning ``model_name`` first if needed."""
+    target = aligned_model_dir(model_name, config, cache)
+    if (target / "align.json").exists():
+        return target, json.loads((target / "align.json").read_text()), True
+    return target, align(model_name, target, config, cache), False
+
+
 # --- fine-tuning ----------------------------------------------------------------------------------------------
 
 
@@ -208,9 +221,8 @@ def compliant_examples(config: FinetuneConfig, cache: Path) -> list[ChatExample]
 
     prompts = [p for _, p in builtin.harmful_requests("align")]
     cache_file = cache / f"harmful_answers-{model_key(config.base_model)}.jsonl"
-    if cache_file.exists():
-        answers = {r["prompt"]: r["response"] for r in map(json.loads, cache_file.read_text().splitlines())}
-    else:
+    answers = read_answers(cache_file)
+    if not all(p in answers for p in prompts):  # load the base model only when something must be generated
         base, tokenizer = load_model(config.base_model)
         answers = cached_answers(base, tokenizer, prompts, cache_file)
     judge = KeywordJudge()
@@ -321,10 +333,7 @@ def demo(config: DemoConfig, out: str | Path, cache: Path, *, overwrite: bool = 
 
     out = prepare_output(out, overwrite)
     start = time.perf_counter()
-    aligned_dir = aligned_model_dir(config.model, config.align, cache)
-    cached = (aligned_dir / "align.json").exists()
-    align_report = json.loads((aligned_dir / "align.json").read_text()) if cached else \
-        align(config.model, aligned_dir, config.align, cache)
+    aligned_dir, align_report, cached = ensure_aligned(config.model, config.align, cache)
     task = load_task(config.task)
     aligned = evaluate_dir(aligned_dir, task, max_new_tokens=config.max_new_tokens)
     runs = []

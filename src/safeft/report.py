@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def _rate(entry: dict | None) -> str:
+def format_rate(entry: dict | None) -> str:
+    """Return ``"rate [lo, hi]"`` for a rate dict from ``safeft.evaluate.stats.rate`` (``"n/a"`` for None)."""
     if not entry:
         return "n/a"
     lo, hi = entry["ci"]
@@ -22,9 +23,9 @@ def demo_table(aligned: dict, runs: list[dict]) -> str:
              "accuracy % [95% CI] | safety loss | task loss |", "|---|---|---|---|---|---|---|---|---|"]
 
     def row(name: str, setting: str, m: dict) -> str:
-        return (f"| {name} | {setting} | {_rate(m['harmful_score'])} | {m['refusal_rate']['rate']:.1f} | "
-                f"{m['off_task_rate']['rate']:.1f} | {_rate(m['over_refusal'])} | {_rate(m['accuracy'])} | "
-                f"{_loss(m['safety_loss'])} | {_loss(m['task_loss'])} |")
+        return (f"| {name} | {setting} | {format_rate(m['harmful_score'])} | {m['refusal_rate']['rate']:.1f} | "
+                f"{m['off_task_rate']['rate']:.1f} | {format_rate(m['over_refusal'])} | "
+                f"{format_rate(m['accuracy'])} | {_loss(m['safety_loss'])} | {_loss(m['task_loss'])} |")
 
     lines.append(row("aligned", "-", aligned))
     lines += [row(r["method"].upper(), r["setting"], r["metrics"]) for r in runs]

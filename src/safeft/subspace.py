@@ -93,6 +93,15 @@ def factor_svd(left: Tensor, right: Tensor, max_rank: int) -> tuple[Tensor, Tens
     return q_left @ u[:, :q], s[:q], q_right @ v[:, :q]
 
 
+def energy_rank(S: Tensor, fraction: float) -> int:
+    """Return the number of leading singular values holding ``fraction`` of the squared spectrum (0 for zero)."""
+    energy = S.double() ** 2
+    if energy.sum() <= 0:
+        return 0
+    cumulative = torch.cumsum(energy, 0) / energy.sum()
+    return int((cumulative < fraction - 1e-12).sum()) + 1
+
+
 def select_rank(S: Tensor, config: SPFConfig) -> int:
     """Return how many leading singular values to keep under the config's rank policy (never numerical zeros)."""
     if S.numel() == 0 or S[0] <= 0:
@@ -100,9 +109,7 @@ def select_rank(S: Tensor, config: SPFConfig) -> int:
     numerical = int((S > S[0] * 1e-6).sum())
     if config.rank is not None:
         return min(config.rank, numerical)
-    energy = torch.cumsum(S.double() ** 2, 0) / (S.double() ** 2).sum()
-    keep = int((energy < config.energy - 1e-12).sum()) + 1
-    return min(keep, config.max_rank, numerical)
+    return min(energy_rank(S, config.energy), config.max_rank, numerical)
 
 
 def samples_sha256(samples: Sequence[SafetySample]) -> str:
