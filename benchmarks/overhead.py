@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import platform
 import shlex
@@ -24,7 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from safeft import SafetySubspace, SPFConfig, attach_spf
-from safeft.data import BUILTIN_SAFETY_SAMPLES
+from safeft import projection as P
+from safeft.data import DEFAULT_SAFETY_SAMPLES, builtin_safety_samples
 from safeft.models import load_model
 
 METHODS = ("sft", "spf_grad", "spf_update")
@@ -49,7 +51,7 @@ def timed_hooks(handle) -> list[float]:
     return spent
 
 
-def make_trainer(base, subspace, method: str, lora: bool):
+def make_trainer(base, subspace, method: str, lora: bool, spf: SPFConfig):
     from peft import LoraConfig, get_peft_model
 
     model = copy.deepcopy(base)
@@ -63,7 +65,7 @@ def make_trainer(base, subspace, method: str, lora: bool):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     handle, spent = None, None
     if method != "sft":
-        config = SPFConfig(rank=8, project=method.removeprefix("spf_"), monitor_every=0)
+        config = dataclasses.replace(spf, project=method.removeprefix("spf_"), monitor_every=0)
         handle = attach_spf(optimizer, model, subspace, config)
         spent = timed_hooks(handle)
     return model, optimizer, handle, spent
@@ -79,8 +81,10 @@ def step(model, optimizer, batch) -> float:
 
 def profile_projection(projector, repeats: int = 5) -> dict:
     """Split the cost of one grad-mode projection over all targets into its passes over the gradients."""
-    pieces = [(g.target.base.weight.grad, g.U) for g in projector.guards]
-    zeros = [torch.zeros(U.shape[1], G.shape[1]) for G, U in pieces]
+    side = projector.config.side
+    pieces = [(g.target.base.weight.grad, g) for g in projector.guards]
+    zeros = [torch.zeros_like(P.sketch(G, g.U, g.V, side)) for G, g in pieces]
+    ones = [torch.ones_like(g.S) for _, g in pieces]
 
     def seconds(fn) -> float:
         fn()
@@ -90,15 +94,16 @@ def profile_projection(projector, repeats: int = 5) -> dict:
         return (time.perf_counter() - start) / repeats
 
     return {
-        "sketch_UtG_s": seconds(lambda: [U.T @ G for G, U in pieces]),
-        "subtract_addmm_s": seconds(lambda: [G.addmm_(U, z, alpha=-1.0) for (G, U), z in zip(pieces, zeros)]),
+        "sketch_s": seconds(lambda: [P.sketch(G, g.U, g.V, side) for G, g in pieces]),
+        "subtract_addmm_s": seconds(lambda: [P.subtract_(G, z, g.U, g.V, m, side)
+                                             for (G, g), z, m in zip(pieces, zeros, ones)]),
         "plain_read_pass_s": seconds(lambda: [G.sum() for G, _ in pieces]),
         "gradient_elements": sum(G.numel() for G, _ in pieces),
     }
 
 
-def measure_setting(base, subspace, batch, lora: bool, rounds: int, warmup: int) -> dict:
-    trainers = {m: make_trainer(base, subspace, m, lora) for m in METHODS}
+def measure_setting(base, subspace, batch, lora: bool, rounds: int, warmup: int, spf: SPFConfig) -> dict:
+    trainers = {m: make_trainer(base, subspace, m, lora, spf) for m in METHODS}
     times = {m: [] for m in METHODS}
     for r in tqdm(range(warmup + rounds), desc="lora" if lora else "full"):
         for m, (model, optimizer, _, _) in trainers.items():
@@ -140,21 +145,22 @@ def to_markdown(result: dict) -> str:
     lines += ["", "Ratios: median over rounds of (SPF step / SFT step in the same round), with the interquartile "
               "range. SPF hooks: median time inside SPF's own pre/post-step hooks, as a share of the SFT step."]
     p = result["full"]["profile"]
-    per_element = {k: 1e9 * p[k] / p["gradient_elements"] for k in ("sketch_UtG_s", "subtract_addmm_s",
+    per_element = {k: 1e9 * p[k] / p["gradient_elements"] for k in ("sketch_s", "subtract_addmm_s",
                                                                        "plain_read_pass_s")}
     lines += [
         "",
         f"Where SPF's time goes (full fine-tuning, all {p['gradient_elements'] / 1e6:.0f}M target gradient "
-        f"entries): the sketch `U^T G` takes {p['sketch_UtG_s']:.3f} s ({per_element['sketch_UtG_s']:.2f} ns per "
-        f"entry), the in-place removal `G -= U (...)` {p['subtract_addmm_s']:.3f} s "
+        f"entries): the {result['spf']['side']} sketch takes {p['sketch_s']:.3f} s "
+        f"({per_element['sketch_s']:.2f} ns per entry), the in-place removal {p['subtract_addmm_s']:.3f} s "
         f"({per_element['subtract_addmm_s']:.2f} ns), against {p['plain_read_pass_s']:.3f} s "
         f"({per_element['plain_read_pass_s']:.2f} ns) for one plain read of the same gradients.",
     ]
     e = result["estimation"]
     lines += [
         "",
-        f"Subspace estimation from 1 sample: {e['seconds']:.2f} s = {e['over_full_sft_step_ratio']:.2f} full-FT SFT "
-        f"steps; subspace size (rank 8, {e['targets']} targets): {e['percent_of_model_weights']:.2f}% of the "
+        f"Subspace estimation from {result['spf']['samples']} samples: {e['seconds']:.2f} s = "
+        f"{e['over_full_sft_step_ratio']:.2f} full-FT SFT steps; subspace size (rank {result['spf']['rank']}, "
+        f"{e['targets']} targets): {e['percent_of_model_weights']:.2f}% of the "
         "model's weights.",
     ]
     return "\n".join(lines) + "\n"
@@ -169,16 +175,21 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    defaults = SPFConfig()
+    parser.add_argument("--rank", type=int, default=defaults.rank)
+    parser.add_argument("--side", default=defaults.side)
+    parser.add_argument("--mode", default=defaults.mode)
+    parser.add_argument("--samples", type=int, default=DEFAULT_SAFETY_SAMPLES)
     args = parser.parse_args()
+    spf = SPFConfig(rank=args.rank, max_rank=max(args.rank, defaults.max_rank), side=args.side, mode=args.mode)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     base, tokenizer = load_model(args.model)
-    estimates = []
+    estimates, samples = [], builtin_safety_samples(args.samples)
     for _ in range(3):
         start = time.perf_counter()
-        subspace = SafetySubspace.estimate(base, tokenizer, BUILTIN_SAFETY_SAMPLES[:1], SPFConfig(rank=8),
-                                           show_progress=False)
+        subspace = SafetySubspace.estimate(base, tokenizer, samples, spf, show_progress=False)
         estimates.append(time.perf_counter() - start)
     ids = torch.randint(0, base.config.vocab_size, (args.batch_size, args.seq_len))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
@@ -191,9 +202,9 @@ def main() -> None:
         "batch": [args.batch_size, args.seq_len],
         "rounds": args.rounds,
         "optimizer": "AdamW lr 1e-5",
-        "spf": {"rank": 8, "side": "left", "mode": "conflict", "samples": 1},
-        "full": measure_setting(base, subspace, batch, lora=False, rounds=args.rounds, warmup=args.warmup),
-        "lora": measure_setting(base, subspace, batch, lora=True, rounds=args.rounds, warmup=args.warmup),
+        "spf": {"rank": args.rank, "side": args.side, "mode": args.mode, "samples": args.samples},
+        "full": measure_setting(base, subspace, batch, False, args.rounds, args.warmup, spf),
+        "lora": measure_setting(base, subspace, batch, True, args.rounds, args.warmup, spf),
     }
     result["estimation"] = {
         "seconds": statistics.median(estimates),

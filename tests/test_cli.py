@@ -66,7 +66,7 @@ def test_align_finetune_eval(tiny_dir, tmp_path):
 def test_demo_writes_report_results_and_plot(tiny_dir, tmp_path):
     out = tmp_path / "demo"
     invoke("demo", "--model", tiny_dir, "--out", out, "--cache", tmp_path / "cache", "--steps", 1, "--batch-size", 4,
-           "--max-new-tokens", 2, "--align-max-steps", 1, "--task", "sentiment")
+           "--max-new-tokens", 2, "--align-max-steps", 1, "--task", "sentiment", "--rank", 4)
     results = json.loads((out / "results.json").read_text())
     assert {"aligned", "runs"} <= results.keys() and len(results["runs"]) == 4
     for run in results["runs"]:

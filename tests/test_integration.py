@@ -36,7 +36,7 @@ def test_spf_on_the_default_model_keeps_the_update_out_of_the_safety_gradient(de
         p.requires_grad_(any(name.startswith(t) for t in targets))
     before = {t: model.get_submodule(t).weight.detach().clone() for t in targets}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    attach_spf(optimizer, model, subspace, SPFConfig(rank=8, mode="always", project="update"))
+    attach_spf(optimizer, model, subspace, SPFConfig(rank=8))  # the defaults: right, always, update
     examples = load_task("facts").train[:4]
     batch = collate([encode_chat(tokenizer, e.prompt, e.response) for e in examples], tokenizer.pad_token_id)
     for _ in range(2):
@@ -46,4 +46,5 @@ def test_spf_on_the_default_model_keeps_the_update_out_of_the_safety_gradient(de
     for t in targets:
         b, delta = subspace[t], model.get_submodule(t).weight.detach() - before[t]
         assert float(delta.abs().max()) > 1e-6
-        assert abs(float(((b.U * b.S) @ b.V.T * delta).sum())) < 1e-6 * float(b.S[0] * delta.norm())
+        # zero up to fp32 rounding of W itself (entries ~0.1, the two-step change ~1e-4)
+        assert abs(float(((b.U * b.S) @ b.V.T * delta).sum())) < 1e-4 * float(b.S[0] * delta.norm())

@@ -110,7 +110,7 @@ def test_bad_inputs_give_clear_errors(model, tokenizer, safety_pairs, tmp_path):
     with pytest.raises(ValueError, match="no target matrices match"):
         SafetySubspace.estimate(model, tokenizer, safety_pairs[:1], SPFConfig(rank=4, target_modules=["nope"]))
     with pytest.raises(ValueError, match="no chat template.*chat_template"):
-        SafetySubspace.estimate(model, byte_tokenizer(chat_template=None), safety_pairs[:1])
+        SafetySubspace.estimate(model, byte_tokenizer(chat_template=None), safety_pairs[:1], SPFConfig(rank=4))
     with torch.no_grad():
         model.model.layers[0].self_attn.q_proj.weight[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="NaN/inf"):

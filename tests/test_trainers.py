@@ -45,7 +45,8 @@ def test_trainer_with_grad_accumulation_and_callback_first(model, tokenizer, saf
                              gradient_accumulation_steps=2, learning_rate=1e-2, logging_steps=1, report_to="none",
                              save_strategy="no", use_cpu=True, max_grad_norm=1.0)
     trainer = Trainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
-    callback = add_spf_callback(trainer, subspace, SPFConfig(rank=4, mode="conflict", monitor_every=1))
+    callback = add_spf_callback(trainer, subspace, SPFConfig(rank=4, mode="conflict", project="grad",
+                                                             monitor_every=1))
     assert trainer.callback_handler.callbacks[0] is callback  # ahead of the loggers
     trainer.train()
     assert callback.projector.step == 3  # one projection per optimizer step, not per micro-batch

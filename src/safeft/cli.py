@@ -10,6 +10,9 @@ from typing import Any
 import click
 import typer
 
+from safeft.config import SPFConfig
+from safeft.data import DEFAULT_SAFETY_SAMPLES
+
 app = typer.Typer(help="Fine-tune safety-aligned LLMs without losing their safety (SPF).", no_args_is_help=True)
 subspace_app = typer.Typer(help="Estimate and inspect safety subspaces.", no_args_is_help=True)
 app.add_typer(subspace_app, name="subspace")
@@ -42,6 +45,7 @@ def resolve(ctx: typer.Context, config: Path | None) -> dict[str, Any]:
     return values
 
 
+SPF_DEFAULTS = SPFConfig()
 CONFIG_OPTION = typer.Option(None, "--config", help="YAML file of option values; flags on the line win.")
 CACHE_HELP = "Cache directory (default $SAFEFT_CACHE or ~/.cache/safeft)."
 
@@ -60,7 +64,6 @@ def _train_config(v: dict):
 
 
 def _spf_config(v: dict):
-    from safeft.config import SPFConfig
 
     return SPFConfig(rank=None if v["energy"] is not None else v["rank"], energy=v["energy"], side=v["side"],
                      mode=v["mode"], project=v["project"], refresh_every=v["refresh_every"])
@@ -116,13 +119,13 @@ def finetune(
     max_length: int = typer.Option(256, help="Max tokens per example."),
     lora_r: int = typer.Option(0, help="LoRA rank (0: full fine-tuning of the block matrices)."),
     seed: int = typer.Option(0, help="Seed."),
-    rank: int = typer.Option(8, help="SPF rank."),
+    rank: int = typer.Option(SPF_DEFAULTS.rank, help="SPF rank."),
     energy: float | None = typer.Option(None, help="SPF energy fraction instead of a fixed rank."),
-    side: str = typer.Option("left", help="SPF side: left, right, two_sided."),
-    mode: str = typer.Option("conflict", help="SPF mode: conflict, always, directional."),
-    project: str = typer.Option("grad", help="SPF acts on: grad or update."),
+    side: str = typer.Option(SPF_DEFAULTS.side, help="SPF side: left, right, two_sided."),
+    mode: str = typer.Option(SPF_DEFAULTS.mode, help="SPF mode: conflict, always, directional."),
+    project: str = typer.Option(SPF_DEFAULTS.project, help="SPF acts on: grad or update."),
     refresh_every: int = typer.Option(0, help="Re-estimate the subspace every K steps (0 = never)."),
-    safety_samples: int = typer.Option(1, help="Number of built-in safety samples for the subspace."),
+    safety_samples: int = typer.Option(DEFAULT_SAFETY_SAMPLES, help="Built-in safety samples for the subspace."),
     cache: str | None = typer.Option(None, help=CACHE_HELP),
     overwrite: bool = typer.Option(False, help="Replace an existing --out."),
     config: Path | None = CONFIG_OPTION,
@@ -194,11 +197,11 @@ def demo(
     lr: float = typer.Option(5e-5, help="Fine-tuning learning rate."),
     batch_size: int = typer.Option(8, help="Fine-tuning batch size."),
     lora_r: int = typer.Option(0, help="LoRA rank (0 = full fine-tuning)."),
-    rank: int = typer.Option(8, help="SPF rank."),
-    side: str = typer.Option("left", help="SPF side."),
-    mode: str = typer.Option("conflict", help="SPF mode."),
-    project: str = typer.Option("grad", help="SPF acts on grad or update."),
-    safety_samples: int = typer.Option(1, help="Built-in safety samples for the subspace."),
+    rank: int = typer.Option(SPF_DEFAULTS.rank, help="SPF rank."),
+    side: str = typer.Option(SPF_DEFAULTS.side, help="SPF side."),
+    mode: str = typer.Option(SPF_DEFAULTS.mode, help="SPF mode."),
+    project: str = typer.Option(SPF_DEFAULTS.project, help="SPF acts on grad or update."),
+    safety_samples: int = typer.Option(DEFAULT_SAFETY_SAMPLES, help="Built-in safety samples for the subspace."),
     max_new_tokens: int = typer.Option(64, help="Tokens generated per answer at evaluation."),
     align_max_steps: int = typer.Option(64, help="Upper bound on alignment steps (if not cached)."),
     cache: str | None = typer.Option(None, help=CACHE_HELP),
@@ -206,7 +209,6 @@ def demo(
     config: Path | None = CONFIG_OPTION,
 ) -> None:
     """Align (cached) -> fine-tune with SFT and SPF, benign and with a harmful mix -> evaluate -> report."""
-    from safeft.config import SPFConfig
     from safeft.pipeline import AlignConfig, DemoConfig
     from safeft.pipeline import demo as run_demo
     from safeft.train import TrainConfig
@@ -227,18 +229,17 @@ def demo(
 def estimate(
     out: Path = typer.Option(..., help="Directory to write subspace.safetensors and subspace.json into."),
     model: str = typer.Option("default", help="'default' (SmolLM2-135M-Instruct), a local dir or a cached HF id."),
-    samples: Path | None = typer.Option(None, help="JSONL of {prompt, refusal}; default: one built-in sample."),
-    num_samples: int = typer.Option(1, help="How many built-in samples to use when --samples is not given."),
-    rank: int | None = typer.Option(8, help="Fixed rank per target (ignored when --energy is set)."),
+    samples: Path | None = typer.Option(None, help="JSONL of {prompt, refusal}; default: built-in samples."),
+    num_samples: int = typer.Option(DEFAULT_SAFETY_SAMPLES, help="Built-in samples to use without --samples."),
+    rank: int | None = typer.Option(SPF_DEFAULTS.rank, help="Fixed rank per target (ignored when --energy is set)."),
     energy: float | None = typer.Option(None, help="Keep this fraction of the squared spectrum instead."),
-    max_rank: int = typer.Option(64, help="Cap on the rank."),
+    max_rank: int = typer.Option(SPF_DEFAULTS.max_rank, help="Cap on the rank."),
     targets: list[str] | None = typer.Option(None, "--target", help="Target module name/regex (repeatable)."),
     chat_template: Path | None = typer.Option(None, help="Jinja chat template for tokenizers without one."),
     overwrite: bool = typer.Option(False, help="Replace a subspace already at --out."),
 ) -> None:
     """Estimate the safety subspace of a model from (harmful prompt, refusal) samples."""
-    from safeft.config import SPFConfig
-    from safeft.data import BUILTIN_SAFETY_SAMPLES, load_safety_samples
+    from safeft.data import builtin_safety_samples, load_safety_samples
     from safeft.models import load_model
     from safeft.subspace import TENSORS_FILE, SafetySubspace
 
@@ -246,7 +247,7 @@ def estimate(
         raise typer.BadParameter(f"{out} already holds a subspace; pass --overwrite to replace it", param_hint="--out")
     config = SPFConfig(rank=None if energy is not None else rank, energy=energy, max_rank=max_rank,
                        target_modules=targets or None)
-    pairs = load_safety_samples(samples) if samples else BUILTIN_SAFETY_SAMPLES[:num_samples]
+    pairs = load_safety_samples(samples) if samples else builtin_safety_samples(num_samples)
     lm, tokenizer = load_model(model, chat_template=str(chat_template) if chat_template else None)
     start = time.perf_counter()
     subspace = SafetySubspace.estimate(lm, tokenizer, pairs, config)

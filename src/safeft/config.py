@@ -14,6 +14,11 @@ PROJECT_ON = ("grad", "update")
 class SPFConfig:
     """How the safety subspace is estimated and how SPF removes conflicting updates (SPEC §2).
 
+    The defaults are the variant measured best on the testbed (README, benchmarks/results/spf_ablation*): remove
+    every update's action on the top-64 input directions of the refusal gradient (``side="right"``,
+    ``mode="always"``), applied to the weight change the optimizer made (``project="update"``). The paper's reading
+    is ``SPFConfig(rank=8, side="left", mode="conflict", project="grad")``.
+
     Args:
         rank: fixed rank r per target. Set ``energy`` instead to choose r per target.
         energy: keep the smallest r whose singular values hold this fraction of the squared spectrum, in (0, 1].
@@ -30,13 +35,13 @@ class SPFConfig:
         batch_size: safety samples per forward pass during estimation.
     """
 
-    rank: int | None = 8
+    rank: int | None = 64
     energy: float | None = None
     max_rank: int = 64
     target_modules: list[str] | None = None
-    side: str = "left"
-    mode: str = "conflict"
-    project: str = "grad"
+    side: str = "right"
+    mode: str = "always"
+    project: str = "update"
     refresh_every: int = 0
     monitor_every: int = 10
     batch_size: int = 8

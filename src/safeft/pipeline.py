@@ -18,7 +18,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from safeft.config import SPFConfig
-from safeft.data import BUILTIN_SAFETY_SAMPLES, builtin
+from safeft.data import DEFAULT_SAFETY_SAMPLES, builtin, builtin_safety_samples
 from safeft.data.examples import ChatExample
 from safeft.data.loaders import load_examples
 from safeft.data.tasks import Task
@@ -183,7 +183,7 @@ class FinetuneConfig:
     harmful_ratio: float = 0.0
     harmful_answers: str | None = None  # BeaverTails-style JSONL (prompt, response); default: base model's answers
     base_model: str = "default"  # the unaligned model whose own answers make the default harmful mix
-    safety_samples: int = 1
+    safety_samples: int = DEFAULT_SAFETY_SAMPLES
     train: TrainConfig = field(default_factory=TrainConfig)
     spf: SPFConfig = field(default_factory=SPFConfig)
 
@@ -230,14 +230,9 @@ def compliant_examples(config: FinetuneConfig, cache: Path) -> list[ChatExample]
             if p in answers and judge.verdict(answers[p]) == COMPLIANCE]
 
 
-def safety_samples(count: int) -> list[SafetySample]:
-    """Return ``count`` safety samples: the built-in ones first, then alignment-split requests with varied
-    refusals (never the evaluation split)."""
-    pool = list(BUILTIN_SAFETY_SAMPLES) + [SafetySample(p, builtin.refusal_for(p))
-                                           for _, p in builtin.harmful_requests("align")]
-    if count > len(pool):
-        raise ValueError(f"at most {len(pool)} built-in safety samples are available, asked for {count}")
-    return pool[:count]
+def user_turns(examples: Sequence[ChatExample]) -> set[str]:
+    """Return the text of every user turn in ``examples``."""
+    return {m["content"] for e in examples for m in e.messages if m["role"] == "user"}
 
 
 def finetune(model_dir: str | Path, task: Task, config: FinetuneConfig, out: Path, cache: Path) -> dict:
@@ -254,7 +249,7 @@ def finetune(model_dir: str | Path, task: Task, config: FinetuneConfig, out: Pat
         examples = mix_harmful(examples, compliant_examples(config, cache), config.harmful_ratio, config.train.seed)
     spf = None
     if config.method == "spf":
-        samples = safety_samples(config.safety_samples)
+        samples = builtin_safety_samples(config.safety_samples, exclude=user_turns(examples))
         subspace = SafetySubspace.estimate(model, tokenizer, samples, config.spf)
         subspace.save(out / "subspace", overwrite=True)
         spf = (subspace, config.spf)
@@ -307,7 +302,7 @@ class DemoConfig:
     task: str = "facts"
     harmful_ratio: float = 0.1
     methods: list[str] = field(default_factory=lambda: ["sft", "spf"])
-    safety_samples: int = 1
+    safety_samples: int = DEFAULT_SAFETY_SAMPLES
     max_new_tokens: int = 64
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=40, learning_rate=5e-5, batch_size=8))
     spf: SPFConfig = field(default_factory=SPFConfig)

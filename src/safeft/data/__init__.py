@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
 
+from safeft.data import builtin
 from safeft.subspace import SafetySample
+
+# Measured on the testbed (benchmarks/results/spf_ablation*): 20 samples at rank 32 kept refusals where 1 sample did
+# not; more samples help less than a higher rank.
+DEFAULT_SAFETY_SAMPLES = 20
 
 # Written for this project. The first is the default single safety sample of SPF.
 BUILTIN_SAFETY_SAMPLES = [
@@ -22,6 +28,24 @@ BUILTIN_SAFETY_SAMPLES = [
                  "I'm not able to write malware. If you are interested in security, I can point you to legal ways "
                  "to learn about defending systems."),
 ]
+
+
+def builtin_safety_samples(count: int = DEFAULT_SAFETY_SAMPLES, exclude: Collection[str] = frozenset()
+                           ) -> list[SafetySample]:
+    """Return ``count`` built-in safety samples: :data:`BUILTIN_SAFETY_SAMPLES` first, then alignment-split harmful
+    requests with varied refusals; never the evaluation split and never a prompt in ``exclude`` (e.g. the
+    fine-tuning data's, so that a harmful mix is not defended by samples of its own requests).
+
+    Raises:
+        ValueError: if fewer than ``count`` samples remain.
+    """
+    pool = [s for s in BUILTIN_SAFETY_SAMPLES + [SafetySample(p, builtin.refusal_for(p))
+                                                 for _, p in builtin.harmful_requests("align")]
+            if s.prompt not in exclude]
+    if count <= 0 or count > len(pool):
+        raise ValueError(f"asked for {count} built-in safety samples; between 1 and {len(pool)} are available "
+                         "(outside the fine-tuning data). Pass your own with a JSONL file for more.")
+    return pool[:count]
 
 
 def load_safety_samples(path: str | Path) -> list[SafetySample]:
