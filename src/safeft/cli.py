@@ -64,8 +64,8 @@ def _train_config(v: dict):
 
 
 def _spf_config(v: dict):
-
-    return SPFConfig(rank=None if v["energy"] is not None else v["rank"], energy=v["energy"], side=v["side"],
+    rank = None if v["energy"] is not None else v["rank"]
+    return SPFConfig(rank=rank, energy=v["energy"], max_rank=max(rank or 0, SPF_DEFAULTS.max_rank), side=v["side"],
                      mode=v["mode"], project=v["project"], refresh_every=v["refresh_every"])
 
 
@@ -218,7 +218,8 @@ def demo(
                           safety_samples=v["safety_samples"], max_new_tokens=v["max_new_tokens"],
                           train=TrainConfig(steps=v["steps"], learning_rate=v["lr"], batch_size=v["batch_size"],
                                             lora_r=v["lora_r"]),
-                          spf=SPFConfig(rank=v["rank"], side=v["side"], mode=v["mode"], project=v["project"]),
+                          spf=SPFConfig(rank=v["rank"], max_rank=max(v["rank"], SPF_DEFAULTS.max_rank), side=v["side"],
+                                        mode=v["mode"], project=v["project"]),
                           align=AlignConfig(max_steps=v["align_max_steps"],
                                             check_every=min(8, v["align_max_steps"])))
     results = run_demo(settings, v["out"], _cache(v["cache"]), overwrite=v["overwrite"])
