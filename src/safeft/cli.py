@@ -64,9 +64,11 @@ def _train_config(v: dict):
 
 
 def _spf_config(v: dict):
-    rank = None if v["energy"] is not None else v["rank"]
-    return SPFConfig(rank=rank, energy=v["energy"], max_rank=max(rank or 0, SPF_DEFAULTS.max_rank), side=v["side"],
-                     mode=v["mode"], project=v["project"], refresh_every=v["refresh_every"])
+    """Return the SPFConfig of a command's options; a fixed rank above the default cap raises the cap with it."""
+    energy = v.get("energy")
+    rank = None if energy is not None else v["rank"]
+    return SPFConfig(rank=rank, energy=energy, max_rank=max(rank or 0, SPF_DEFAULTS.max_rank), side=v["side"],
+                     mode=v["mode"], project=v["project"], refresh_every=v.get("refresh_every", 0))
 
 
 @app.command()
@@ -218,8 +220,7 @@ def demo(
                           safety_samples=v["safety_samples"], max_new_tokens=v["max_new_tokens"],
                           train=TrainConfig(steps=v["steps"], learning_rate=v["lr"], batch_size=v["batch_size"],
                                             lora_r=v["lora_r"]),
-                          spf=SPFConfig(rank=v["rank"], max_rank=max(v["rank"], SPF_DEFAULTS.max_rank), side=v["side"],
-                                        mode=v["mode"], project=v["project"]),
+                          spf=_spf_config(v),
                           align=AlignConfig(max_steps=v["align_max_steps"],
                                             check_every=min(8, v["align_max_steps"])))
     results = run_demo(settings, v["out"], _cache(v["cache"]), overwrite=v["overwrite"])
