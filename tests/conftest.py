@@ -46,3 +46,9 @@ def train_steps(model, optimizer, batch, steps: int) -> None:
 
 def snapshot(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.fixture(autouse=True)
+def seeded_torch():
+    """Seed torch's global generator before every test, so no outcome depends on test order or the run."""
+    torch.manual_seed(0)
