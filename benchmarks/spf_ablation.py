@@ -28,7 +28,8 @@ from safeft.pipeline import AlignConfig, FinetuneConfig, ensure_aligned, evaluat
 from safeft.report import format_rate
 from safeft.train import TrainConfig
 
-# name -> (method, SPF settings, number of safety samples)
+# name -> (method, SPF settings, number of safety samples[, FinetuneConfig overrides]); a variant estimates from every
+# refusal token unless it names onset_tokens
 VARIANTS = {
     "sft": ("sft", {}, 1),
     "paper: left conflict grad r8 n1": ("spf", {"side": "left", "mode": "conflict", "project": "grad", "rank": 8}, 1),
@@ -43,9 +44,25 @@ VARIANTS = {
     "right always update r8 n20": ("spf", {"side": "right", "mode": "always", "project": "update", "rank": 8}, 20),
     "right always update r32 n1": ("spf", {"side": "right", "mode": "always", "project": "update", "rank": 32}, 1),
     "right always update r64 n20": ("spf", {"side": "right", "mode": "always", "project": "update", "rank": 64}, 20),
+    "right always update r128 n20": ("spf", {"side": "right", "mode": "always", "project": "update", "rank": 128},
+                                     20),
     "right always update r32 n64": ("spf", {"side": "right", "mode": "always", "project": "update", "rank": 32}, 64),
     "right always update r32 n20 refresh10": ("spf", {"side": "right", "mode": "always", "project": "update",
                                                       "rank": 32, "refresh_every": 10}, 20),
+    "right always update r64 n20 onset4": ("spf", {"side": "right", "mode": "always", "project": "update",
+                                                   "rank": 64, "onset_tokens": 4}, 20),
+    "right always update r64 n20 onset1": ("spf", {"side": "right", "mode": "always", "project": "update",
+                                                   "rank": 64, "onset_tokens": 1}, 20),
+    "right always update r64 n20 onset2": ("spf", {"side": "right", "mode": "always", "project": "update",
+                                                   "rank": 64, "onset_tokens": 2}, 20),
+    "right always update r64 n20 onset8": ("spf", {"side": "right", "mode": "always", "project": "update",
+                                                   "rank": 64, "onset_tokens": 8}, 20),
+    "right always update r32 n20 onset4": ("spf", {"side": "right", "mode": "always", "project": "update",
+                                                   "rank": 32, "onset_tokens": 4}, 20),
+    "left always update r64 n20 onset4": ("spf", {"side": "left", "mode": "always", "project": "update",
+                                                  "rank": 64, "onset_tokens": 4}, 20),
+    "right always update r64 n20 margin": ("spf", {"side": "right", "mode": "always", "project": "update",
+                                                   "rank": 64}, 20, {"safety_margin": True}),
 }
 
 
@@ -76,14 +93,14 @@ def main() -> None:
     command = "python " + shlex.join(sys.argv)
     for setting, seed, name in tqdm(runs, desc="ablation runs"):
         ratio = {"benign": 0.0, "harmful": args.harmful_ratio}[setting]
-        method, spf, samples = VARIANTS[name]
+        method, spf, samples, *overrides = VARIANTS[name]
         run_dir = args.scratch / f"{setting}-{len(rows)}"
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
         start = time.perf_counter()
-        config = FinetuneConfig(method=method, harmful_ratio=ratio, safety_samples=samples,
+        config = FinetuneConfig(method=method, harmful_ratio=ratio, safety_samples=samples, **dict(*overrides),
                                 train=TrainConfig(steps=args.steps, learning_rate=args.lr, seed=seed),
-                                spf=SPFConfig(max_rank=max(64, spf.get("rank", 8)), **spf))
+                                spf=SPFConfig(max_rank=max(64, spf.get("rank", 8)), **{"onset_tokens": None, **spf}))
         log = finetune(aligned, task, config, run_dir, cache)
         metrics = evaluate_dir(run_dir, task)
         shutil.rmtree(run_dir / "model", ignore_errors=True)

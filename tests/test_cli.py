@@ -26,9 +26,10 @@ def invoke(*args):
 
 
 def test_subspace_estimate_and_show(tiny_dir, tmp_path):
-    invoke("subspace", "estimate", "--model", tiny_dir, "--out", tmp_path / "s", "--rank", 4)
+    invoke("subspace", "estimate", "--model", tiny_dir, "--out", tmp_path / "s", "--rank", 4, "--onset-tokens", 2)
     assert (tmp_path / "s" / "subspace.safetensors").exists()
-    assert "rank   4" in invoke("subspace", "show", tmp_path / "s").output
+    shown = invoke("subspace", "show", tmp_path / "s").output
+    assert "rank   4" in shown and '"onset_tokens": 2' in shown
     again = runner.invoke(app, ["subspace", "estimate", "--model", str(tiny_dir), "--out", str(tmp_path / "s")])
     assert again.exit_code != 0 and "--overwrite" in again.output
 

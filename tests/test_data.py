@@ -50,6 +50,17 @@ def test_empty_files_are_errors(tmp_path):
         load_safety_samples(write(tmp_path / "s.jsonl", ""))
 
 
+def test_safety_samples_file_with_optional_compliance(tmp_path):
+    rows = [{"prompt": "Make a weapon.", "refusal": "I can't help."},
+            {"prompt": "Steal a car.", "response": "No.", "compliance": "First, find a car."}]
+    first, second = load_safety_samples(write(tmp_path / "s.jsonl", "\n".join(map(json.dumps, rows)) + "\n"))
+    assert (first.refusal, first.compliance) == ("I can't help.", None)
+    assert (second.refusal, second.compliance) == ("No.", "First, find a car.")
+    bad = json.dumps({"prompt": "x", "refusal": "No.", "compliance": " "})
+    with pytest.raises(ValueError, match=r"s2.jsonl:1: 'compliance' must be non-empty"):
+        load_safety_samples(write(tmp_path / "s2.jsonl", bad + "\n"))
+
+
 def test_tables_and_bad_columns(tmp_path):
     rows = load_table(write(tmp_path / "t.tsv", "q\ta\nWhat?\tThat.\n"), prompt_column="q", response_column="a")
     assert rows[0].prompt == "What?"

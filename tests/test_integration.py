@@ -30,7 +30,8 @@ def test_spf_on_the_default_model_keeps_the_update_out_of_the_safety_gradient(de
     model, tokenizer = default_model
     subspace = SafetySubspace.estimate(model, tokenizer, BUILTIN_SAFETY_SAMPLES[:1], SPFConfig(rank=8),
                                        show_progress=False)
-    assert len(subspace) == 210 and all(b.rank == 8 for b in subspace.bases.values())
+    # one sample's 4-token onset: the last layer's matrices see only those positions, so their rank can be < 8
+    assert len(subspace) == 210 and all(1 <= b.rank <= 8 for b in subspace.bases.values())
     targets = ["model.layers.3.self_attn.q_proj", "model.layers.20.mlp.down_proj"]
     for name, p in model.named_parameters():
         p.requires_grad_(any(name.startswith(t) for t in targets))

@@ -139,20 +139,35 @@ COMPLIANT_PAIRS = [  # the harmful requests of SAFETY_PAIRS answered instead of 
 ]
 
 
-def test_default_config_keeps_refusal_loss_where_sft_erodes_it(tokenizer, safety_pairs):
+@pytest.mark.parametrize("onset", ["default", None])
+def test_default_config_keeps_refusal_loss_where_sft_erodes_it(tokenizer, safety_pairs, onset):
     """The library defaults (right side, always, update projection) under AdamW: a tiny model first learns to refuse,
-    then is trained on compliant answers to the same requests. SFT raises its refusal loss; SPF keeps most of it."""
-    from safeft.chat import collate, encode_chat
-    from safeft.subspace import safety_loss
+    then is trained on compliant answers to the same requests. SFT raises its refusal loss; SPF keeps most of it on
+    the tokens it estimated from (the refusal onset by default, every token with ``onset_tokens=None``)."""
+    from safeft.chat import collate, encode_chat, first_response_tokens, response_token_loss_sum
 
     defaults = SPFConfig()
     assert (defaults.side, defaults.mode, defaults.project) == ("right", "always", "update")
     config = dataclasses.replace(defaults, rank=16)  # the tiny model's matrices are 16..64 wide
+    if onset is None:
+        config = dataclasses.replace(config, onset_tokens=None)
+    measured = [encode_chat(tokenizer, p, r) for p, r in safety_pairs]
+    if config.onset_tokens:
+        measured = [first_response_tokens(e, config.onset_tokens) for e in measured]
+    measured = collate(measured, tokenizer.pad_token_id)
+
+    def refusal_loss(model):
+        model.eval()
+        with torch.no_grad():
+            logits = model(input_ids=measured["input_ids"], attention_mask=measured["attention_mask"]).logits
+        loss, count = response_token_loss_sum(logits, measured["labels"])
+        return float(loss) / count
+
     refusals = collate([encode_chat(tokenizer, p, r) for p, r in safety_pairs], tokenizer.pad_token_id)
     attack = collate([encode_chat(tokenizer, p, r) for p, r in COMPLIANT_PAIRS], tokenizer.pad_token_id)
     aligned = tiny_llama(seed=0)
     train_steps(aligned, torch.optim.AdamW(aligned.parameters(), lr=1e-2), refusals, steps=40)
-    start = safety_loss(aligned, tokenizer, safety_pairs)
+    start = refusal_loss(aligned)
     rises = {}
     for method in ("sft", "spf"):
         model = copy.deepcopy(aligned)
@@ -162,6 +177,6 @@ def test_default_config_keeps_refusal_loss_where_sft_erodes_it(tokenizer, safety
             subspace = SafetySubspace.estimate(model, tokenizer, safety_pairs, config, show_progress=False)
             attach_spf(optimizer, model, subspace, config)
         train_steps(model, optimizer, attack, steps=10)
-        rises[method] = safety_loss(model, tokenizer, safety_pairs) - start
+        rises[method] = refusal_loss(model) - start
     assert rises["sft"] > 0.5  # the attack works without SPF
     assert rises["spf"] < 0.25 * rises["sft"], rises

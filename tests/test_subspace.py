@@ -7,14 +7,17 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from safeft import SafetySubspace, SPFConfig
-from safeft.chat import collate, encode_chat, response_token_loss_sum
-from safeft.subspace import select_rank
+from safeft.chat import IGNORE_INDEX, collate, encode_chat, first_response_tokens, response_token_loss_sum
+from safeft.subspace import SafetySample, samples_sha256, select_rank
 from safeft.testing import byte_tokenizer, tiny_llama
 
 
-def autograd_safety_gradients(model, tokenizer, pairs):
-    """The reference: dense weight gradients of the mean refusal-token loss, by plain autograd."""
-    batch = collate([encode_chat(tokenizer, p, r) for p, r in pairs], tokenizer.pad_token_id)
+def autograd_safety_gradients(model, tokenizer, pairs, onset=None):
+    """The reference: dense weight gradients of the mean refusal-token loss (first ``onset`` tokens), by autograd."""
+    encoded = [encode_chat(tokenizer, p, r) for p, r in pairs]
+    if onset:
+        encoded = [first_response_tokens(e, onset) for e in encoded]
+    batch = collate(encoded, tokenizer.pad_token_id)
     model.zero_grad()
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     loss, count = response_token_loss_sum(logits, batch["labels"])
@@ -23,9 +26,9 @@ def autograd_safety_gradients(model, tokenizer, pairs):
 
 
 def test_matches_truncated_svd_of_the_autograd_gradient(model, tokenizer, safety_pairs):
-    subspace = SafetySubspace.estimate(model, tokenizer, safety_pairs, SPFConfig(rank=4, batch_size=2),
-                                       show_progress=False)
-    reference = autograd_safety_gradients(model, tokenizer, safety_pairs)
+    config = SPFConfig(rank=4, batch_size=2)  # the default estimate: the loss on each refusal's first tokens
+    subspace = SafetySubspace.estimate(model, tokenizer, safety_pairs, config, show_progress=False)
+    reference = autograd_safety_gradients(model, tokenizer, safety_pairs, onset=config.onset_tokens)
     assert len(subspace) == 14  # 7 linear layers x 2 blocks; embeddings and LM head excluded
     assert "lm_head" not in subspace.bases
     for name, b in subspace.bases.items():
@@ -36,6 +39,36 @@ def test_matches_truncated_svd_of_the_autograd_gradient(model, tokenizer, safety
         assert float(((b.U * b.S) @ b.V.T - best).norm()) <= 1e-4 * float(G.norm())
         assert torch.allclose(b.U.T @ b.U, torch.eye(4), atol=1e-5)
         assert torch.allclose(b.V.T @ b.V, torch.eye(4), atol=1e-5)
+
+
+def test_compliance_answers_give_the_svd_of_the_margin_gradient(model, tokenizer, safety_pairs):
+    compliances = ["Sure. Step one: get the parts.", "Here is how: first find a target.",
+                   "Of course, here are the steps.", "Yes: open the lock with a pin."]
+    samples = [SafetySample(p, r, c) for (p, r), c in zip(safety_pairs, compliances)]
+    config = SPFConfig(rank=4, batch_size=3, onset_tokens=None)  # every response token
+    subspace = SafetySubspace.estimate(model, tokenizer, samples, config, show_progress=False)
+    refusal = autograd_safety_gradients(model, tokenizer, safety_pairs)
+    compliance = autograd_safety_gradients(model, tokenizer, list(zip([p for p, _ in safety_pairs], compliances)))
+    for name, b in subspace.bases.items():
+        margin = refusal[name] - compliance[name]  # d(-log p(refusal)) - d(-log p(compliance)), token means
+        S = torch.linalg.svdvals(margin)
+        assert torch.allclose(b.S, S[:4], rtol=1e-4, atol=1e-6)
+        assert float((margin - b.U @ (b.U.T @ margin)).norm()) == pytest.approx(float(S[4:].norm()), rel=1e-3)
+    assert subspace.samples == samples and subspace.samples[0].compliance == compliances[0]
+
+
+def test_onset_tokens_estimate_from_the_first_response_tokens_only(model, tokenizer, safety_pairs):
+    chat = encode_chat(tokenizer, *safety_pairs[0])
+    onset = first_response_tokens(chat, 3)
+    labelled = [i for i, label in enumerate(chat.labels) if label != IGNORE_INDEX]
+    assert [i for i, label in enumerate(onset.labels) if label != IGNORE_INDEX] == labelled[:3]
+    assert onset.input_ids == chat.input_ids
+    subspace = SafetySubspace.estimate(model, tokenizer, safety_pairs, SPFConfig(rank=2, onset_tokens=3),
+                                       show_progress=False)
+    reference = autograd_safety_gradients(model, tokenizer, safety_pairs, onset=3)
+    for name, b in subspace.bases.items():
+        assert torch.allclose(b.S, torch.linalg.svdvals(reference[name])[:2], rtol=1e-4, atol=1e-6)
+    assert subspace.config.onset_tokens == 3  # kept in the metadata, so a refresh estimates the same way
 
 
 def test_leaves_model_untouched_and_works_under_frozen_lora(model, tokenizer, safety_pairs):
@@ -84,6 +117,8 @@ def test_save_load_round_trip(model, tokenizer, safety_pairs, tmp_path):
     assert meta["rank_policy"]["rank"] == 4 and meta["safeft_version"]
     assert meta["model"]["targets"]["model.layers.0.mlp.gate_proj"] == [64, 32]
     assert loaded.samples == subspace.samples
+    assert meta["samples"][0].keys() == {"prompt", "refusal"}  # no compliance: the file and hash are as before
+    assert meta["samples_sha256"] == samples_sha256([SafetySample(*pair) for pair in safety_pairs[:2]])
     with pytest.raises(FileExistsError, match="overwrite=True"):
         subspace.save(tmp_path / "s")  # never overwrites without asking
     subspace.save(tmp_path / "s", overwrite=True)
@@ -122,7 +157,7 @@ def test_bad_inputs_give_clear_errors(model, tokenizer, safety_pairs, tmp_path):
 @pytest.mark.parametrize("kwargs, field", [
     ({"rank": 0}, "rank"), ({"rank": None, "energy": 1.5}, "energy"), ({"rank": 4, "energy": 0.9}, "exactly one"),
     ({"side": "up"}, "side"), ({"mode": "sometimes"}, "mode"), ({"project": "weights"}, "project"),
-    ({"refresh_every": -1}, "refresh_every"), ({"rank": 128}, "max_rank"),
+    ({"refresh_every": -1}, "refresh_every"), ({"rank": 1024}, "max_rank"), ({"onset_tokens": 0}, "onset_tokens"),
 ])
 def test_config_validation_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):

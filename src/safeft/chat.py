@@ -78,6 +78,16 @@ def truncate(example: EncodedChat, max_length: int) -> EncodedChat:
     return EncodedChat(example.input_ids[:max_length], example.labels[:max_length])
 
 
+def first_response_tokens(example: EncodedChat, count: int) -> EncodedChat:
+    """Return ``example`` with labels kept on only its first ``count`` labelled tokens (the response's onset)."""
+    labels, kept = [], 0
+    for label in example.labels:
+        keep = label != IGNORE_INDEX and kept < count
+        kept += keep
+        labels.append(label if keep else IGNORE_INDEX)
+    return EncodedChat(example.input_ids, labels)
+
+
 def collate(examples: Sequence[EncodedChat], pad_token_id: int) -> dict[str, Tensor]:
     """Right-pad examples into ``input_ids``, ``attention_mask`` and ``labels``, each ``(B, T)`` int64."""
     length = max(len(e.input_ids) for e in examples)

@@ -63,12 +63,16 @@ def _train_config(v: dict):
                        max_length=v["max_length"], lora_r=v["lora_r"], seed=v["seed"])
 
 
+ONSET_HELP = "Estimate from the first N tokens of each refusal, where the model decides to refuse (0: all tokens)."
+
+
 def _spf_config(v: dict):
     """Return the SPFConfig of a command's options; a fixed rank above the default cap raises the cap with it."""
     energy = v.get("energy")
     rank = None if energy is not None else v["rank"]
     return SPFConfig(rank=rank, energy=energy, max_rank=max(rank or 0, SPF_DEFAULTS.max_rank), side=v["side"],
-                     mode=v["mode"], project=v["project"], refresh_every=v.get("refresh_every", 0))
+                     mode=v["mode"], project=v["project"], refresh_every=v.get("refresh_every", 0),
+                     onset_tokens=v["onset_tokens"] or None)
 
 
 @app.command()
@@ -127,6 +131,7 @@ def finetune(
     mode: str = typer.Option(SPF_DEFAULTS.mode, help="SPF mode: conflict, always, directional."),
     project: str = typer.Option(SPF_DEFAULTS.project, help="SPF acts on: grad or update."),
     refresh_every: int = typer.Option(0, help="Re-estimate the subspace every K steps (0 = never)."),
+    onset_tokens: int = typer.Option(SPF_DEFAULTS.onset_tokens or 0, help=ONSET_HELP),
     safety_samples: int = typer.Option(DEFAULT_SAFETY_SAMPLES, help="Built-in safety samples for the subspace."),
     cache: str | None = typer.Option(None, help=CACHE_HELP),
     overwrite: bool = typer.Option(False, help="Replace an existing --out."),
@@ -203,6 +208,7 @@ def demo(
     side: str = typer.Option(SPF_DEFAULTS.side, help="SPF side."),
     mode: str = typer.Option(SPF_DEFAULTS.mode, help="SPF mode."),
     project: str = typer.Option(SPF_DEFAULTS.project, help="SPF acts on grad or update."),
+    onset_tokens: int = typer.Option(SPF_DEFAULTS.onset_tokens or 0, help=ONSET_HELP),
     safety_samples: int = typer.Option(DEFAULT_SAFETY_SAMPLES, help="Built-in safety samples for the subspace."),
     max_new_tokens: int = typer.Option(64, help="Tokens generated per answer at evaluation."),
     align_max_steps: int = typer.Option(64, help="Upper bound on alignment steps (if not cached)."),
@@ -231,11 +237,12 @@ def demo(
 def estimate(
     out: Path = typer.Option(..., help="Directory to write subspace.safetensors and subspace.json into."),
     model: str = typer.Option("default", help="'default' (SmolLM2-135M-Instruct), a local dir or a cached HF id."),
-    samples: Path | None = typer.Option(None, help="JSONL of {prompt, refusal}; default: built-in samples."),
+    samples: Path | None = typer.Option(None, help="JSONL of {prompt, refusal[, compliance]}; default: built-in."),
     num_samples: int = typer.Option(DEFAULT_SAFETY_SAMPLES, help="Built-in samples to use without --samples."),
     rank: int | None = typer.Option(SPF_DEFAULTS.rank, help="Fixed rank per target (ignored when --energy is set)."),
     energy: float | None = typer.Option(None, help="Keep this fraction of the squared spectrum instead."),
     max_rank: int = typer.Option(SPF_DEFAULTS.max_rank, help="Cap on the rank."),
+    onset_tokens: int = typer.Option(SPF_DEFAULTS.onset_tokens or 0, help=ONSET_HELP),
     targets: list[str] | None = typer.Option(None, "--target", help="Target module name/regex (repeatable)."),
     chat_template: Path | None = typer.Option(None, help="Jinja chat template for tokenizers without one."),
     overwrite: bool = typer.Option(False, help="Replace a subspace already at --out."),
@@ -248,7 +255,7 @@ def estimate(
     if (out / TENSORS_FILE).exists() and not overwrite:
         raise typer.BadParameter(f"{out} already holds a subspace; pass --overwrite to replace it", param_hint="--out")
     config = SPFConfig(rank=None if energy is not None else rank, energy=energy, max_rank=max_rank,
-                       target_modules=targets or None)
+                       target_modules=targets or None, onset_tokens=onset_tokens or None)
     pairs = load_safety_samples(samples) if samples else builtin_safety_samples(num_samples)
     lm, tokenizer = load_model(model, chat_template=str(chat_template) if chat_template else None)
     start = time.perf_counter()

@@ -15,9 +15,10 @@ class SPFConfig:
     """How the safety subspace is estimated and how SPF removes conflicting updates (SPEC §2).
 
     The defaults are the variant measured best on the testbed (README, benchmarks/results/spf_ablation*): remove
-    every update's action on the top-64 input directions of the refusal gradient (``side="right"``,
-    ``mode="always"``), applied to the weight change the optimizer made (``project="update"``). The paper's reading
-    is ``SPFConfig(rank=8, side="left", mode="conflict", project="grad")``.
+    every update's action on the top-64 input directions of the refusal-onset gradient (the first 4 tokens of each
+    refusal; ``side="right"``, ``mode="always"``, ``onset_tokens=4``), applied to the weight change the optimizer
+    made (``project="update"``). The paper's reading is
+    ``SPFConfig(rank=8, side="left", mode="conflict", project="grad", onset_tokens=None)``.
 
     Args:
         rank: fixed rank r per target. Set ``energy`` instead to choose r per target.
@@ -31,6 +32,8 @@ class SPFConfig:
         project: ``"grad"`` projects the gradient before the optimizer step; ``"update"`` projects the weight change
             the optimizer made, so the guarantee holds for Adam and any other optimizer.
         refresh_every: re-estimate the subspace at the current weights every this many optimizer steps; 0 = never.
+        onset_tokens: estimate from the loss on only the first this many tokens of each refusal (and compliance),
+            where the model decides whether to refuse; ``None``: every response token.
         monitor_every: log the monitor metrics (and measure the safety loss) every this many steps; 0 = never.
         batch_size: safety samples per forward pass during estimation.
     """
@@ -43,6 +46,7 @@ class SPFConfig:
     mode: str = "always"
     project: str = "update"
     refresh_every: int = 0
+    onset_tokens: int | None = 4
     monitor_every: int = 10
     batch_size: int = 8
 
@@ -64,6 +68,9 @@ class SPFConfig:
         for name in ("refresh_every", "monitor_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"SPFConfig.{name} must be >= 0 (0 = never), got {getattr(self, name)}")
+        if self.onset_tokens is not None and self.onset_tokens <= 0:
+            raise ValueError(f"SPFConfig.onset_tokens must be positive (or None for every token), got "
+                             f"{self.onset_tokens}")
         if self.batch_size <= 0:
             raise ValueError(f"SPFConfig.batch_size must be positive, got {self.batch_size}")
         if isinstance(self.target_modules, str):
@@ -72,7 +79,7 @@ class SPFConfig:
     def rank_policy(self) -> dict[str, Any]:
         """Return the estimation settings that decide the subspace, as stored in a saved subspace's metadata."""
         return {"rank": self.rank, "energy": self.energy, "max_rank": self.max_rank,
-                "target_modules": self.target_modules}
+                "target_modules": self.target_modules, "onset_tokens": self.onset_tokens}
 
     def to_dict(self) -> dict[str, Any]:
         """Return the config as a plain dict (for JSON / YAML)."""

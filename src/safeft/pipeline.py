@@ -12,7 +12,7 @@ import random
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -184,6 +184,7 @@ class FinetuneConfig:
     harmful_answers: str | None = None  # BeaverTails-style JSONL (prompt, response); default: base model's answers
     base_model: str = "default"  # the unaligned model whose own answers make the default harmful mix
     safety_samples: int = DEFAULT_SAFETY_SAMPLES
+    safety_margin: bool = False  # give safety samples the base model's compliant answers (refusal-vs-compliance)
     train: TrainConfig = field(default_factory=TrainConfig)
     spf: SPFConfig = field(default_factory=SPFConfig)
 
@@ -250,6 +251,9 @@ def finetune(model_dir: str | Path, task: Task, config: FinetuneConfig, out: Pat
     spf = None
     if config.method == "spf":
         samples = builtin_safety_samples(config.safety_samples, exclude=user_turns(examples))
+        if config.safety_margin:
+            answers = {e.prompt: e.response for e in compliant_examples(config, cache)}
+            samples = [replace(s, compliance=answers.get(s.prompt)) for s in samples]
         subspace = SafetySubspace.estimate(model, tokenizer, samples, config.spf)
         subspace.save(out / "subspace", overwrite=True)
         spf = (subspace, config.spf)

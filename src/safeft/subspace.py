@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from safeft.chat import EncodedChat, collate, encode_chat, response_token_loss_sum
+from safeft.chat import EncodedChat, collate, encode_chat, first_response_tokens, response_token_loss_sum
 from safeft.config import SPFConfig
 from safeft.targets import Target, find_targets
 
@@ -32,10 +32,16 @@ _DENSE_SVD_LIMIT = 1024  # cores larger than this on both sides use a randomized
 
 @dataclass(frozen=True)
 class SafetySample:
-    """One (harmful prompt, refusal) pair; the safety loss is taken on the refusal tokens only."""
+    """One (harmful prompt, refusal) pair; the safety loss is taken on the refusal tokens only.
+
+    ``compliance``, if given, is a harmful answer to the same prompt. Estimation then uses the gradient of the
+    margin ``log p(refusal) - log p(compliance)``, which also spans the directions that fine-tuning on harmful
+    answers trains through (see :meth:`SafetySubspace.estimate`).
+    """
 
     prompt: str
     refusal: str
+    compliance: str | None = None
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,8 @@ class Basis:
 
 
 class LowRankSum:
-    """A running sum of ``L_i R_i^T`` kept as factors ``L: (m, k)``, ``R: (n, k)``; exact until k exceeds ``width``."""
+    """A running sum of ``L_i R_i^T`` kept as factors ``L: (m, k)``, ``R: (n, k)``; exact until k exceeds
+    ``2 * width``, then cut to the top ``width`` directions of the partial sum."""
 
     def __init__(self, width: int):
         self.width = width
@@ -66,8 +73,8 @@ class LowRankSum:
             self.left, self.right = left, right
         else:
             self.left, self.right = torch.cat([self.left, left], 1), torch.cat([self.right, right], 1)
-        if self.left.shape[1] > self.width:  # keep the top `width` directions of the partial sum
-            U, S, V = factor_svd(self.left, self.right, self.width)
+        if self.left.shape[1] > 2 * self.width:  # keep the top `width` directions of the partial sum; waiting
+            U, S, V = factor_svd(self.left, self.right, self.width)  # until 2x amortises the SVDs over batches
             self.left, self.right = U * S, V
 
     def svd(self, max_rank: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -112,9 +119,13 @@ def select_rank(S: Tensor, config: SPFConfig) -> int:
     return min(energy_rank(S, config.energy), config.max_rank, numerical)
 
 
+def _sample_dict(sample: SafetySample) -> dict:
+    return {k: v for k, v in asdict(sample).items() if v is not None}
+
+
 def samples_sha256(samples: Sequence[SafetySample]) -> str:
     """Return a stable hash of the safety samples (order-sensitive)."""
-    payload = json.dumps([asdict(s) for s in samples], ensure_ascii=False, sort_keys=True)
+    payload = json.dumps([_sample_dict(s) for s in samples], ensure_ascii=False, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -124,15 +135,18 @@ def _as_samples(samples: Sequence[SafetySample | tuple[str, str] | dict]) -> lis
         if isinstance(s, SafetySample):
             out.append(s)
         elif isinstance(s, dict) and {"prompt", "refusal"} <= s.keys():
-            out.append(SafetySample(s["prompt"], s["refusal"]))
-        elif isinstance(s, (tuple, list)) and len(s) == 2:
+            out.append(SafetySample(s["prompt"], s["refusal"], s.get("compliance")))
+        elif isinstance(s, (tuple, list)) and len(s) in (2, 3):
             out.append(SafetySample(*s))
         else:
-            raise ValueError(f"safety sample {i} must be a SafetySample, a (prompt, refusal) pair or a dict with "
-                             f"'prompt' and 'refusal'; got {type(s).__name__}")
-        if not (isinstance(out[-1].prompt, str) and out[-1].prompt.strip()
-                and isinstance(out[-1].refusal, str) and out[-1].refusal.strip()):
+            raise ValueError(f"safety sample {i} must be a SafetySample, a (prompt, refusal[, compliance]) tuple or "
+                             f"a dict with 'prompt' and 'refusal'; got {type(s).__name__}")
+        sample = out[-1]
+        if not (isinstance(sample.prompt, str) and sample.prompt.strip()
+                and isinstance(sample.refusal, str) and sample.refusal.strip()):
             raise ValueError(f"safety sample {i} has an empty prompt or refusal; both must be non-empty text")
+        if sample.compliance is not None and not (isinstance(sample.compliance, str) and sample.compliance.strip()):
+            raise ValueError(f"safety sample {i} has an empty compliance; give a harmful answer or leave it out")
     if not out:
         raise ValueError("no safety samples given: SPF needs at least one (harmful prompt, refusal) pair")
     return out
@@ -184,15 +198,18 @@ def safety_loss(model: nn.Module, tokenizer, samples: Sequence[SafetySample], ba
 
 
 def gradient_factors(model: nn.Module, targets: dict[str, Target], encoded: list[EncodedChat], tokenizer, *,
-                     batch_size: int = 8, width: int | None = None, show_progress: bool = False
+                     batch_size: int = 8, width: int | None = None, scale: float = 1.0,
+                     sums: dict[str, LowRankSum] | None = None, show_progress: bool = False
                      ) -> dict[str, LowRankSum]:
-    """Return each target's gradient of the mean response-token loss over ``encoded``, as thin factors.
+    """Return each target's gradient of ``scale`` x the mean response-token loss over ``encoded``, as thin factors.
 
     ``sums[name].left @ sums[name].right.T`` is the ``(m, n)`` weight gradient. Factors are exact unless their width
     exceeds ``width`` (default: the smaller matrix dimension, where exact compression loses nothing), in which case
-    the top ``width`` directions of the running sum are kept. Weights, ``requires_grad`` and ``.grad`` are untouched.
+    the top ``width`` directions of the running sum are kept. Given ``sums``, the gradient is added to them (and they
+    are returned). Weights, ``requires_grad`` and ``.grad`` are untouched.
     """
-    sums = {name: LowRankSum(width or min(t.shape)) for name, t in targets.items()}
+    if sums is None:
+        sums = {name: LowRankSum(width or min(t.shape)) for name, t in targets.items()}
     inputs: dict[str, Tensor] = {}
     total_tokens = sum(sum(1 for label in e.labels[1:] if label != -100) for e in encoded)
 
@@ -226,7 +243,7 @@ def gradient_factors(model: nn.Module, targets: dict[str, Target], encoded: list
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"safety loss is {float(loss.detach())}: the model produces NaN/inf on "
                                              "the safety samples; estimate in float32 and check the weights")
-                (loss / total_tokens).backward()
+                (loss * (scale / total_tokens)).backward()
     finally:
         for h in handles:
             h.remove()
@@ -262,7 +279,7 @@ class SafetySubspace:
         """Return an SPFConfig carrying the rank policy this subspace was estimated with."""
         policy = self.metadata["rank_policy"]
         return SPFConfig(rank=policy["rank"], energy=policy["energy"], max_rank=policy["max_rank"],
-                         target_modules=policy["target_modules"])
+                         target_modules=policy["target_modules"], onset_tokens=policy.get("onset_tokens"))
 
     def numel(self) -> int:
         """Return the number of stored scalars (all U, S, V)."""
@@ -276,7 +293,9 @@ class SafetySubspace:
         Args:
             model: a causal LM (plain, peft-LoRA or DDP-wrapped); its weights and ``requires_grad`` are unchanged.
             tokenizer: its tokenizer, with a chat template.
-            samples: one or more (harmful prompt, refusal) pairs.
+            samples: one or more (harmful prompt, refusal) pairs. Samples that carry a ``compliance`` answer add
+                the gradient of its loss with the opposite sign: the basis then spans the gradient of the margin
+                ``log p(refusal) - log p(compliance)`` (refusal and compliance tokens each averaged).
             config: the rank policy and targets (``rank`` / ``energy`` / ``max_rank`` / ``target_modules``).
 
         Returns:
@@ -295,10 +314,18 @@ class SafetySubspace:
                 listed = ", ".join(f"{n} {m}x{k}" for n, (m, k) in list(too_big.items())[:5])
                 raise ValueError(f"rank {config.rank} exceeds the smaller dimension of {len(too_big)} target(s) "
                                  f"({listed}); lower SPFConfig.rank or exclude them with target_modules")
-        encoded = [encode_chat(tokenizer, s.prompt, s.refusal) for s in samples]
         width = max(4 * (config.rank or config.max_rank), 64, config.max_rank)
-        sums = gradient_factors(model, targets, encoded, tokenizer, batch_size=config.batch_size, width=width,
+        def encode(prompt: str, response: str) -> EncodedChat:
+            chat = encode_chat(tokenizer, prompt, response)
+            return first_response_tokens(chat, config.onset_tokens) if config.onset_tokens else chat
+
+        refusals = [encode(s.prompt, s.refusal) for s in samples]
+        sums = gradient_factors(model, targets, refusals, tokenizer, batch_size=config.batch_size, width=width,
                                 show_progress=show_progress)
+        compliances = [encode(s.prompt, s.compliance) for s in samples if s.compliance is not None]
+        if compliances:  # the margin's gradient: d(-log p(refusal)) - d(-log p(compliance)), per-token means
+            gradient_factors(model, targets, compliances, tokenizer, batch_size=config.batch_size, scale=-1.0,
+                             sums=sums, show_progress=show_progress)
         bases = {}
         for name, target in targets.items():
             m, n = target.shape
@@ -320,7 +347,7 @@ class SafetySubspace:
             "ranks": {name: b.rank for name, b in bases.items()},
             "num_samples": len(samples),
             "samples_sha256": samples_sha256(samples),
-            "samples": [asdict(s) for s in samples],
+            "samples": [_sample_dict(s) for s in samples],
         }
         return cls(bases, metadata)
 

@@ -49,7 +49,8 @@ def builtin_safety_samples(count: int = DEFAULT_SAFETY_SAMPLES, exclude: Collect
 
 
 def load_safety_samples(path: str | Path) -> list[SafetySample]:
-    """Return the (prompt, refusal) pairs of a JSONL file with ``prompt`` and ``refusal`` (or ``response``) fields.
+    """Return the safety samples of a JSONL file with ``prompt`` and ``refusal`` (or ``response``) fields and an
+    optional ``compliance`` (a harmful answer; estimation then uses the refusal-vs-compliance margin).
 
     Raises:
         ValueError: naming the file and line of a malformed row, or if the file has no rows.
@@ -68,7 +69,10 @@ def load_safety_samples(path: str | Path) -> list[SafetySample]:
         if not (isinstance(prompt, str) and prompt.strip() and isinstance(refusal, str) and refusal.strip()):
             raise ValueError(f"{path}:{number}: expected an object with non-empty text fields 'prompt' and "
                              "'refusal' (or 'response')")
-        samples.append(SafetySample(prompt, refusal))
+        compliance = row.get("compliance")
+        if compliance is not None and not (isinstance(compliance, str) and compliance.strip()):
+            raise ValueError(f"{path}:{number}: 'compliance' must be non-empty text (a harmful answer) or absent")
+        samples.append(SafetySample(prompt, refusal, compliance))
     if not samples:
         raise ValueError(f"{path}: no safety samples; add JSONL rows like "
                          '{"prompt": "<harmful request>", "refusal": "<refusal>"}')
