@@ -296,7 +296,8 @@ class SafetySubspace:
             samples: one or more (harmful prompt, refusal) pairs. Samples that carry a ``compliance`` answer add
                 the gradient of its loss with the opposite sign: the basis then spans the gradient of the margin
                 ``log p(refusal) - log p(compliance)`` (refusal and compliance tokens each averaged).
-            config: the rank policy and targets (``rank`` / ``energy`` / ``max_rank`` / ``target_modules``).
+            config: the rank policy, targets and tokens (``rank`` / ``energy`` / ``max_rank`` / ``target_modules`` /
+                ``onset_tokens``: the loss on each response's first tokens only).
 
         Returns:
             A SafetySubspace with a Basis per target. A target's rank never exceeds the numerical rank of its
