@@ -144,24 +144,17 @@ def test_default_config_keeps_refusal_loss_where_sft_erodes_it(tokenizer, safety
     """The library defaults (right side, always, update projection) under AdamW: a tiny model first learns to refuse,
     then is trained on compliant answers to the same requests. SFT raises its refusal loss; SPF keeps most of it on
     the tokens it estimated from (the refusal onset by default, every token with ``onset_tokens=None``)."""
-    from safeft.chat import collate, encode_chat, first_response_tokens, response_token_loss_sum
+    from safeft.chat import collate, encode_chat
+    from safeft.subspace import safety_loss
 
     defaults = SPFConfig()
     assert (defaults.side, defaults.mode, defaults.project) == ("right", "always", "update")
     config = dataclasses.replace(defaults, rank=16)  # the tiny model's matrices are 16..64 wide
     if onset is None:
         config = dataclasses.replace(config, onset_tokens=None)
-    measured = [encode_chat(tokenizer, p, r) for p, r in safety_pairs]
-    if config.onset_tokens:
-        measured = [first_response_tokens(e, config.onset_tokens) for e in measured]
-    measured = collate(measured, tokenizer.pad_token_id)
 
-    def refusal_loss(model):
-        model.eval()
-        with torch.no_grad():
-            logits = model(input_ids=measured["input_ids"], attention_mask=measured["attention_mask"]).logits
-        loss, count = response_token_loss_sum(logits, measured["labels"])
-        return float(loss) / count
+    def refusal_loss(model):  # on the tokens the subspace was estimated from
+        return safety_loss(model, tokenizer, safety_pairs, onset_tokens=config.onset_tokens)
 
     refusals = collate([encode_chat(tokenizer, p, r) for p, r in safety_pairs], tokenizer.pad_token_id)
     attack = collate([encode_chat(tokenizer, p, r) for p, r in COMPLIANT_PAIRS], tokenizer.pad_token_id)

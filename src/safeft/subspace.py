@@ -184,9 +184,19 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def safety_loss(model: nn.Module, tokenizer, samples: Sequence[SafetySample], batch_size: int = 8) -> float:
-    """Return the mean cross-entropy (nats per token) of the refusals given the prompts, in eval mode, no grad."""
-    encoded = [encode_chat(tokenizer, s.prompt, s.refusal) for s in _as_samples(samples)]
+def encode_response(tokenizer, prompt: str, response: str, onset_tokens: int | None = None) -> EncodedChat:
+    """Return the templated exchange with labels on the response, or on only its first ``onset_tokens`` tokens."""
+    chat = encode_chat(tokenizer, prompt, response)
+    return first_response_tokens(chat, onset_tokens) if onset_tokens else chat
+
+
+def safety_loss(model: nn.Module, tokenizer, samples: Sequence[SafetySample], batch_size: int = 8, *,
+                onset_tokens: int | None = None) -> float:
+    """Return the mean cross-entropy (nats per token) of the refusals given the prompts, in eval mode, no grad.
+
+    With ``onset_tokens``, only each refusal's first that many tokens count (what an onset estimate guards).
+    """
+    encoded = [encode_response(tokenizer, s.prompt, s.refusal, onset_tokens) for s in _as_samples(samples)]
     total, count = 0.0, 0
     with _eval_without_param_grads(model), torch.no_grad():
         for batch in _batches(encoded, batch_size, tokenizer):
@@ -316,14 +326,11 @@ class SafetySubspace:
                 raise ValueError(f"rank {config.rank} exceeds the smaller dimension of {len(too_big)} target(s) "
                                  f"({listed}); lower SPFConfig.rank or exclude them with target_modules")
         width = max(4 * (config.rank or config.max_rank), 64, config.max_rank)
-        def encode(prompt: str, response: str) -> EncodedChat:
-            chat = encode_chat(tokenizer, prompt, response)
-            return first_response_tokens(chat, config.onset_tokens) if config.onset_tokens else chat
-
-        refusals = [encode(s.prompt, s.refusal) for s in samples]
+        refusals = [encode_response(tokenizer, s.prompt, s.refusal, config.onset_tokens) for s in samples]
         sums = gradient_factors(model, targets, refusals, tokenizer, batch_size=config.batch_size, width=width,
                                 show_progress=show_progress)
-        compliances = [encode(s.prompt, s.compliance) for s in samples if s.compliance is not None]
+        compliances = [encode_response(tokenizer, s.prompt, s.compliance, config.onset_tokens)
+                       for s in samples if s.compliance is not None]
         if compliances:  # the margin's gradient: d(-log p(refusal)) - d(-log p(compliance)), per-token means
             gradient_factors(model, targets, compliances, tokenizer, batch_size=config.batch_size, scale=-1.0,
                              sums=sums, show_progress=show_progress)
