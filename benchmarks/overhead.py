@@ -181,7 +181,7 @@ def main() -> None:
     parser.add_argument("--mode", default=defaults.mode)
     parser.add_argument("--samples", type=int, default=DEFAULT_SAFETY_SAMPLES)
     args = parser.parse_args()
-    spf = SPFConfig(rank=args.rank, max_rank=max(args.rank, defaults.max_rank), side=args.side, mode=args.mode)
+    spf = SPFConfig(rank=args.rank, side=args.side, mode=args.mode)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 

@@ -61,6 +61,10 @@ VARIANTS = {
                                                    "rank": 32, "onset_tokens": 4}, 20),
     "left always update r64 n20 onset4": ("spf", {"side": "left", "mode": "always", "project": "update",
                                                   "rank": 64, "onset_tokens": 4}, 20),
+    "right always update r64 n64 onset4": ("spf", {"side": "right", "mode": "always", "project": "update",
+                                                   "rank": 64, "onset_tokens": 4}, 64),
+    "right always update r64 n20 onset4 refresh10": ("spf", {"side": "right", "mode": "always", "project": "update",
+                                                             "rank": 64, "onset_tokens": 4, "refresh_every": 10}, 20),
     "right always update r64 n20 margin": ("spf", {"side": "right", "mode": "always", "project": "update",
                                                    "rank": 64}, 20, {"safety_margin": True}),
 }
@@ -100,7 +104,7 @@ def main() -> None:
         start = time.perf_counter()
         config = FinetuneConfig(method=method, harmful_ratio=ratio, safety_samples=samples, **dict(*overrides),
                                 train=TrainConfig(steps=args.steps, learning_rate=args.lr, seed=seed),
-                                spf=SPFConfig(max_rank=max(64, spf.get("rank", 8)), **{"onset_tokens": None, **spf}))
+                                spf=SPFConfig(**{"onset_tokens": None, **spf}))
         log = finetune(aligned, task, config, run_dir, cache)
         metrics = evaluate_dir(run_dir, task)
         shutil.rmtree(run_dir / "model", ignore_errors=True)

@@ -9,6 +9,7 @@ from peft import LoraConfig, get_peft_model
 
 from conftest import snapshot, train_steps
 from safeft import SafetySubspace, SPFConfig, attach_spf
+from safeft.subspace import safety_loss
 from safeft.targets import find_targets
 from safeft.testing import tiny_llama
 
@@ -173,3 +174,22 @@ def test_default_config_keeps_refusal_loss_where_sft_erodes_it(tokenizer, safety
         rises[method] = refusal_loss(model) - start
     assert rises["sft"] > 0.5  # the attack works without SPF
     assert rises["spf"] < 0.25 * rises["sft"], rises
+
+
+def test_monitor_safety_loss_is_the_loss_whose_change_drift_predicts(tokenizer, benign_batch, safety_pairs):
+    """With an onset subspace the monitor measures the onset loss; one small SGD step changes it by the drift."""
+    model = tiny_llama(seed=0)
+    config = SPFConfig(rank=8, onset_tokens=2, side="left", mode="conflict", project="grad", monitor_every=1)
+    subspace = SafetySubspace.estimate(model, tokenizer, safety_pairs[:1], config, show_progress=False)
+    targets = {id(t.base.weight) for t in find_targets(model).values()}
+    for p in model.parameters():  # only the guarded matrices move, so the drift is the whole first-order change
+        p.requires_grad_(id(p) in targets)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    handle = attach_spf(optimizer, model, subspace, config, tokenizer)
+    before = handle.projector.metrics()["spf/safety_loss"]
+    assert before == pytest.approx(safety_loss(model, tokenizer, safety_pairs[:1], onset_tokens=2))
+    assert before != pytest.approx(safety_loss(model, tokenizer, safety_pairs[:1]))
+    train_steps(model, optimizer, benign_batch, 1)
+    after = handle.projector.metrics()
+    assert after["spf/safety_drift"] < 0  # conflict mode keeps only the part that lowers the safety loss
+    assert after["spf/safety_loss"] - before == pytest.approx(after["spf/safety_drift"], rel=0.1)

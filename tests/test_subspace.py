@@ -98,6 +98,7 @@ def test_select_rank():
     S = torch.tensor([3.0, 2.0, 1.0, 0.0])
     assert select_rank(S, SPFConfig(rank=8)) == 3  # never beyond the numerical rank
     assert select_rank(S, SPFConfig(rank=2)) == 2
+    assert select_rank(S, SPFConfig(rank=100, max_rank=2)) == 3  # max_rank caps only the energy policy
     assert select_rank(S, SPFConfig(rank=None, energy=9 / 14)) == 1  # 9 of 14 units of energy in the first
     assert select_rank(S, SPFConfig(rank=None, energy=0.65)) == 2
     assert select_rank(S, SPFConfig(rank=None, energy=1.0, max_rank=2)) == 2
@@ -157,7 +158,7 @@ def test_bad_inputs_give_clear_errors(model, tokenizer, safety_pairs, tmp_path):
 @pytest.mark.parametrize("kwargs, field", [
     ({"rank": 0}, "rank"), ({"rank": None, "energy": 1.5}, "energy"), ({"rank": 4, "energy": 0.9}, "exactly one"),
     ({"side": "up"}, "side"), ({"mode": "sometimes"}, "mode"), ({"project": "weights"}, "project"),
-    ({"refresh_every": -1}, "refresh_every"), ({"rank": 1024}, "max_rank"), ({"onset_tokens": 0}, "onset_tokens"),
+    ({"refresh_every": -1}, "refresh_every"), ({"max_rank": 0}, "max_rank"), ({"onset_tokens": 0}, "onset_tokens"),
 ])
 def test_config_validation_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):

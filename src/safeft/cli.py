@@ -67,10 +67,9 @@ ONSET_HELP = "Estimate from the first N tokens of each refusal, where the model 
 
 
 def _spf_config(v: dict):
-    """Return the SPFConfig of a command's options; a fixed rank above the default cap raises the cap with it."""
+    """Return the SPFConfig of a command's options."""
     energy = v.get("energy")
-    rank = None if energy is not None else v["rank"]
-    return SPFConfig(rank=rank, energy=energy, max_rank=max(rank or 0, SPF_DEFAULTS.max_rank), side=v["side"],
+    return SPFConfig(rank=None if energy is not None else v["rank"], energy=energy, side=v["side"],
                      mode=v["mode"], project=v["project"], refresh_every=v.get("refresh_every", 0),
                      onset_tokens=v["onset_tokens"] or None)
 
@@ -241,7 +240,7 @@ def estimate(
     num_samples: int = typer.Option(DEFAULT_SAFETY_SAMPLES, help="Built-in samples to use without --samples."),
     rank: int | None = typer.Option(SPF_DEFAULTS.rank, help="Fixed rank per target (ignored when --energy is set)."),
     energy: float | None = typer.Option(None, help="Keep this fraction of the squared spectrum instead."),
-    max_rank: int = typer.Option(SPF_DEFAULTS.max_rank, help="Cap on the rank."),
+    max_rank: int = typer.Option(SPF_DEFAULTS.max_rank, help="Cap on the rank chosen by --energy."),
     onset_tokens: int = typer.Option(SPF_DEFAULTS.onset_tokens or 0, help=ONSET_HELP),
     targets: list[str] | None = typer.Option(None, "--target", help="Target module name/regex (repeatable)."),
     chat_template: Path | None = typer.Option(None, help="Jinja chat template for tokenizers without one."),

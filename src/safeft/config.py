@@ -23,7 +23,7 @@ class SPFConfig:
     Args:
         rank: fixed rank r per target. Set ``energy`` instead to choose r per target.
         energy: keep the smallest r whose singular values hold this fraction of the squared spectrum, in (0, 1].
-        max_rank: cap on r when ``energy`` is set; also the cap on a fixed ``rank``'s search.
+        max_rank: cap on r when ``energy`` is set (a fixed ``rank`` needs no cap).
         target_modules: names or regexes of the ``nn.Linear`` modules to guard (peft-style: a name matches when it
             equals a pattern, ends with ``"." + pattern`` or fully matches it as a regex). ``None``: every linear
             layer inside the transformer blocks (a numbered module list), embeddings and LM head excluded.
@@ -59,8 +59,6 @@ class SPFConfig:
             raise ValueError(f"SPFConfig.energy must be in (0, 1], got {self.energy}")
         if self.max_rank <= 0:
             raise ValueError(f"SPFConfig.max_rank must be positive, got {self.max_rank}")
-        if self.rank is not None and self.rank > self.max_rank:
-            raise ValueError(f"SPFConfig.rank ({self.rank}) exceeds max_rank ({self.max_rank}); raise max_rank")
         for name, value, allowed in (("side", self.side, SIDES), ("mode", self.mode, MODES),
                                      ("project", self.project, PROJECT_ON)):
             if value not in allowed:

@@ -212,7 +212,8 @@ class SPFProjector:
         what was removed, per step; ``spf/removed_norm_frac`` (grad mode): that norm over the gradient norm, on the
         steps where the monitor reports (measuring it costs a pass over the gradients);
         ``spf/safety_drift``: predicted first-order safety-loss change so far; ``spf/safety_loss``: measured on the
-        safety samples (needs the tokenizer).
+        safety samples (needs the tokenizer), on the tokens the subspace was estimated from (with ``onset_tokens``,
+        each refusal's first tokens), so that it is the loss whose change ``safety_drift`` predicts.
         """
         steps = max(self._steps, 1)
         out = {
@@ -224,7 +225,8 @@ class SPFProjector:
             frac = self._total("sampled_removed_sq") / self._total("sampled_grad_sq")
             out[f"{METRIC_PREFIX}removed_norm_frac"] = frac ** 0.5
         if measure_loss and self.tokenizer is not None:
-            out[f"{METRIC_PREFIX}safety_loss"] = safety_loss(self.model, self.tokenizer, self.subspace.samples)
+            out[f"{METRIC_PREFIX}safety_loss"] = safety_loss(self.model, self.tokenizer, self.subspace.samples,
+                                                             onset_tokens=self.subspace.config.onset_tokens)
         self._reset_counters()
         return out
 

@@ -325,7 +325,7 @@ class SafetySubspace:
                 listed = ", ".join(f"{n} {m}x{k}" for n, (m, k) in list(too_big.items())[:5])
                 raise ValueError(f"rank {config.rank} exceeds the smaller dimension of {len(too_big)} target(s) "
                                  f"({listed}); lower SPFConfig.rank or exclude them with target_modules")
-        width = max(4 * (config.rank or config.max_rank), 64, config.max_rank)
+        width = max(4 * (config.rank or config.max_rank), 64)
         refusals = [encode_response(tokenizer, s.prompt, s.refusal, config.onset_tokens) for s in samples]
         sums = gradient_factors(model, targets, refusals, tokenizer, batch_size=config.batch_size, width=width,
                                 show_progress=show_progress)
