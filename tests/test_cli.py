@@ -3,6 +3,8 @@
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from safeft.cli import app
@@ -53,6 +55,10 @@ def test_align_finetune_eval(tiny_dir, tmp_path):
     assert (run / "subspace" / "subspace.json").exists() and (run / "model" / "config.json").exists()
     log = json.loads((run / "train_log.json").read_text())
     assert log["steps"] == 2 and any("spf/conflict_rate" in e for e in log["log_history"])
+    before, after = (load_file(d / "model.safetensors") for d in (tmp_path / "aligned", run / "model"))
+    norms = [k for k in before if "norm" in k]
+    assert norms and all(torch.equal(before[k], after[k]) for k in norms)  # SPF cannot project them: frozen
+    assert not torch.equal(before["model.layers.0.mlp.down_proj.weight"], after["model.layers.0.mlp.down_proj.weight"])
 
     refused = runner.invoke(app, ["finetune", "--model", str(tmp_path / "aligned"), "--out", str(run)])
     assert refused.exit_code != 0 and "--overwrite" in str(refused.exception)  # never overwrites silently

@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from peft import LoraConfig, get_peft_model
 
 from conftest import snapshot, train_steps
 from safeft import SafetySubspace, SPFConfig, attach_spf
+from safeft.spf import unguarded_parameters
 from safeft.subspace import safety_loss
 from safeft.targets import find_targets
 from safeft.testing import tiny_llama
@@ -193,3 +195,22 @@ def test_monitor_safety_loss_is_the_loss_whose_change_drift_predicts(tokenizer, 
     after = handle.projector.metrics()
     assert after["spf/safety_drift"] < 0  # conflict mode keeps only the part that lowers the safety loss
     assert after["spf/safety_loss"] - before == pytest.approx(after["spf/safety_drift"], rel=0.1)
+
+
+def test_trainable_parameters_spf_cannot_project_are_named_in_a_warning(tokenizer, subspace):
+    model = tiny_llama(seed=0)
+    unguarded = unguarded_parameters(model, subspace)
+    targets = {f"{name}.weight" for name in find_targets(model)}
+    norms = {name for name, _ in model.named_parameters() if "norm" in name}
+    assert norms <= set(unguarded) and not targets & set(unguarded)
+    with pytest.warns(UserWarning, match=r"not guarded.*Freeze them"):
+        attach_spf(torch.optim.SGD(model.parameters(), lr=0.1), model, subspace, SPFConfig(rank=8))
+    for p in unguarded.values():
+        p.requires_grad_(False)
+    lora = get_peft_model(tiny_llama(seed=0), LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
+    for frozen_or_lora in (model, lora):  # nothing left unguarded: no warning
+        assert not unguarded_parameters(frozen_or_lora, subspace)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            attach_spf(torch.optim.SGD([p for p in frozen_or_lora.parameters() if p.requires_grad], lr=0.1),
+                       frozen_or_lora, subspace, SPFConfig(rank=8))

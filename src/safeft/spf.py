@@ -13,6 +13,7 @@ identical tensors and every rank makes the same update as one process with the g
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,16 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def unguarded_parameters(model: nn.Module, subspace: SafetySubspace) -> dict[str, nn.Parameter]:
+    """Return the trainable parameters of ``model`` that SPF does not project, by name: everything with
+    ``requires_grad`` except the subspace's target weights (or, under LoRA, their factors). Typical members under
+    full fine-tuning are norm weights and biases; training them can move the refusals with nothing to stop it."""
+    model = _unwrap(model)
+    guarded = {id(w) for t in subspace.check_model(model).values()
+               for w in ((t.lora_A, t.lora_B) if t.is_lora else (t.base.weight,))}
+    return {name: p for name, p in model.named_parameters() if p.requires_grad and id(p) not in guarded}
+
+
 class SPFProjector:
     """Removes the conflicting part of every optimizer step from a model's target matrices.
 
@@ -68,6 +79,13 @@ class SPFProjector:
         self.drift_before_refresh = 0.0
         self._reset_counters()
         self._use(subspace)
+        unguarded = unguarded_parameters(self.model, subspace)
+        if unguarded:
+            names = ", ".join(list(unguarded)[:3])
+            warnings.warn(f"SPF guards {len(self.guards)} matrices, but {len(unguarded)} other trainable tensors "
+                          f"({sum(p.numel() for p in unguarded.values())} parameters, e.g. {names}) are not guarded "
+                          "and can still erode the refusals. Freeze them (requires_grad_(False); "
+                          "safeft.spf.unguarded_parameters lists them) unless you mean to train them.", stacklevel=2)
 
     # --- state -------------------------------------------------------------------------------------------------
 
