@@ -28,6 +28,8 @@ from safeft import SafetySubspace, SPFConfig, attach_spf
 from safeft import projection as P
 from safeft.data import DEFAULT_SAFETY_SAMPLES, builtin_safety_samples
 from safeft.models import load_model
+from safeft.spf import freeze_unguarded
+from safeft.train import TrainConfig, prepare_model
 
 METHODS = ("sft", "spf_grad", "spf_update")
 
@@ -52,15 +54,9 @@ def timed_hooks(handle) -> list[float]:
 
 
 def make_trainer(base, subspace, method: str, lora: bool, spf: SPFConfig):
-    from peft import LoraConfig, get_peft_model
-
-    model = copy.deepcopy(base)
-    if lora:
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0,
-                                                 exclude_modules=["lm_head"]))
-    else:  # full fine-tuning of the attention/MLP matrices (embeddings frozen, as in the testbed)
-        for name, p in model.named_parameters():
-            p.requires_grad_(".layers." in name)
+    model = prepare_model(copy.deepcopy(base), TrainConfig(lora_r=8 if lora else 0))
+    if method != "sft":  # as the pipeline does
+        freeze_unguarded(model, subspace)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     handle, spent = None, None

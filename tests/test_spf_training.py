@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 
 from conftest import snapshot, train_steps
 from safeft import SafetySubspace, SPFConfig, attach_spf
-from safeft.spf import unguarded_parameters
+from safeft.spf import freeze_unguarded, unguarded_parameters
 from safeft.subspace import safety_loss
 from safeft.targets import find_targets
 from safeft.testing import tiny_llama
@@ -203,10 +203,9 @@ def test_trainable_parameters_spf_cannot_project_are_named_in_a_warning(tokenize
     targets = {f"{name}.weight" for name in find_targets(model)}
     norms = {name for name, _ in model.named_parameters() if "norm" in name}
     assert norms <= set(unguarded) and not targets & set(unguarded)
-    with pytest.warns(UserWarning, match=r"not guarded.*Freeze them"):
+    with pytest.warns(UserWarning, match=r"not guarded.*freeze_unguarded"):
         attach_spf(torch.optim.SGD(model.parameters(), lr=0.1), model, subspace, SPFConfig(rank=8))
-    for p in unguarded.values():
-        p.requires_grad_(False)
+    assert freeze_unguarded(model, subspace) == list(unguarded)
     lora = get_peft_model(tiny_llama(seed=0), LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
     for frozen_or_lora in (model, lora):  # nothing left unguarded: no warning
         assert not unguarded_parameters(frozen_or_lora, subspace)

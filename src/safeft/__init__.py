@@ -12,6 +12,7 @@ _EXPORTS = {
     "SPFProjector": "safeft.spf",
     "add_spf_callback": "safeft.spf",
     "attach_spf": "safeft.spf",
+    "freeze_unguarded": "safeft.spf",
 }
 __all__ = ["__version__", *_EXPORTS]
 

@@ -24,7 +24,7 @@ from safeft.data.loaders import load_examples
 from safeft.data.tasks import Task
 from safeft.evaluate import evaluate_model, generate
 from safeft.evaluate.judges import COMPLIANCE, REFUSAL, KeywordJudge
-from safeft.spf import unguarded_parameters
+from safeft.spf import freeze_unguarded
 from safeft.subspace import SafetySample, SafetySubspace, safety_loss
 from safeft.train import TrainConfig, prepare_model, train
 
@@ -260,8 +260,7 @@ def finetune(model_dir: str | Path, task: Task, config: FinetuneConfig, out: Pat
         spf = (subspace, config.spf)
     model = prepare_model(model, config.train)
     if spf:  # what SPF cannot project (the blocks' norm weights under full fine-tuning) stays as it was
-        for p in unguarded_parameters(model, spf[0]).values():
-            p.requires_grad_(False)
+        freeze_unguarded(model, spf[0])
     log = train(model, tokenizer, examples, config.train, spf=spf, output_dir=str(out / "trainer"))
     shutil.rmtree(out / "trainer", ignore_errors=True)
     model.save_pretrained(out / "model")

@@ -61,6 +61,17 @@ def unguarded_parameters(model: nn.Module, subspace: SafetySubspace) -> dict[str
     return {name: p for name, p in model.named_parameters() if p.requires_grad and id(p) not in guarded}
 
 
+def freeze_unguarded(model: nn.Module, subspace: SafetySubspace) -> list[str]:
+    """Freeze (``requires_grad_(False)``) every trainable parameter SPF does not project; return their names.
+
+    Call it before building the optimizer. The pipeline's SPF runs do; on the testbed, leaving the blocks' norm
+    weights trainable raised the harmful-mix score by several points (README, "unguarded parameters")."""
+    unguarded = unguarded_parameters(model, subspace)
+    for p in unguarded.values():
+        p.requires_grad_(False)
+    return list(unguarded)
+
+
 class SPFProjector:
     """Removes the conflicting part of every optimizer step from a model's target matrices.
 
@@ -84,8 +95,8 @@ class SPFProjector:
             names = ", ".join(list(unguarded)[:3])
             warnings.warn(f"SPF guards {len(self.guards)} matrices, but {len(unguarded)} other trainable tensors "
                           f"({sum(p.numel() for p in unguarded.values())} parameters, e.g. {names}) are not guarded "
-                          "and can still erode the refusals. Freeze them (requires_grad_(False); "
-                          "safeft.spf.unguarded_parameters lists them) unless you mean to train them.", stacklevel=2)
+                          "and can still erode the refusals. Freeze them before building the optimizer "
+                          "(safeft.spf.freeze_unguarded) unless you mean to train them.", stacklevel=2)
 
     # --- state -------------------------------------------------------------------------------------------------
 
