@@ -1,5 +1,6 @@
 """Under DDP (gloo, 2 CPU processes) SPF makes the same update as one process with the same global batch."""
 
+import datetime
 import os
 
 import pytest
@@ -37,7 +38,9 @@ def train(model, batch, subspace, config, rows, world_size):
 
 def _worker(rank, world_size, workdir, config_kwargs):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{workdir}/rendezvous", rank=rank, world_size=world_size)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback: no hostname lookup that can stall the rendezvous
+    dist.init_process_group("gloo", init_method=f"file://{workdir}/rendezvous", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=120))  # a stuck peer fails the test, not the CI run
     try:
         model = tiny_llama(seed=0)
         ddp = torch.nn.parallel.DistributedDataParallel(model)
