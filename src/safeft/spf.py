@@ -65,7 +65,7 @@ def freeze_unguarded(model: nn.Module, subspace: SafetySubspace) -> list[str]:
     """Freeze (``requires_grad_(False)``) every trainable parameter SPF does not project; return their names.
 
     Call it before building the optimizer. The pipeline's SPF runs do; on the testbed, leaving the blocks' norm
-    weights trainable raised the harmful-mix score by several points (README, "unguarded parameters")."""
+    weights trainable raised the harmful-mix score by 0-6 points per seed (README, "Unguarded parameters")."""
     unguarded = unguarded_parameters(model, subspace)
     for p in unguarded.values():
         p.requires_grad_(False)
