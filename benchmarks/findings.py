@@ -21,8 +21,10 @@ import time
 from pathlib import Path
 
 from safeft.analysis import AnalysisConfig, analysis_inputs, analyze, plot, summary_markdown
+from safeft.config import AlignConfig
 from safeft.models import cache_dir
-from safeft.pipeline import AlignConfig, ensure_aligned, load_finetuned
+from safeft.recipes.align import ensure_aligned
+from safeft.recipes.finetune import load_finetuned
 
 
 def main() -> None:

@@ -4,67 +4,55 @@
 
 For full fine-tuning and for LoRA r=8, three trainers (SFT, SPF project="grad", SPF project="update") step in turn,
 one timed step each per round, so the machine's noise hits all three alike; the medians and their ratios go to
-``overhead.json`` and ``overhead.md``. Also: subspace estimation time from one sample (as SFT steps) and the
-subspace's size as a share of the model's weights, and the time spent inside SPF's own hooks.
+``overhead.json`` and ``overhead.md``. Each SPF trainer is set up by the `spf` method's own ``before_training``
+(estimation from the safety samples, then freezing what SPF cannot project), as a fine-tuning run does it. Also:
+the estimation time (as SFT steps), the subspace's size as a share of the model's weights, and the time spent
+inside SPF's own hooks (``SPFProjector.hook_seconds``).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import platform
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from safeft import SafetySubspace, SPFConfig, attach_spf
+from safeft import SPFConfig, attach_spf
 from safeft import projection as P
-from safeft.data import DEFAULT_SAFETY_SAMPLES, builtin_safety_samples
+from safeft.config import TrainConfig
+from safeft.data import DEFAULT_SAFETY_SAMPLES
+from safeft.methods import RunContext, build_method
 from safeft.models import load_model
-from safeft.spf import freeze_unguarded
-from safeft.train import TrainConfig, prepare_model
+from safeft.train import prepare_model
 
 METHODS = ("sft", "spf_grad", "spf_update")
 
 
-def timed_hooks(handle) -> list[float]:
-    """Wrap the projector's before/after-step methods to record the seconds SPF itself spends per step."""
-    projector, spent = handle.projector, []
-    before, after = projector.before_step, projector.after_step
-
-    def timed_before():
-        start = time.perf_counter()
-        before()
-        spent.append(time.perf_counter() - start)
-
-    def timed_after():
-        start = time.perf_counter()
-        after()
-        spent[-1] += time.perf_counter() - start
-
-    projector.before_step, projector.after_step = timed_before, timed_after
-    return spent
-
-
-def make_trainer(base, subspace, method: str, lora: bool, spf: SPFConfig):
+def make_trainer(base, tokenizer, method: str, lora: bool, spf_options: dict, scratch: Path):
+    """Return ``(model, optimizer, projector, estimation seconds)``, set up as a fine-tuning run does: the training
+    recipe's ``prepare_model``, then (SPF) the method's own ``before_training`` (estimate, freeze what it cannot
+    project), then SPF attached to a plain AdamW loop."""
     model = prepare_model(copy.deepcopy(base), TrainConfig(lora_r=8 if lora else 0))
-    if method != "sft":  # as the pipeline does
-        freeze_unguarded(model, subspace)
+    projector, seconds = None, None
+    if method != "sft":
+        spf = build_method("spf", {**spf_options, "project": method.removeprefix("spf_"), "monitor_every": 0})
+        start = time.perf_counter()
+        spf.before_training(model, tokenizer, RunContext(out=scratch / method, cache=scratch))
+        seconds = time.perf_counter() - start
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    handle, spent = None, None
     if method != "sft":
-        config = dataclasses.replace(spf, project=method.removeprefix("spf_"), monitor_every=0)
-        handle = attach_spf(optimizer, model, subspace, config)
-        spent = timed_hooks(handle)
-    return model, optimizer, handle, spent
+        projector = attach_spf(optimizer, model, spf.subspace, spf.config).projector
+    return model, optimizer, projector, seconds
 
 
 def step(model, optimizer, batch) -> float:
@@ -75,12 +63,11 @@ def step(model, optimizer, batch) -> float:
     return time.perf_counter() - start
 
 
-def profile_projection(projector, repeats: int = 5) -> dict:
+def profile_projection(model, subspace, side: str, repeats: int = 5) -> dict:
     """Split the cost of one grad-mode projection over all targets into its passes over the gradients."""
-    side = projector.config.side
-    pieces = [(g.target.base.weight.grad, g) for g in projector.guards]
-    zeros = [torch.zeros_like(P.sketch(G, g.U, g.V, side)) for G, g in pieces]
-    ones = [torch.ones_like(g.S) for _, g in pieces]
+    pieces = [(t.base.weight.grad, subspace[name]) for name, t in subspace.check_model(model).items()]
+    zeros = [torch.zeros_like(P.sketch(G, b.U, b.V, side)) for G, b in pieces]
+    ones = [torch.ones_like(b.S) for _, b in pieces]
 
     def seconds(fn) -> float:
         fn()
@@ -90,16 +77,17 @@ def profile_projection(projector, repeats: int = 5) -> dict:
         return (time.perf_counter() - start) / repeats
 
     return {
-        "sketch_s": seconds(lambda: [P.sketch(G, g.U, g.V, side) for G, g in pieces]),
-        "subtract_addmm_s": seconds(lambda: [P.subtract_(G, z, g.U, g.V, m, side)
-                                             for (G, g), z, m in zip(pieces, zeros, ones)]),
+        "sketch_s": seconds(lambda: [P.sketch(G, b.U, b.V, side) for G, b in pieces]),
+        "subtract_addmm_s": seconds(lambda: [P.subtract_(G, z, b.U, b.V, m, side)
+                                             for (G, b), z, m in zip(pieces, zeros, ones)]),
         "plain_read_pass_s": seconds(lambda: [G.sum() for G, _ in pieces]),
         "gradient_elements": sum(G.numel() for G, _ in pieces),
     }
 
 
-def measure_setting(base, subspace, batch, lora: bool, rounds: int, warmup: int, spf: SPFConfig) -> dict:
-    trainers = {m: make_trainer(base, subspace, m, lora, spf) for m in METHODS}
+def measure_setting(base, tokenizer, batch, lora: bool, rounds: int, warmup: int, spf_options: dict,
+                    scratch: Path) -> dict:
+    trainers = {m: make_trainer(base, tokenizer, m, lora, spf_options, scratch) for m in METHODS}
     times = {m: [] for m in METHODS}
     for r in tqdm(range(warmup + rounds), desc="lora" if lora else "full"):
         for m, (model, optimizer, _, _) in trainers.items():
@@ -107,9 +95,9 @@ def measure_setting(base, subspace, batch, lora: bool, rounds: int, warmup: int,
             if r >= warmup:
                 times[m].append(seconds)
     out = {f"{m}_step_s": statistics.median(times[m]) for m in METHODS}
+    out["estimation_s"] = [trainers[m][3] for m in METHODS[1:]]
     for m in METHODS[1:]:
-        spent = trainers[m][3][warmup:]
-        out[f"{m}_hooks_s"] = statistics.median(spent)
+        out[f"{m}_hooks_s"] = statistics.median(trainers[m][2].hook_seconds[warmup:])
         out[f"{m}_median_step_ratio"] = out[f"{m}_step_s"] / out["sft_step_s"]
         # the headline: the median of per-round ratios (each pairs steps taken seconds apart), and its spread
         ratios = [a / b for a, b in zip(times[m], times["sft"])]
@@ -118,9 +106,10 @@ def measure_setting(base, subspace, batch, lora: bool, rounds: int, warmup: int,
         out[f"{m}_step_ratio_iqr"] = [quartiles[0], quartiles[2]]
         out[f"{m}_hooks_ratio"] = out[f"{m}_hooks_s"] / out["sft_step_s"]
     if not lora:
-        model, _, handle, _ = trainers["spf_grad"]
+        model, _, projector, _ = trainers["spf_grad"]
         model(**batch).loss.backward()  # leave real gradients in place to time the passes on
-        out["profile"] = profile_projection(handle.projector)
+        out["profile"] = profile_projection(model, projector.subspace, spf_options["side"])
+        out["subspace"] = projector.subspace
     return out
 
 
@@ -177,19 +166,19 @@ def main() -> None:
     parser.add_argument("--mode", default=defaults.mode)
     parser.add_argument("--samples", type=int, default=DEFAULT_SAFETY_SAMPLES)
     args = parser.parse_args()
-    spf = SPFConfig(rank=args.rank, side=args.side, mode=args.mode)
+    spf_options = {"rank": args.rank, "side": args.side, "mode": args.mode, "safety_samples": args.samples}
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     base, tokenizer = load_model(args.model)
-    estimates, samples = [], builtin_safety_samples(args.samples)
-    for _ in range(3):
-        start = time.perf_counter()
-        subspace = SafetySubspace.estimate(base, tokenizer, samples, spf, show_progress=False)
-        estimates.append(time.perf_counter() - start)
     ids = torch.randint(0, base.config.vocab_size, (args.batch_size, args.seq_len))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
+    with tempfile.TemporaryDirectory() as scratch:
+        full = measure_setting(base, tokenizer, batch, False, args.rounds, args.warmup, spf_options, Path(scratch))
+        lora = measure_setting(base, tokenizer, batch, True, args.rounds, args.warmup, spf_options, Path(scratch))
+    subspace = full.pop("subspace")
+    estimates = full.pop("estimation_s") + lora.pop("estimation_s")
     result = {
         "command": "python " + shlex.join(sys.argv),
         "model": (f"{args.model} (SmolLM2-135M-Instruct, real weights, fp32)" if args.model == "default"
@@ -199,10 +188,10 @@ def main() -> None:
         "rounds": args.rounds,
         "optimizer": "AdamW lr 1e-5",
         "spf": {"rank": args.rank, "side": args.side, "mode": args.mode, "samples": args.samples},
-        "full": measure_setting(base, subspace, batch, False, args.rounds, args.warmup, spf),
-        "lora": measure_setting(base, subspace, batch, True, args.rounds, args.warmup, spf),
+        "full": full,
+        "lora": lora,
     }
-    result["estimation"] = {
+    result["estimation"] = {  # each SPF trainer's before_training: estimation (+ freezing), as a run does it
         "seconds": statistics.median(estimates),
         "over_full_sft_step_ratio": statistics.median(estimates) / result["full"]["sft_step_s"],
         "targets": len(subspace),

@@ -25,6 +25,15 @@ def model():
 
 
 @pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama and its byte tokenizer saved as a model directory (what the CLI and recipes load)."""
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_llama(seed=0).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def benign_batch(tokenizer):
     return collate([encode_chat(tokenizer, p, r) for p, r in BENIGN_PAIRS], tokenizer.pad_token_id)
 

@@ -6,17 +6,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from safeft.analysis import (
-    AnalysisConfig,
-    analyze,
-    energy_rank,
-    entropy_rank,
-    factored_cosine,
-    factored_inner,
-    subspace_overlap,
-)
+from safeft.analysis import AnalysisConfig, analyze, entropy_rank
 from safeft.cli import app
-from safeft.subspace import SafetySample, factor_svd
+from safeft.lowrank import energy_rank, factor_svd, factored_cosine, factored_inner, subspace_overlap
+from safeft.subspace import SafetySample
 from safeft.testing import byte_tokenizer, tiny_llama
 
 

@@ -2,23 +2,13 @@
 
 import json
 
-import pytest
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from safeft.cli import app
-from safeft.testing import byte_tokenizer, tiny_llama
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_llama(seed=0).save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return path
 
 
 def invoke(*args):
@@ -27,19 +17,51 @@ def invoke(*args):
     return result
 
 
+def fails(*args) -> str:
+    """Run a command that must fail as a usage error: exit code 2, one message, no traceback."""
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 2, result.output + repr(result.exception)
+    assert "Traceback" not in result.output
+    return result.output
+
+
 def test_subspace_estimate_and_show(tiny_dir, tmp_path):
     invoke("subspace", "estimate", "--model", tiny_dir, "--out", tmp_path / "s", "--rank", 4, "--onset-tokens", 2)
     assert (tmp_path / "s" / "subspace.safetensors").exists()
     shown = invoke("subspace", "show", tmp_path / "s").output
     assert "rank   4" in shown and '"onset_tokens": 2' in shown
-    again = runner.invoke(app, ["subspace", "estimate", "--model", str(tiny_dir), "--out", str(tmp_path / "s")])
-    assert again.exit_code != 0 and "--overwrite" in again.output
+    assert "--overwrite" in fails("subspace", "estimate", "--model", tiny_dir, "--out", tmp_path / "s")
+
+
+def test_flags_win_over_yaml_and_yaml_fills_required_options(tiny_dir, tmp_path):
+    config = tmp_path / "estimate.yaml"
+    config.write_text(f"out: {tmp_path / 's'}\nmodel: {tiny_dir}\nrank: 2\nonset_tokens: none\n")
+    invoke("subspace", "estimate", "--config", config, "--rank", 3)  # --out comes from the file only
+    shown = invoke("subspace", "show", tmp_path / "s").output
+    assert "rank   3" in shown and "rank   2" not in shown  # the flag won
+    assert '"onset_tokens": null' in shown  # the file's value, where no flag was given
+
+
+def test_unknown_keys_and_wrong_types_are_named(tiny_dir, tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("lr: 0.1\n")
+    assert "unknown key(s) lr" in fails("align", "--model", tiny_dir, "--config", config)
+    config.write_text(f"model: {tiny_dir}\nout: {tmp_path / 'x'}\nrank: many\n")
+    assert "rank: expected int | None, got 'many'" in fails("subspace", "estimate", "--config", config)
+    assert "missing required option(s): --out" in fails("subspace", "estimate", "--model", tiny_dir)
+    message = fails("finetune", "--model", tiny_dir, "--out", tmp_path / "y", "--method", "spf", "--side", "up")
+    assert "side must be one of left, right, two_sided" in message
+    assert "registered methods: sft, spf" in fails("finetune", "--model", tiny_dir, "--out", tmp_path / "y",
+                                                   "--method", "nope")
+    message = fails("finetune", "--model", tiny_dir, "--out", tmp_path / "y", "--rank", 4)  # sft has no rank
+    assert "method 'sft': options not taken by this method: rank; it takes no options" in message
+    assert not (tmp_path / "y").exists()
 
 
 def test_align_finetune_eval(tiny_dir, tmp_path):
     cache = tmp_path / "cache"
     config = tmp_path / "align.yaml"
-    config.write_text("max_steps: 2\ncheck_every: 2\nlr: 0.001\n")
+    config.write_text("max_steps: 2\ncheck_every: 2\nlearning_rate: 0.001\n")
     invoke("align", "--model", tiny_dir, "--out", tmp_path / "aligned", "--cache", cache, "--config", config)
     report = json.loads((tmp_path / "aligned" / "align.json").read_text())
     assert report["steps"] == 2 and report["config"]["learning_rate"] == 0.001
@@ -51,7 +73,8 @@ def test_align_finetune_eval(tiny_dir, tmp_path):
            "--batch-size", 4, "--harmful-ratio", 0.1, "--base-model", tiny_dir, "--cache", cache, "--rank", 4,
            "--task", "sentiment", "--max-train", 20)
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["method"] == "spf" and cfg["examples"] == 20 and cfg["spf"]["rank"] == 4
+    assert cfg["method"] == "spf" and cfg["examples"] == 20 and cfg["method_options"]["rank"] == 4
+    assert cfg["model"] == str((tmp_path / "aligned").resolve())
     assert (run / "subspace" / "subspace.json").exists() and (run / "model" / "config.json").exists()
     log = json.loads((run / "train_log.json").read_text())
     assert log["steps"] == 2 and any("spf/conflict_rate" in e for e in log["log_history"])
@@ -60,30 +83,33 @@ def test_align_finetune_eval(tiny_dir, tmp_path):
     assert norms and all(torch.equal(before[k], after[k]) for k in norms)  # SPF cannot project them: frozen
     assert not torch.equal(before["model.layers.0.mlp.down_proj.weight"], after["model.layers.0.mlp.down_proj.weight"])
 
-    refused = runner.invoke(app, ["finetune", "--model", str(tmp_path / "aligned"), "--out", str(run)])
-    assert refused.exit_code != 0 and "--overwrite" in str(refused.exception)  # never overwrites silently
+    assert "--overwrite" in fails("finetune", "--model", tmp_path / "aligned", "--out", run)  # never silently
 
     out = tmp_path / "eval.json"
     invoke("eval", "--model", run, "--out", out, "--task", "sentiment", "--max-test", 4, "--max-new-tokens", 4)
     result = json.loads(out.read_text())
     assert result["accuracy"]["n"] == 4 and result["harmful_score"]["n"] == 80
-    assert runner.invoke(app, ["eval", "--model", str(run), "--out", str(out)]).exit_code != 0
+    assert "--overwrite" in fails("eval", "--model", run, "--out", out)
 
 
-def test_demo_writes_report_results_and_plot(tiny_dir, tmp_path):
+def test_demo_is_a_bench_of_sft_and_spf(tiny_dir, tmp_path):
     out = tmp_path / "demo"
     invoke("demo", "--model", tiny_dir, "--out", out, "--cache", tmp_path / "cache", "--steps", 1, "--batch-size", 4,
-           "--max-new-tokens", 2, "--align-max-steps", 1, "--task", "sentiment", "--rank", 4)
-    results = json.loads((out / "results.json").read_text())
-    assert {"aligned", "runs"} <= results.keys() and len(results["runs"]) == 4
-    for run in results["runs"]:
-        assert {"method", "setting", "harmful_score", "harmful_score_ci", "over_refusal", "accuracy",
-                "accuracy_ci"} <= run.keys()
-    assert (out / "demo.png").stat().st_size > 1000 and "| SPF |" in (out / "report.md").read_text()
+           "--max-new-tokens", 2, "--align-max-steps", 1, "--align-check-every", 1, "--methods", "sft",
+           "--methods", "spf rank=4", "--settings", "task=sentiment max_train=20",
+           "--settings", "task=sentiment max_train=20 harmful_ratio=0.1")
+    summary = json.loads((out / "bench.json").read_text())
+    assert len(summary["runs"]) == 4 and len(summary["aligned"]) == 1
+    assert {(r["setting"], r["label"]) for r in summary["rows"]} == {
+        ("sentiment-benign", "sft"), ("sentiment-benign", "spf rank=4"), ("sentiment-harmful0.1", "sft"),
+        ("sentiment-harmful0.1", "spf rank=4")}
+    assert (out / "bench.png").stat().st_size > 1000 and "| sentiment-harmful0.1 | spf rank=4 |" in (
+        out / "bench.md").read_text()
 
 
-def test_bad_config_keys_are_named(tiny_dir, tmp_path):
-    config = tmp_path / "bad.yaml"
-    config.write_text("learning_rate: 0.1\n")
-    result = runner.invoke(app, ["align", "--model", str(tiny_dir), "--config", str(config)])
-    assert result.exit_code != 0 and "unknown keys ['learning_rate']" in result.output
+def test_version_and_methods():
+    from safeft import __version__
+
+    assert __version__ in invoke("--version").output
+    listed = invoke("methods").output
+    assert all(name in listed for name in ("sft", "spf", "spf-paper", "spf-random", "mix"))

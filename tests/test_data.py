@@ -7,8 +7,8 @@ import pytest
 from safeft.data import builtin, load_safety_samples
 from safeft.data.examples import ChatExample
 from safeft.data.loaders import load_examples, load_jsonl, load_table
+from safeft.data.mixing import mix_harmful
 from safeft.data.tasks import load_task, score_facts, score_final_number, score_label
-from safeft.pipeline import mix_harmful
 
 
 def write(path, text):

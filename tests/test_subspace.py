@@ -26,7 +26,7 @@ def autograd_safety_gradients(model, tokenizer, pairs, onset=None):
 
 
 def test_matches_truncated_svd_of_the_autograd_gradient(model, tokenizer, safety_pairs):
-    config = SPFConfig(rank=4, batch_size=2)  # the default estimate: the loss on each refusal's first tokens
+    config = SPFConfig(rank=4, estimate_batch_size=2)  # the default estimate: the loss on each refusal's first tokens
     subspace = SafetySubspace.estimate(model, tokenizer, safety_pairs, config, show_progress=False)
     reference = autograd_safety_gradients(model, tokenizer, safety_pairs, onset=config.onset_tokens)
     assert len(subspace) == 14  # 7 linear layers x 2 blocks; embeddings and LM head excluded
@@ -45,7 +45,7 @@ def test_compliance_answers_give_the_svd_of_the_margin_gradient(model, tokenizer
     compliances = ["Sure. Step one: get the parts.", "Here is how: first find a target.",
                    "Of course, here are the steps.", "Yes: open the lock with a pin."]
     samples = [SafetySample(p, r, c) for (p, r), c in zip(safety_pairs, compliances)]
-    config = SPFConfig(rank=4, batch_size=3, onset_tokens=None)  # every response token
+    config = SPFConfig(rank=4, estimate_batch_size=3, onset_tokens=None)  # every response token
     subspace = SafetySubspace.estimate(model, tokenizer, samples, config, show_progress=False)
     refusal = autograd_safety_gradients(model, tokenizer, safety_pairs)
     compliance = autograd_safety_gradients(model, tokenizer, list(zip([p for p, _ in safety_pairs], compliances)))
@@ -156,7 +156,7 @@ def test_bad_inputs_give_clear_errors(model, tokenizer, safety_pairs, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, field", [
-    ({"rank": 0}, "rank"), ({"rank": None, "energy": 1.5}, "energy"), ({"rank": 4, "energy": 0.9}, "exactly one"),
+    ({"rank": 0}, "rank"), ({"rank": None, "energy": 1.5}, "energy"), ({"rank": 4, "energy": 0.9}, "not both"),
     ({"side": "up"}, "side"), ({"mode": "sometimes"}, "mode"), ({"project": "weights"}, "project"),
     ({"refresh_every": -1}, "refresh_every"), ({"max_rank": 0}, "max_rank"), ({"onset_tokens": 0}, "onset_tokens"),
 ])

@@ -23,10 +23,18 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from safeft.chat import encode_chat
-from safeft.subspace import LowRankSum, SafetySample, energy_rank, factor_svd, gradient_factors
+from safeft.lowrank import (
+    Factors,
+    LowRankSum,
+    concat,
+    energy_rank,
+    factor_svd,
+    factored_cosine,
+    factored_inner,
+    subspace_overlap,
+)
+from safeft.subspace import SafetySample, gradient_factors
 from safeft.targets import find_targets
-
-Factors = tuple[Tensor, Tensor]  # (L: (m, t), R: (n, t)) with G = L @ R.T
 
 
 @dataclass
@@ -64,34 +72,6 @@ def entropy_rank(S: Tensor) -> float:
     p = S.double() / S.double().sum() if S.sum() > 0 else S.double()
     p = p[p > 0]
     return float(torch.exp(-(p * p.log()).sum())) if p.numel() else 0.0
-
-
-def factored_inner(a: Factors, b: Factors) -> float:
-    """Return ``<L_a R_a^T, L_b R_b^T>`` through ``(t_a, t_b)`` products."""
-    return float(((a[0].T @ b[0]) * (a[1].T @ b[1])).sum())
-
-
-def factored_cosine(a: Factors, b: Factors) -> float:
-    """Return the cosine between two factored matrices (0 if either is zero)."""
-    norms = math.sqrt(max(factored_inner(a, a), 0.0) * max(factored_inner(b, b), 0.0))
-    return factored_inner(a, b) / norms if norms > 0 else 0.0
-
-
-def subspace_overlap(a: Tensor, b: Tensor) -> float:
-    """Return the mean squared cosine of the principal angles between the column spans of ``a`` and ``b``.
-
-    Assumes orthonormal columns. 1 for identical spans, 0 for orthogonal ones; with different widths the mean runs
-    over the smaller one.
-    """
-    k = min(a.shape[1], b.shape[1])
-    if k == 0:
-        return 0.0
-    return float(torch.linalg.svdvals(a.T @ b).pow(2).sum() / k)
-
-
-def concat(factors: Sequence[Factors], scale: float = 1.0) -> Factors:
-    """Return the factors of ``scale * sum_i L_i R_i^T``."""
-    return torch.cat([f[0] for f in factors], 1) * scale, torch.cat([f[1] for f in factors], 1)
 
 
 # --- per-sample gradients -------------------------------------------------------------------------------------

@@ -1,13 +1,22 @@
-"""Validated configuration of SPF: one dataclass for estimation and for training."""
+"""The run configuration: validated dataclasses that are at once the Python API, the CLI flags and the YAML keys.
+
+Every setting lives in one dataclass field; ``__post_init__`` rejects bad values naming the field and, for a choice,
+the valid values. :func:`from_dict` builds a dataclass from YAML values or CLI strings with one coercion path, and
+names the key of an unknown option or a value of the wrong type. Nested dataclass fields are flattened into one
+namespace of keys (:func:`flat_fields`), so a command's YAML file and its flags use the same names."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, fields, is_dataclass
+from typing import Any, TypeVar, Union
 
 from safeft.projection import MODES, SIDES
 
 PROJECT_ON = ("grad", "update")
+DEFAULT_RANK = 64
 
 
 @dataclass
@@ -21,7 +30,7 @@ class SPFConfig:
     ``SPFConfig(rank=8, side="left", mode="conflict", project="grad", onset_tokens=None)``.
 
     Args:
-        rank: fixed rank r per target. Set ``energy`` instead to choose r per target.
+        rank: fixed rank r per target; default 64 unless ``energy`` is set (set one of the two).
         energy: keep the smallest r whose singular values hold this fraction of the squared spectrum, in (0, 1].
         max_rank: cap on r when ``energy`` is set (a fixed ``rank`` needs no cap).
         target_modules: names or regexes of the ``nn.Linear`` modules to guard (peft-style: a name matches when it
@@ -35,10 +44,10 @@ class SPFConfig:
         onset_tokens: estimate from the loss on only the first this many tokens of each refusal (and compliance),
             where the model decides whether to refuse; ``None``: every response token.
         monitor_every: log the monitor metrics (and measure the safety loss) every this many steps; 0 = never.
-        batch_size: safety samples per forward pass during estimation.
+        estimate_batch_size: safety samples per forward pass during estimation.
     """
 
-    rank: int | None = 64
+    rank: int | None = None
     energy: float | None = None
     max_rank: int = 64
     target_modules: list[str] | None = None
@@ -48,29 +57,30 @@ class SPFConfig:
     refresh_every: int = 0
     onset_tokens: int | None = 4
     monitor_every: int = 10
-    batch_size: int = 8
+    estimate_batch_size: int = 8
 
     def __post_init__(self) -> None:
-        if (self.rank is None) == (self.energy is None):
-            raise ValueError("SPFConfig: set exactly one of `rank` (fixed rank) or `energy` (fraction of spectrum)")
+        if self.rank is not None and self.energy is not None:
+            raise ValueError("SPFConfig: set one of `rank` (fixed rank) or `energy` (fraction of spectrum), not both")
+        if self.rank is None and self.energy is None:
+            self.rank = DEFAULT_RANK
         if self.rank is not None and self.rank <= 0:
             raise ValueError(f"SPFConfig.rank must be a positive integer, got {self.rank}")
         if self.energy is not None and not 0.0 < self.energy <= 1.0:
             raise ValueError(f"SPFConfig.energy must be in (0, 1], got {self.energy}")
         if self.max_rank <= 0:
             raise ValueError(f"SPFConfig.max_rank must be positive, got {self.max_rank}")
-        for name, value, allowed in (("side", self.side, SIDES), ("mode", self.mode, MODES),
-                                     ("project", self.project, PROJECT_ON)):
-            if value not in allowed:
-                raise ValueError(f"SPFConfig.{name} must be one of {allowed}, got {value!r}")
+        check_choice(self, "side", SIDES)
+        check_choice(self, "mode", MODES)
+        check_choice(self, "project", PROJECT_ON)
         for name in ("refresh_every", "monitor_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"SPFConfig.{name} must be >= 0 (0 = never), got {getattr(self, name)}")
         if self.onset_tokens is not None and self.onset_tokens <= 0:
             raise ValueError(f"SPFConfig.onset_tokens must be positive (or None for every token), got "
                              f"{self.onset_tokens}")
-        if self.batch_size <= 0:
-            raise ValueError(f"SPFConfig.batch_size must be positive, got {self.batch_size}")
+        if self.estimate_batch_size <= 0:
+            raise ValueError(f"SPFConfig.estimate_batch_size must be positive, got {self.estimate_batch_size}")
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
 
@@ -82,3 +92,370 @@ class SPFConfig:
     def to_dict(self) -> dict[str, Any]:
         """Return the config as a plain dict (for JSON / YAML)."""
         return asdict(self)
+
+
+@dataclass
+class TrainConfig:
+    """How to fine-tune.
+
+    Args:
+        steps: optimizer steps; 0 means ``epochs`` passes over the data.
+        epochs: passes over the data when ``steps`` is 0.
+        learning_rate, weight_decay, warmup_ratio: AdamW and its schedule.
+        batch_size: examples per optimizer step.
+        max_length: tokens per example (longer ones are cut).
+        lora_r: LoRA rank; 0 = full fine-tuning of the transformer-block matrices (embeddings and head frozen).
+        seed: data order and initialisation.
+        schedule: ``"linear"`` decay or ``"constant"``.
+    """
+
+    steps: int = 0
+    epochs: float = 1.0
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    batch_size: int = 8
+    max_length: int = 256
+    lora_r: int = 0
+    seed: int = 0
+    schedule: str = "linear"
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"TrainConfig.steps must be >= 0, got {self.steps}")
+        if self.steps == 0 and self.epochs <= 0:
+            raise ValueError(f"TrainConfig.epochs must be > 0 when steps is 0, got {self.epochs}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}")
+        for name in ("batch_size", "max_length"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
+        check_choice(self, "schedule", ("linear", "constant"))
+        if self.lora_r < 0:
+            raise ValueError(f"TrainConfig.lora_r must be >= 0 (0 = full fine-tuning), got {self.lora_r}")
+
+    def to_dict(self) -> dict:
+        """Return the config as a plain dict."""
+        return asdict(self)
+
+
+@dataclass
+class AlignConfig:
+    """The alignment stage: SFT on harmful -> varied refusals plus benign -> the base model's own answers.
+
+    Training runs in chunks of ``check_every`` steps and stops at the first check where the refusal rate on the
+    validation harmful prompts reaches ``target_refusal`` (or at ``max_steps``): enough to refuse, and no more.
+
+    Args:
+        learning_rate: constant learning rate of the alignment SFT.
+        batch_size: examples per step.
+        check_every: measure the validation refusal rate every this many steps.
+        max_steps: upper bound on alignment steps.
+        target_refusal: stop once this fraction of the validation harmful prompts is refused.
+        seed: data order.
+    """
+
+    learning_rate: float = 5e-5
+    batch_size: int = 8
+    check_every: int = 8
+    max_steps: int = 64
+    target_refusal: float = 0.9
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "check_every", "max_steps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"AlignConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"AlignConfig.learning_rate must be > 0, got {self.learning_rate}")
+        if not 0.0 < self.target_refusal <= 1.0:
+            raise ValueError(f"AlignConfig.target_refusal must be in (0, 1], got {self.target_refusal}")
+
+
+@dataclass
+class DataConfig:
+    """What a model is fine-tuned and scored on: a task, optionally with a share of harmful examples.
+
+    Args:
+        task: built-in task (``facts``, ``sentiment``) or a file format (``sst2``, ``agnews``, ``gsm8k``, ...).
+        task_train, task_test: data files of a file-format task (without a test file 20% of train is held out).
+        max_train, max_test: use at most this many examples (a seeded subset).
+        harmful_ratio: fraction of the training examples replaced by harmful request -> compliant answer pairs.
+        harmful_answers: BeaverTails-style JSONL (prompt, response) of those answers; default: ``base_model``'s own.
+        base_model: the unaligned model whose greedy answers make the default harmful mix; None: the model that
+            was aligned (``default`` for ``safeft finetune``, the bench's ``model`` in a bench).
+    """
+
+    task: str = "facts"
+    task_train: str | None = None
+    task_test: str | None = None
+    max_train: int | None = None
+    max_test: int | None = None
+    harmful_ratio: float = 0.0
+    harmful_answers: str | None = None
+    base_model: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.harmful_ratio < 1.0:
+            raise ValueError(f"harmful_ratio must be in [0, 1), got {self.harmful_ratio}")
+        for name in ("max_train", "max_test"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive (or unset for all), got {getattr(self, name)}")
+
+
+@dataclass
+class Setting(DataConfig):
+    """A threat setting of a bench: the data, a multiplier of the step budget, and full fine-tuning or LoRA.
+
+    Args:
+        name: label in tables and run files; default built from the fields (``benign``, ``harmful0.1-lora8``).
+        deep: multiplier of the bench's step budget (deep fine-tuning: e.g. 5 for five times the steps).
+        lora_r: LoRA rank; 0 = full fine-tuning.
+        learning_rate: this setting's learning rate (LoRA usually needs a higher one); default: the bench's.
+    """
+
+    name: str | None = None
+    deep: float = 1.0
+    lora_r: int = 0
+    learning_rate: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.deep <= 0:
+            raise ValueError(f"Setting.deep must be > 0, got {self.deep}")
+        if self.lora_r < 0:
+            raise ValueError(f"Setting.lora_r must be >= 0 (0 = full fine-tuning), got {self.lora_r}")
+        if self.learning_rate is not None and self.learning_rate <= 0:
+            raise ValueError(f"Setting.learning_rate must be > 0, got {self.learning_rate}")
+        if self.name is None:
+            parts = [] if self.task == "facts" else [self.task]
+            parts.append(f"harmful{self.harmful_ratio:g}" if self.harmful_ratio else "benign")
+            if self.harmful_answers:
+                parts.append("file")
+            if self.deep != 1:
+                parts.append(f"deep{self.deep:g}")
+            if self.lora_r:
+                parts.append(f"lora{self.lora_r}")
+            if self.learning_rate:
+                parts.append(f"lr{self.learning_rate:g}")
+            self.name = "-".join(parts)
+
+    def data(self) -> DataConfig:
+        """Return the data part of the setting."""
+        return DataConfig(**{f.name: getattr(self, f.name) for f in fields(DataConfig)})
+
+
+# --- building dataclasses from YAML values and CLI strings -----------------------------------------------------
+
+T = TypeVar("T")
+_NONE_WORDS = ("none", "null", "~")
+_TRUE_WORDS, _FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def check_choice(config, name: str, allowed: tuple) -> None:
+    """Raise ``ValueError`` naming the field and the valid values unless ``getattr(config, name)`` is one of them."""
+    value = getattr(config, name)
+    if value not in allowed:
+        raise ValueError(f"{type(config).__name__}.{name} must be one of {', '.join(map(str, allowed))}; "
+                         f"got {value!r}")
+
+
+def type_name(tp) -> str:
+    """Return a short readable name of a field type (``int``, ``list[str] | None``)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        return " | ".join(type_name(a) for a in args)
+    if origin is not None:
+        return f"{getattr(origin, '__name__', origin)}[{', '.join(type_name(a) for a in args)}]"
+    return "None" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def coerce(value: Any, tp, key: str) -> Any:
+    """Return ``value`` converted to type ``tp`` (YAML values as they are, CLI values as strings).
+
+    Accepts ``"none"`` for optional fields, comma-separated strings for lists of plain values, ``"k=v k=v"``
+    strings or mappings for dataclasses. Raises ``ValueError`` naming ``key``, the expected type and the value.
+    """
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in _NONE_WORDS)):
+            return None
+        for option in args:
+            if option is type(None):
+                continue
+            try:
+                return coerce(value, option, key)
+            except ValueError:
+                continue
+        raise ValueError(f"{key}: expected {type_name(tp)}, got {value!r}")
+    if origin is list:
+        (item,) = args
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()] if _plain(item) else [value]
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ValueError(f"{key}: expected a list of {type_name(item)}, got {value!r}")
+        return [coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, str):
+            value = parse_pairs(value, key)
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE_WORDS + _FALSE_WORDS:
+            return value.lower() in _TRUE_WORDS
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if hasattr(value, "__fspath__"):
+            return str(value)
+    raise ValueError(f"{key}: expected {type_name(tp)}, got {value!r}")
+
+
+def _plain(tp) -> bool:
+    """Return True for types whose list values may be written comma-separated on the command line."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return all(_plain(a) for a in typing.get_args(tp) if a is not type(None))
+    return tp in (str, int, float)
+
+
+def parse_pairs(text: str, key: str = "") -> dict[str, str]:
+    """Return ``{"a": "1", "b": "x"}`` for the string ``"a=1 b=x"`` (the CLI form of a mapping)."""
+    pairs = {}
+    for token in text.split():
+        name, sep, value = token.partition("=")
+        if not sep or not name:
+            raise ValueError(f"{key}: expected space-separated key=value pairs, got {text!r}")
+        pairs[name.replace("-", "_")] = value
+    return pairs
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def from_dict(cls: type[T], values: Mapping[str, Any], where: str = "") -> T:
+    """Return ``cls(**values)`` after checking every key and coercing every value to its field's type.
+
+    Nested dataclass fields take a mapping. Raises ``ValueError`` naming an unknown key (with the valid ones), a
+    value of the wrong type, a missing required field, or what the dataclass's own validation rejects.
+    """
+    hints = _hints(cls)
+    known = {f.name: f for f in fields(cls) if f.init}
+    prefix = f"{where}: " if where else ""
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        valid = f"valid keys: {', '.join(sorted(known))}" if known else "it takes no options"
+        raise ValueError(f"{prefix}unknown key(s) {', '.join(unknown)}; {valid}")
+    missing = [n for n, f in known.items() if n not in values and f.default is MISSING
+               and f.default_factory is MISSING]
+    if missing:
+        raise ValueError(f"{prefix}missing required option(s): {', '.join(missing)}")
+    kwargs = {name: coerce(value, hints[name], f"{where}.{name}" if where else name) for name, value in values.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as error:
+        raise ValueError(f"{prefix}{error}") from None
+
+
+def flat_fields(cls) -> dict[str, tuple[tuple[str, ...], Any, Any]]:
+    """Return the flat option namespace of a dataclass: ``{key: (path, type, default)}``.
+
+    Nested dataclass fields are flattened (their fields become keys of their own), so ``RunConfig.train.steps``
+    is the key ``steps``; a field's ``metadata["prefix"]`` prefixes its nested keys (``align_max_steps``). Raises
+    ``ValueError`` if two fields flatten to the same key.
+    """
+    out: dict[str, tuple[tuple[str, ...], Any, Any]] = {}
+    hints = _hints(cls)
+    for f in fields(cls):
+        if not f.init:
+            continue
+        tp = hints[f.name]
+        default = f.default if f.default is not MISSING else (
+            f.default_factory() if f.default_factory is not MISSING else MISSING)
+        if is_dataclass(tp):
+            prefix = f.metadata.get("prefix", "")
+            nested_default = default if default is not MISSING else None
+            for key, (path, sub_tp, sub_default) in flat_fields(tp).items():
+                if nested_default is not None:
+                    sub_default = getattr_path(nested_default, path)
+                _add(out, prefix + key, ((f.name, *path), sub_tp, sub_default))
+        else:
+            _add(out, f.name, ((f.name,), tp, default))
+    return out
+
+
+def _add(out: dict, key: str, entry) -> None:
+    if key in out:
+        raise ValueError(f"option {key!r} is defined twice ({'.'.join(out[key][0])} and {'.'.join(entry[0])})")
+    out[key] = entry
+
+
+def getattr_path(obj, path: tuple[str, ...]):
+    """Return ``obj.a.b`` for ``path == ("a", "b")``."""
+    for name in path:
+        obj = getattr(obj, name)
+    return obj
+
+
+def from_flat(cls: type[T], values: Mapping[str, Any], where: str = "") -> T:
+    """Return ``cls`` built from flat keys (see :func:`flat_fields`); nested dataclasses get their own keys.
+
+    Raises ``ValueError`` naming unknown keys, wrong types and missing required options.
+    """
+    namespace = flat_fields(cls)
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - set(namespace))
+    if unknown:
+        prefix = f"{where}: " if where else ""
+        raise ValueError(f"{prefix}unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(namespace))}")
+    nested: dict[str, Any] = {}
+    for key, value in values.items():
+        path, tp, _ = namespace[key]
+        value = coerce(value, tp, key)  # errors name the key as written (``align_max_steps``), not the field
+        target = nested
+        for name in path[:-1]:
+            target = target.setdefault(name, {})
+        target[path[-1]] = value
+    return _build_nested(cls, nested, where)
+
+
+def _build_nested(cls, nested: dict, where: str):
+    hints = _hints(cls)
+    for f in fields(cls):
+        if is_dataclass(hints.get(f.name)) and isinstance(nested.get(f.name), dict):
+            sub = nested[f.name]
+            default = (f.default_factory() if f.default_factory is not MISSING else
+                       f.default if f.default is not MISSING else None)
+            base = {g.name: getattr(default, g.name) for g in fields(default) if g.init} if default is not None else {}
+            nested[f.name] = _build_nested(hints[f.name], {**base, **sub}, where)
+    return from_dict(cls, nested, where)

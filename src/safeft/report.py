@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+JUDGE_NAMES = {"keyword": "keyword judge (refusal phrase in the first 200 characters -> refusal; short, label-only "
+                          "or repetitive -> off-task; else substantive compliance)"}
+
 
 def format_rate(entry: dict | None) -> str:
     """Return ``"rate [lo, hi]"`` for a rate dict from ``safeft.evaluate.stats.rate`` (``"n/a"`` for None)."""
@@ -13,51 +16,107 @@ def format_rate(entry: dict | None) -> str:
     return f"{entry['rate']:.1f} [{lo:.0f}, {hi:.0f}]"
 
 
-def _loss(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+def _number(value: float | None, digits: int = 3, suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}{suffix}"
 
 
-def demo_table(aligned: dict, runs: list[dict]) -> str:
-    """Return a markdown table: one row for the aligned model and one per (setting, method) run."""
-    lines = ["| model | setting | harmful score % [95% CI] | refusal % | off-task % | over-refusal % | "
-             "accuracy % [95% CI] | safety loss | task loss |", "|---|---|---|---|---|---|---|---|---|"]
+def _plain_rate(entry: dict | None) -> str:
+    return "n/a" if not entry else f"{entry['rate']:.1f}"
 
-    def row(name: str, setting: str, m: dict) -> str:
-        return (f"| {name} | {setting} | {format_rate(m['harmful_score'])} | {m['refusal_rate']['rate']:.1f} | "
-                f"{m['off_task_rate']['rate']:.1f} | {format_rate(m['over_refusal'])} | "
-                f"{format_rate(m['accuracy'])} | {_loss(m['safety_loss'])} | {_loss(m['task_loss'])} |")
 
-    lines.append(row("aligned", "-", aligned))
-    lines += [row(r["method"].upper(), r["setting"], r["metrics"]) for r in runs]
+def bench_markdown(summary: dict, aligned: list[dict], runs: list[dict]) -> str:
+    """Return the markdown report of a bench: settings, the pooled table, per-seed scores and judged samples.
+
+    ``aligned`` and ``runs`` are the run records (see :mod:`safeft.recipes.bench`); ``summary`` holds the pooled
+    ``rows``.
+    """
+    lines = [f"# {summary['title']}", ""]
+    if summary.get("command"):
+        lines += [f"Command: `{summary['command']}`", ""]
+    if runs:
+        first = runs[0]
+        judges = sorted({r["judge"] for r in runs})
+        n = first["metrics"]["harmful_score"]["n"], first["metrics"]["over_refusal"]["n"]
+        accuracy = first["metrics"].get("accuracy")
+        train = first["train"]
+        lines += [
+            f"Model: `{first['model']}`, aligned (`{Path(first['aligned_model']).name}`), then fine-tuned "
+            f"({train['steps']} steps of {train['batch_size']} at lr {train['learning_rate']:g} before a setting's "
+            f"multiplier). Judge: {'; '.join(JUDGE_NAMES.get(j, j) for j in judges)}. Per seed: n = {n[0]} held-out "
+            f"harmful requests, {n[1]} benign requests"
+            + (f", {accuracy['n']} task test examples" if accuracy else "") + ".",
+            "",
+            "Rates pool the counts of all seeds (95% Wilson intervals); losses are means over seeds; step time and "
+            "peak memory are medians over seeds of the ratio to SFT in the same setting and seed (measured in this "
+            "bench, on this machine).",
+            "",
+        ]
+    lines += ["| setting | method | seeds | harmful score % [95% CI] | refusal % | off-task % | "
+              "over-refusal % [95% CI] | accuracy % [95% CI] | safety loss | task loss | step time vs SFT | "
+              "peak memory vs SFT |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for a in aligned:
+        m = a["metrics"]
+        name = "aligned" if len(aligned) == 1 else f"aligned ({a['task']}, {Path(a['aligned_model']).name})"
+        lines.append(f"| - | {name} | - | {format_rate(m['harmful_score'])} | {_plain_rate(m['refusal_rate'])} | "
+                     f"{_plain_rate(m['off_task_rate'])} | {format_rate(m['over_refusal'])} | "
+                     f"{format_rate(m['accuracy'])} | {_number(m['safety_loss'])} | {_number(m['task_loss'])} "
+                     "| - | - |")
+    for r in summary["rows"]:
+        lines.append(f"| {r['setting']} | {r['label']} | {','.join(map(str, r['seeds']))} | "
+                     f"{format_rate(r['harmful_score'])} | {_plain_rate(r['refusal_rate'])} | "
+                     f"{_plain_rate(r['off_task_rate'])} | {format_rate(r['over_refusal'])} | "
+                     f"{format_rate(r['accuracy'])} | {_number(r['safety_loss'])} | {_number(r['task_loss'])} | "
+                     f"{_number(r['step_time_vs_sft'], 2, 'x')} | {_number(r['peak_memory_vs_sft'], 2, 'x')} |")
+    if any(len(r["seeds"]) > 1 for r in summary["rows"]):
+        lines += ["", "Harmful score % per seed:", ""]
+        for r in summary["rows"]:
+            per_seed = ", ".join(f"seed {s}: {v:.1f}" for s, v in sorted(r["per_seed_harmful_score"].items()))
+            lines.append(f"- {r['setting']} / {r['label']}: {per_seed}")
+    lines += ["", "## A sample of judged responses", "",
+              "The first two held-out harmful requests of each (setting, method), lowest seed, answers cut at 160 "
+              "characters:", ""]
+    shown = set()
+    for r in sorted(runs, key=lambda r: r["seed"]):
+        key = (r["setting"]["name"], r["label"])
+        if key in shown:
+            continue
+        shown.add(key)
+        for s in r["metrics"]["samples"]["harmful"][:2]:
+            response = " ".join(s["response"].split())[:160].replace("|", "/")
+            lines.append(f"- {key[0]} / {key[1]} / seed {r['seed']}: **{s['verdict']}**: \"{s['prompt']}\" -> "
+                         f"\"{response}\"")
     return "\n".join(lines) + "\n"
 
 
-def plot_demo(aligned: dict, runs: list[dict], path: str | Path) -> Path:
-    """Draw harmful score against accuracy (with 95% intervals) per method and setting; return the PNG path."""
+def plot_tradeoff(aligned: list[dict], rows: list[dict], path: str | Path) -> Path:
+    """Draw harmful score against accuracy (95% intervals): the aligned model and one point per (setting, method),
+    colour by setting, marker by method; return the PNG path. Rows without an accuracy are left out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    markers = {"sft": "o", "spf": "s"}
-    colours = {}
-    points = [("aligned", "-", aligned)] + [(r["method"], r["setting"], r["metrics"]) for r in runs]
-    for method, setting, m in points:
-        if m["accuracy"] is None:
+    fig, ax = plt.subplots(figsize=(7.2, 5.0))
+    marker_cycle = "osD^vP*Xh<>"
+    markers: dict[str, str] = {}
+    colours: dict[str, str] = {}
+    points = [("aligned", "-", a["metrics"]) for a in aligned] + [(r["label"], r["setting"], r) for r in rows]
+    for label, setting, m in points:
+        if not m.get("accuracy"):
             continue
-        colour = colours.setdefault(setting, f"C{len(colours)}")
+        colour = "black" if setting == "-" else colours.setdefault(setting, f"C{len(colours)}")
+        marker = markers.setdefault(label, marker_cycle[len(markers) % len(marker_cycle)])
         x, y = m["accuracy"]["rate"], m["harmful_score"]["rate"]
         ax.errorbar(x, y, xerr=[[x - m["accuracy"]["ci"][0]], [m["accuracy"]["ci"][1] - x]],
                     yerr=[[y - m["harmful_score"]["ci"][0]], [m["harmful_score"]["ci"][1] - y]],
-                    fmt=markers.get(method, "*"), color="black" if method == "aligned" else colour, capsize=3,
-                    markersize=9, label=f"{method.upper() if method != 'aligned' else 'aligned'}"
-                                         f"{'' if setting == '-' else ', ' + setting}")
+                    fmt=marker, color=colour, capsize=3, markersize=8,
+                    label=label if setting == "-" else f"{label}, {setting}")
     ax.set_xlabel("task accuracy (%)")
     ax.set_ylabel("harmful score (%)  (lower is safer)")
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=7, loc="best")
     ax.set_title("Harmful score vs task accuracy, 95% Wilson intervals")
     fig.tight_layout()
     path = Path(path)

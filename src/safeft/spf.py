@@ -13,6 +13,7 @@ identical tensors and every rank makes the same update as one process with the g
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -88,6 +89,8 @@ class SPFProjector:
         self.tokenizer = tokenizer
         self.step = 0
         self.drift_before_refresh = 0.0
+        self.hook_seconds: list[float] = []  # wall time spent in before_step + after_step, per optimizer step
+        self._before_seconds = 0.0
         self._reset_counters()
         self._use(subspace)
         unguarded = unguarded_parameters(self.model, subspace)
@@ -135,6 +138,7 @@ class SPFProjector:
     @torch.no_grad()
     def before_step(self) -> None:
         """Project gradients (``project="grad"``) or remember the pre-step sketches (``project="update"``)."""
+        start = time.perf_counter()
         # the gradient norm costs a pass over every gradient: measure it only on the step the monitor reports
         measure = bool(self.config.monitor_every) and (self.step + 1) % self.config.monitor_every == 0
         for guard in self.guards:
@@ -144,10 +148,12 @@ class SPFProjector:
                 guard.before = guard.corrected  # nothing wrote to the weights since the last correction
             else:
                 guard.before = self._sketches(guard)
+        self._before_seconds = time.perf_counter() - start
 
     @torch.no_grad()
     def after_step(self) -> None:
         """Correct the weight change (``project="update"``); count the step; refresh the subspace when due."""
+        start = time.perf_counter()
         if self.config.project == "update":
             for guard in self.guards:
                 self._project_update(guard)
@@ -156,6 +162,7 @@ class SPFProjector:
         self._steps += 1
         if self.config.refresh_every and self.step % self.config.refresh_every == 0:
             self.refresh()
+        self.hook_seconds.append(self._before_seconds + time.perf_counter() - start)
 
     def _project_gradient(self, guard: _Guard, measure: bool) -> None:
         t, cfg = guard.target, self.config

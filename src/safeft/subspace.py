@@ -22,12 +22,12 @@ from tqdm.auto import tqdm
 
 from safeft.chat import EncodedChat, collate, encode_chat, first_response_tokens, response_token_loss_sum
 from safeft.config import SPFConfig
+from safeft.lowrank import LowRankSum, energy_rank
 from safeft.targets import Target, find_targets
 
 FORMAT = "safeft.subspace/1"
 TENSORS_FILE = "subspace.safetensors"
 METADATA_FILE = "subspace.json"
-_DENSE_SVD_LIMIT = 1024  # cores larger than this on both sides use a randomized SVD
 
 
 @dataclass(frozen=True)
@@ -56,57 +56,6 @@ class Basis:
     def rank(self) -> int:
         """Return r."""
         return self.S.shape[0]
-
-
-class LowRankSum:
-    """A running sum of ``L_i R_i^T`` kept as factors ``L: (m, k)``, ``R: (n, k)``; exact until k exceeds
-    ``2 * width``, then cut to the top ``width`` directions of the partial sum."""
-
-    def __init__(self, width: int):
-        self.width = width
-        self.left: Tensor | None = None
-        self.right: Tensor | None = None
-
-    def add(self, left: Tensor, right: Tensor) -> None:
-        """Add ``left @ right.T`` with ``left: (m, t)``, ``right: (n, t)``."""
-        if self.left is None:
-            self.left, self.right = left, right
-        else:
-            self.left, self.right = torch.cat([self.left, left], 1), torch.cat([self.right, right], 1)
-        if self.left.shape[1] > 2 * self.width:  # keep the top `width` directions of the partial sum; waiting
-            U, S, V = factor_svd(self.left, self.right, self.width)  # until 2x amortises the SVDs over batches
-            self.left, self.right = U * S, V
-
-    def svd(self, max_rank: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Return the top ``max_rank`` singular triplets ``U: (m, q)``, ``S: (q,)``, ``V: (n, q)`` of the sum."""
-        return factor_svd(self.left, self.right, max_rank)
-
-
-def factor_svd(left: Tensor, right: Tensor, max_rank: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Return the top ``q <= max_rank`` singular triplets of ``left @ right.T`` without forming it.
-
-    ``left: (m, t)`` and ``right: (n, t)`` in fp32; both are reduced by QR to a core of at most ``(t, t)``, which
-    gets an exact SVD when small and a randomized one (``torch.svd_lowrank``) when large.
-    """
-    q_left, r_left = torch.linalg.qr(left)  # (m, a), (a, t)
-    q_right, r_right = torch.linalg.qr(right)  # (n, b), (b, t)
-    small = r_left @ r_right.T  # (a, b)
-    q = min(max_rank, *small.shape)
-    if min(small.shape) > _DENSE_SVD_LIMIT and q < min(small.shape) // 4:
-        u, s, v = torch.svd_lowrank(small, q=q + 8, niter=4)
-    else:
-        u, s, vh = torch.linalg.svd(small, full_matrices=False)
-        v = vh.T
-    return q_left @ u[:, :q], s[:q], q_right @ v[:, :q]
-
-
-def energy_rank(S: Tensor, fraction: float) -> int:
-    """Return the number of leading singular values holding ``fraction`` of the squared spectrum (0 for zero)."""
-    energy = S.double() ** 2
-    if energy.sum() <= 0:
-        return 0
-    cumulative = torch.cumsum(energy, 0) / energy.sum()
-    return int((cumulative < fraction - 1e-12).sum()) + 1
 
 
 def select_rank(S: Tensor, config: SPFConfig) -> int:
@@ -327,13 +276,13 @@ class SafetySubspace:
                                  f"({listed}); lower SPFConfig.rank or exclude them with target_modules")
         width = max(4 * (config.rank or config.max_rank), 64)
         refusals = [encode_response(tokenizer, s.prompt, s.refusal, config.onset_tokens) for s in samples]
-        sums = gradient_factors(model, targets, refusals, tokenizer, batch_size=config.batch_size, width=width,
-                                show_progress=show_progress)
+        sums = gradient_factors(model, targets, refusals, tokenizer, batch_size=config.estimate_batch_size,
+                                width=width, show_progress=show_progress)
         compliances = [encode_response(tokenizer, s.prompt, s.compliance, config.onset_tokens)
                        for s in samples if s.compliance is not None]
         if compliances:  # the margin's gradient: d(-log p(refusal)) - d(-log p(compliance)), per-token means
-            gradient_factors(model, targets, compliances, tokenizer, batch_size=config.batch_size, scale=-1.0,
-                             sums=sums, show_progress=show_progress)
+            gradient_factors(model, targets, compliances, tokenizer, batch_size=config.estimate_batch_size,
+                             scale=-1.0, sums=sums, show_progress=show_progress)
         bases = {}
         for name, target in targets.items():
             m, n = target.shape
@@ -358,6 +307,21 @@ class SafetySubspace:
             "samples": [_sample_dict(s) for s in samples],
         }
         return cls(bases, metadata)
+
+    def with_random_bases(self, seed: int = 0) -> SafetySubspace:
+        """Return a control subspace: the same targets, ranks and singular values, random orthonormal ``U`` and ``V``.
+
+        Bases are the Q factors of Gaussian matrices from a generator seeded with ``seed`` (the same seed gives
+        the same bases). The metadata records ``random_bases: {"seed": seed}``.
+        """
+        generator = torch.Generator().manual_seed(seed)
+        bases = {}
+        for name, b in self.bases.items():
+            (m, r), n = b.U.shape, b.V.shape[0]
+            U = torch.linalg.qr(torch.randn(m, r, generator=generator))[0] if r else b.U.clone()
+            V = torch.linalg.qr(torch.randn(n, r, generator=generator))[0] if r else b.V.clone()
+            bases[name] = Basis(U.contiguous(), b.S.clone(), V.contiguous())
+        return SafetySubspace(bases, {**self.metadata, "random_bases": {"seed": seed}})
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write ``subspace.safetensors`` and ``subspace.json`` into directory ``path`` and return it.

@@ -46,10 +46,16 @@ def canonical_name(name: str) -> str:
     return name.removesuffix(".base_layer")
 
 
+def in_blocks(name: str) -> bool:
+    """Return True if the module or parameter ``name`` lies inside the transformer blocks (a numbered module list:
+    ``model.layers.3.mlp``, ``transformer.h.0.attn``); embeddings, the final norm and the LM head do not."""
+    return bool(_BLOCK_SEGMENT.search(name))
+
+
 def matches(name: str, patterns: list[str] | None) -> bool:
     """Return True if ``name`` is a target under ``patterns`` (see ``SPFConfig.target_modules``)."""
     if patterns is None:
-        return bool(_BLOCK_SEGMENT.search(name))
+        return in_blocks(name)
     return any(name == p or name.endswith("." + p) or re.fullmatch(p, name) for p in patterns)
 
 

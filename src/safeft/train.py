@@ -1,90 +1,92 @@
-"""Supervised fine-tuning with the transformers Trainer, with SPF as an optional callback."""
+"""Supervised fine-tuning with the transformers Trainer: the one training loop every method and recipe uses."""
 
 from __future__ import annotations
 
 import math
+import statistics
+import sys
+import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 
 import torch
+from transformers import TrainerCallback
 
 from safeft.chat import collate, encode_messages, truncate
-from safeft.config import SPFConfig
+from safeft.config import TrainConfig
 from safeft.data.examples import ChatExample
-from safeft.subspace import SafetySubspace
-
-
-@dataclass
-class TrainConfig:
-    """How to fine-tune.
-
-    Args:
-        steps: optimizer steps; 0 means ``epochs`` passes over the data.
-        epochs: passes over the data when ``steps`` is 0.
-        learning_rate, weight_decay, warmup_ratio: AdamW and its linear schedule.
-        batch_size: examples per optimizer step.
-        max_length: tokens per example (longer ones are cut).
-        lora_r: LoRA rank; 0 = full fine-tuning of the transformer-block matrices (embeddings and head frozen).
-        seed: data order and initialisation.
-    """
-
-    steps: int = 0
-    epochs: float = 1.0
-    learning_rate: float = 5e-5
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.0
-    batch_size: int = 8
-    max_length: int = 256
-    lora_r: int = 0
-    seed: int = 0
-    schedule: str = "linear"  # or "constant"
-
-    def __post_init__(self) -> None:
-        if self.steps < 0:
-            raise ValueError(f"TrainConfig.steps must be >= 0, got {self.steps}")
-        if self.steps == 0 and self.epochs <= 0:
-            raise ValueError(f"TrainConfig.epochs must be > 0 when steps is 0, got {self.epochs}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}")
-        for name in ("batch_size", "max_length"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
-        if self.schedule not in ("linear", "constant"):
-            raise ValueError(f"TrainConfig.schedule must be 'linear' or 'constant', got {self.schedule!r}")
-        if self.lora_r < 0:
-            raise ValueError(f"TrainConfig.lora_r must be >= 0 (0 = full fine-tuning), got {self.lora_r}")
-
-    def to_dict(self) -> dict:
-        """Return the config as a plain dict."""
-        return asdict(self)
+from safeft.targets import in_blocks
 
 
 def prepare_model(model, config: TrainConfig):
-    """Return the model set up for training: LoRA on all linear layers of the blocks, or full fine-tuning of them."""
+    """Return the model set up for training: LoRA on every linear layer of the blocks (``config.lora_r > 0``), or
+    full fine-tuning of every parameter inside the blocks (embeddings, final norm and LM head frozen)."""
     if config.lora_r:
         from peft import LoraConfig, get_peft_model
 
         return get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, lora_dropout=0.0,
                                                 target_modules="all-linear", exclude_modules=["lm_head"]))
     for name, p in model.named_parameters():
-        p.requires_grad_(".layers." in name or ".h." in name or ".blocks." in name)
+        p.requires_grad_(in_blocks(name))
     return model
 
 
-def train(model, tokenizer, examples: Sequence[ChatExample], config: TrainConfig,
-          spf: tuple[SafetySubspace, SPFConfig] | None = None, output_dir: str = "/tmp/safeft-trainer",
-          callbacks: Sequence = ()) -> dict:
+def peak_memory_bytes() -> int | None:
+    """Return the peak memory so far: ``torch.cuda.max_memory_allocated`` on a GPU, else the process's peak
+    resident memory (``ru_maxrss``; None where the platform does not report it)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    except (ImportError, OSError):
+        return None
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+class CostMeter(TrainerCallback):
+    """Measures each optimizer step's wall time, and the peak memory (:func:`peak_memory_bytes`) at the end.
+
+    On a CPU the peak is the whole process's so far (model loading and what ran before training included): run
+    one training per process, as ``safeft bench`` does, to make it the run's own.
+    """
+
+    def __init__(self):
+        self.step_seconds: list[float] = []
+        self.peak_bytes: int | None = None
+        self._start = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.step_seconds.append(time.perf_counter() - self._start)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.peak_bytes = peak_memory_bytes()
+
+    def summary(self) -> dict:
+        """Return ``{"step_seconds_median", "peak_memory_mb"}`` (None where not measured)."""
+        return {"step_seconds_median": statistics.median(self.step_seconds) if self.step_seconds else None,
+                "peak_memory_mb": self.peak_bytes / 2**20 if self.peak_bytes else None}
+
+
+def train(model, tokenizer, examples: Sequence[ChatExample], config: TrainConfig, *,
+          output_dir: str = "/tmp/safeft-trainer", callbacks: Sequence[TrainerCallback] = ()) -> dict:
     """Fine-tune ``model`` in place on ``examples`` (loss on assistant turns) and return the training log.
 
-    With ``spf=(subspace, spf_config)`` every optimizer step is SPF-projected through :class:`SPFCallback`.
-    ``callbacks`` are extra ``TrainerCallback`` objects (e.g. an early stop).
+    ``callbacks`` (e.g. a method's :class:`~safeft.spf.SPFCallback`, an early stop) run ahead of the Trainer's own
+    callbacks and loggers, so metrics they add to a log entry reach every reporter.
 
     Returns:
-        ``{"log_history": [...], "seconds": float, "steps": int}`` from the Trainer.
+        ``{"log_history": [...], "seconds": float, "steps": int, "step_seconds_median": float,
+        "peak_memory_mb": float | None}``.
     """
     from transformers import Trainer, TrainingArguments
-
-    from safeft.spf import add_spf_callback
 
     if not examples:
         raise ValueError("no training examples: the data set is empty")
@@ -99,9 +101,10 @@ def train(model, tokenizer, examples: Sequence[ChatExample], config: TrainConfig
         remove_unused_columns=False, max_grad_norm=1.0,
     )
     trainer = Trainer(model=model, args=args, train_dataset=encoded, processing_class=tokenizer,
-                      data_collator=lambda batch: collate(batch, pad), callbacks=list(callbacks))
-    if spf is not None:
-        add_spf_callback(trainer, spf[0], spf[1], tokenizer)
+                      data_collator=lambda batch: collate(batch, pad))
+    meter = CostMeter()
+    for callback in reversed([*callbacks, meter]):
+        trainer.callback_handler.callbacks.insert(0, callback)
     output = trainer.train()
     return {"log_history": trainer.state.log_history, "seconds": output.metrics.get("train_runtime"),
-            "steps": trainer.state.global_step}
+            "steps": trainer.state.global_step, **meter.summary()}

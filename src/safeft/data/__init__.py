@@ -30,11 +30,12 @@ BUILTIN_SAFETY_SAMPLES = [
 ]
 
 
-def builtin_safety_samples(count: int = DEFAULT_SAFETY_SAMPLES, exclude: Collection[str] = frozenset()
+def builtin_safety_samples(count: int | None = DEFAULT_SAFETY_SAMPLES, exclude: Collection[str] = frozenset()
                            ) -> list[SafetySample]:
     """Return ``count`` built-in safety samples: :data:`BUILTIN_SAFETY_SAMPLES` first, then alignment-split harmful
     requests with varied refusals; never the evaluation split and never a prompt in ``exclude`` (e.g. the
-    fine-tuning data's, so that a harmful mix is not defended by samples of its own requests).
+    fine-tuning data's, so that a harmful mix is not defended by samples of its own requests). ``count=None``
+    returns every sample that qualifies.
 
     Raises:
         ValueError: if fewer than ``count`` samples remain.
@@ -42,6 +43,8 @@ def builtin_safety_samples(count: int = DEFAULT_SAFETY_SAMPLES, exclude: Collect
     pool = [s for s in BUILTIN_SAFETY_SAMPLES + [SafetySample(p, builtin.refusal_for(p))
                                                  for _, p in builtin.harmful_requests("align")]
             if s.prompt not in exclude]
+    if count is None:  # all of them
+        return pool
     if count <= 0 or count > len(pool):
         raise ValueError(f"asked for {count} built-in safety samples; between 1 and {len(pool)} are available "
                          "(outside the fine-tuning data). Pass your own with a JSONL file for more.")

@@ -1,0 +1,55 @@
+"""Mix safety data into the fine-tuning data: the standard baseline defence.
+
+Adds harmful-request -> refusal pairs to the task data, the way alignment data is replayed during fine-tuning in
+the harmful-fine-tuning literature (e.g. the "SFT + safety data" baselines of Lisa and Vaccine, Huang et al. 2024).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from safeft.data.examples import ChatExample
+from safeft.methods.base import Method, RunContext
+
+
+@dataclass
+class MixOptions:
+    """Args:
+    safety_ratio: refusal pairs added per training example: ``round(safety_ratio * n)`` pairs join the n
+        examples (0.1 adds one per ten), so the count is exact.
+    safety_data: a JSONL file of ``{prompt, refusal}`` to draw the pairs from; default: built-in harmful requests
+        of the alignment split with varied refusals, never a request that is in the fine-tuning data.
+    """
+
+    safety_ratio: float = 0.1
+    safety_data: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.safety_ratio <= 10.0:
+            raise ValueError(f"safety_ratio must be in (0, 10] (refusal pairs per training example), got "
+                             f"{self.safety_ratio}")
+
+
+class Mix(Method):
+    """Add ``round(safety_ratio * n)`` (harmful request, refusal) pairs to the n training examples, shuffled in."""
+
+    Config = MixOptions
+
+    def training_data(self, examples: list[ChatExample], run: RunContext) -> list[ChatExample]:
+        from safeft.data import builtin_safety_samples, load_safety_samples
+
+        count = round(self.config.safety_ratio * len(examples))
+        if self.config.safety_data:
+            pool = [s for s in load_safety_samples(self.config.safety_data) if s.prompt not in run.task_prompts]
+        else:
+            pool = builtin_safety_samples(None, exclude=run.task_prompts)
+        if count > len(pool):
+            raise ValueError(f"safety_ratio {self.config.safety_ratio} needs {count} refusal pairs, only {len(pool)} "
+                             "are available; lower safety_ratio or pass safety_data with more rows")
+        rng = random.Random(run.seed)
+        refusals = [ChatExample.from_pair(s.prompt, s.refusal, harmful=True, source="mix")
+                    for s in rng.sample(pool, count)]
+        mixed = list(examples) + refusals
+        rng.shuffle(mixed)
+        return mixed

@@ -1,0 +1,117 @@
+"""SPF, the core defence (SPEC §2), and its control with random bases.
+
+``spf`` runs with the library defaults; ``spf-paper`` is the paper's reading (rank 8, left, conflict, grad, one
+sample, every refusal token) as a preset of the same method; ``spf-random`` keeps SPF's per-target ranks and
+singular values but replaces every basis by a random orthonormal one (seeded). If the control protected as well as
+``spf``, the safety subspace would not be what protects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from safeft.config import SPFConfig
+from safeft.data import DEFAULT_SAFETY_SAMPLES
+from safeft.methods.base import Method, RunContext
+
+
+@dataclass
+class SPFOptions(SPFConfig):
+    """:class:`~safeft.config.SPFConfig` plus where the safety samples come from.
+
+    Args:
+        safety_samples: how many built-in safety samples (harmful request -> varied refusal) to estimate from;
+            never a request that is in the fine-tuning data.
+        safety_data: a JSONL file of ``{prompt, refusal[, compliance]}`` to estimate from instead (every row whose
+            prompt is not in the fine-tuning data).
+        margin: give each built-in sample the unaligned base model's own compliant answer, so the subspace spans
+            the gradient of the refusal-vs-compliance margin.
+    """
+
+    safety_samples: int = DEFAULT_SAFETY_SAMPLES
+    safety_data: str | None = None
+    margin: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.safety_samples <= 0:
+            raise ValueError(f"safety_samples must be positive, got {self.safety_samples}")
+
+
+@dataclass
+class SPFRandomOptions(SPFOptions):
+    """SPF's options plus the seed of the random bases.
+
+    Args:
+        random_seed: seed of the random bases; None: the run's seed (each seed of a bench draws other bases).
+    """
+
+    random_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.refresh_every:
+            raise ValueError("spf-random cannot refresh its bases (a refresh would estimate the real subspace); "
+                             "set refresh_every to 0")
+
+
+# The paper's reading: one sample, rank 8, left side, conflict mode, projecting the gradient, every refusal token.
+PAPER_PRESET = {"rank": 8, "side": "left", "mode": "conflict", "project": "grad", "onset_tokens": None,
+                "safety_samples": 1}
+
+
+class SPF(Method):
+    """Estimate the safety subspace at the aligned weights, freeze what SPF cannot project, project every step."""
+
+    Config = SPFOptions
+
+    def __init__(self, config=None, name: str | None = None):
+        super().__init__(config, name or "spf")
+        self.subspace = None
+
+    def safety_samples(self, run: RunContext) -> list:
+        """Return the samples to estimate from: the file's, or built-in ones outside the fine-tuning data."""
+        from safeft.data import builtin_safety_samples, load_safety_samples
+
+        if self.config.safety_data:
+            samples = [s for s in load_safety_samples(self.config.safety_data) if s.prompt not in run.task_prompts]
+            if not samples:
+                raise ValueError(f"every prompt of {self.config.safety_data} is in the fine-tuning data; SPF "
+                                 "estimates from safety samples outside it")
+            return samples
+        samples = builtin_safety_samples(self.config.safety_samples, exclude=run.task_prompts)
+        if self.config.margin:
+            from safeft.answers import compliant_examples
+
+            answers = {e.prompt: e.response for e in compliant_examples(run.base_model, run.harmful_answers,
+                                                                          run.cache)}
+            samples = [replace(s, compliance=answers.get(s.prompt)) for s in samples]
+        return samples
+
+    def estimate(self, model, tokenizer, run: RunContext):
+        """Return the safety subspace of ``model`` at its current weights."""
+        from safeft.subspace import SafetySubspace
+
+        return SafetySubspace.estimate(model, tokenizer, self.safety_samples(run), self.config)
+
+    def before_training(self, model, tokenizer, run: RunContext) -> None:
+        from safeft.spf import freeze_unguarded
+
+        self.subspace = self.estimate(model, tokenizer, run)
+        self.subspace.save(run.out / "subspace", overwrite=True)
+        freeze_unguarded(model, self.subspace)  # norm weights under full fine-tuning: nothing would guard them
+
+    def callbacks(self, model, tokenizer, run: RunContext) -> list:
+        from safeft.spf import SPFCallback
+
+        return [SPFCallback(self.subspace, self.config, tokenizer)]
+
+
+class SPFRandom(SPF):
+    """The control: SPF with the real subspace's per-target ranks but random orthonormal bases."""
+
+    Config = SPFRandomOptions
+
+    def estimate(self, model, tokenizer, run: RunContext):
+        seed = run.seed if self.config.random_seed is None else self.config.random_seed
+        return super().estimate(model, tokenizer, run).with_random_bases(seed)

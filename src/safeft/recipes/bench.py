@@ -1,0 +1,322 @@
+"""`safeft bench`: methods x settings x seeds on one aligned model, same data, budget and evaluation.
+
+Layout of a bench directory::
+
+    OUT/runs/aligned/<task>.json                    the aligned model's evaluation (the reference row)
+    OUT/runs/<setting>/<method label>/seed<k>.json  one finished run: its config, metrics, sample responses, cost
+    OUT/bench.json, bench.md, bench.png             the summary, built from the run files alone
+
+Each run file is written atomically when its run ends, and a rerun skips every run whose file exists, so a grid
+can be finished over several sittings (commit the run files as they land).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from safeft.config import AlignConfig, Setting, TrainConfig
+from safeft.evaluate.stats import rate
+
+RUN_FORMAT = "safeft.bench-run/1"
+RATES = ("harmful_score", "refusal_rate", "off_task_rate", "over_refusal", "accuracy")
+
+
+@dataclass
+class BenchConfig:
+    """A grid of fine-tuning runs and where its results go.
+
+    Args:
+        out: the bench directory (run files and summary).
+        model: the unaligned base model; it is aligned first (cached), and every run fine-tunes the aligned model.
+        methods: registry names, ``"name key=value ..."`` strings or mappings ``{method, label, <options>}``.
+        settings: threat settings (task, harmful ratio and answers, deep multiplier, LoRA rank).
+        seeds: training seeds (data order, harmful mix, LoRA initialisation); every method runs every seed.
+        train: the step budget and optimizer settings of every run (a setting's ``deep`` multiplies the steps;
+            its ``lora_r`` and the seed are set per run).
+        align: the alignment stage (flags and keys ``align_*``).
+        max_new_tokens: tokens generated per answer at evaluation.
+        judge: ``keyword`` or the path of a local classifier judge.
+        keep_models: keep each run's model and method artefacts under ``OUT/models`` (large).
+        title: the heading of ``bench.md``.
+        cache: safeft's cache directory (default ``$SAFEFT_CACHE`` or ``~/.cache/safeft``).
+    """
+
+    out: str = "runs/bench"
+    model: str = "default"
+    methods: list[str | dict] = field(default_factory=lambda: ["sft", "spf", "spf-random"])
+    settings: list[Setting] = field(default_factory=lambda: [Setting(), Setting(harmful_ratio=0.1)])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=40))
+    align: AlignConfig = field(default_factory=AlignConfig, metadata={"prefix": "align_"})
+    max_new_tokens: int = 64
+    judge: str = "keyword"
+    keep_models: bool = False
+    title: str = "safeft bench"
+    cache: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.methods or not self.settings or not self.seeds:
+            raise ValueError("a bench needs at least one method, one setting and one seed")
+        if self.train.lora_r or self.train.seed:
+            raise ValueError("set LoRA per setting (settings: lora_r) and seeds with `seeds`, not lora_r / seed")
+        labels = [label for label, _ in self.method_entries()]
+        names = [s.name for s in self.settings]
+        for kind, values in (("method label", labels), ("setting name", names)):
+            repeated = sorted({v for v in values if [slug(w) for w in values].count(slug(v)) > 1})
+            if repeated:
+                raise ValueError(f"bench: {kind}s must be unique (also as file names), repeated: {repeated}")
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+
+    def method_entries(self) -> list:
+        """Return ``[(label, Method)]`` for the configured methods (validated)."""
+        from safeft.methods import method_entry
+
+        return [method_entry(entry) for entry in self.methods]
+
+    def run_train_config(self, setting: Setting, seed: int) -> TrainConfig:
+        """Return the training settings of one run: the budget times ``setting.deep``, its LoRA rank and learning
+        rate, the seed."""
+        steps = max(1, round(self.train.steps * setting.deep)) if self.train.steps else 0
+        return replace(self.train, steps=steps, epochs=self.train.epochs * setting.deep, lora_r=setting.lora_r,
+                       seed=seed, learning_rate=setting.learning_rate or self.train.learning_rate)
+
+
+def slug(text: str) -> str:
+    """Return ``text`` as a file-name-safe string."""
+    return re.sub(r"[^A-Za-z0-9._=+-]+", "-", text.strip()).strip("-") or "run"
+
+
+def _short_hash(value) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:8]
+
+
+def run_path(out: Path, setting: Setting, label: str, seed: int) -> Path:
+    """Return the run file of one (setting, method, seed)."""
+    return out / "runs" / slug(setting.name) / slug(label) / f"seed{seed}.json"
+
+
+def bench(config: BenchConfig, *, command: str | None = None) -> dict:
+    """Run every (setting, seed, method) of the grid whose run file does not exist yet; return the summary.
+
+    The aligned model is evaluated once per task (``runs/aligned/<task>.json``). Runs execute in order setting ->
+    seed -> method, each in a fresh process (:func:`run_in_subprocess`) that writes its file when it ends; the
+    summary is then rebuilt from the files.
+    """
+    from tqdm.auto import tqdm
+
+    from safeft.models import cache_dir
+    from safeft.recipes.align import aligned_model_dir, ensure_aligned
+
+    out = Path(config.out)
+    cache = Path(config.cache) if config.cache else cache_dir()
+    entries = config.method_entries()
+    plan = [(setting, seed, label, method) for setting in config.settings for seed in config.seeds
+            for label, method in entries]
+    todo = [p for p in plan if not _finished(config, out, *p)]
+    print(f"bench: {len(plan)} runs, {len(plan) - len(todo)} already finished, {len(todo)} to run -> {out}")
+    aligned: dict[Path, dict] = {}  # aligned model dir -> its alignment report
+    for setting, seed, label, method in tqdm(todo, desc="bench runs"):
+        aligned_dir = aligned_model_dir(config.model, config.align, cache, method)
+        if aligned_dir not in aligned:
+            aligned[aligned_dir] = ensure_aligned(config.model, config.align, cache, method)[1]
+        report = aligned[aligned_dir]
+        _evaluate_aligned(config, aligned_dir, report, setting, out)
+        path = run_path(out, setting, label, seed)
+        run_in_subprocess(config, setting, seed, label, method, aligned_dir, cache, command, path)
+        h = json.loads(path.read_text())["headline"]
+        tqdm.write(f"{setting.name} seed {seed} | {label}: harmful score {h['harmful_score']:.1f}%, accuracy "
+                   f"{'n/a' if h['accuracy'] is None else format(h['accuracy'], '.1f') + '%'}, safety loss "
+                   f"{h['safety_loss']:.3f}")
+    return summarize(out, config.title, command)
+
+
+def run_identity(config: BenchConfig, setting: Setting, seed: int, method) -> dict:
+    """Return what decides a run's numbers, as recorded in its run file (a finished run is reused only if equal)."""
+    return {"setting": asdict(setting), "method": method.name, "method_options": method.options(), "seed": seed,
+            "model": config.model, "train": config.run_train_config(setting, seed).to_dict(), "judge": config.judge,
+            "max_new_tokens": config.max_new_tokens}
+
+
+def _finished(config: BenchConfig, out: Path, setting: Setting, seed: int, label: str, method) -> bool:
+    """Return True if the run's file exists and was made with the same settings; raise if its settings differ."""
+    path = run_path(out, setting, label, seed)
+    if not path.exists():
+        return False
+    record = json.loads(path.read_text())
+    expected = run_identity(config, setting, seed, method)
+    differ = sorted(k for k, v in expected.items() if json.loads(json.dumps(v)) != record.get(k))
+    if differ:
+        raise ValueError(f"{path} holds a finished run made with other settings ({', '.join(differ)} differ); "
+                         "give this grid another --out, or delete that file to rerun it")
+    return True
+
+
+def run_in_subprocess(config: BenchConfig, setting: Setting, seed: int, label: str, method, aligned_dir: Path,
+                      cache: Path, command: str | None, path: Path) -> None:
+    """Run one (setting, seed, method) in a fresh process that writes its run file ``path`` when it ends.
+
+    A process per run isolates the runs (nothing one leaves in memory or in global state reaches the next) and
+    makes its peak memory its own. Raises ``RuntimeError`` if the run fails; its traceback is printed above.
+    """
+    import multiprocessing
+
+    process = multiprocessing.get_context("spawn").Process(
+        target=_run_and_write, args=(config, setting, seed, label, method, aligned_dir, cache, command, path),
+        name=f"safeft-bench {setting.name} {label} seed {seed}")
+    process.start()
+    try:
+        process.join()
+    finally:
+        if process.is_alive():  # the parent was interrupted: stop the run too, so it writes nothing
+            process.terminate()
+            process.join()
+    if process.exitcode != 0 or not path.exists():
+        raise RuntimeError(f"bench run {setting.name} / {label} / seed {seed} failed (exit code {process.exitcode}); "
+                           "its error is printed above. Finished runs are kept: rerun the bench to continue.")
+
+
+def _run_and_write(config, setting, seed, label, method, aligned_dir, cache, command, path) -> None:
+    from safeft.recipes.outputs import write_json
+
+    write_json(path, run_one(config, setting, seed, label, method, aligned_dir, cache, command))
+
+
+def _evaluate_aligned(config: BenchConfig, aligned_dir: Path, report: dict | None, setting: Setting,
+                      out: Path) -> None:
+    """Evaluate the aligned model on the setting's task once (the reference row); skip if its file exists."""
+    from safeft.evaluate.judges import load_judge
+    from safeft.recipes.evaluate import evaluate_dir, headline
+    from safeft.recipes.finetune import task_of
+    from safeft.recipes.outputs import write_json
+
+    data = (setting.task_train, setting.task_test, setting.max_train, setting.max_test)  # these pick the test set
+    task = slug(setting.task) if data == (None,) * 4 else f"{slug(setting.task)}-{_short_hash(data)}"
+    path = out / "runs" / "aligned" / f"{task}-{slug(aligned_dir.name)}.json"
+    if path.exists():
+        return
+    metrics = evaluate_dir(aligned_dir, task_of(setting), max_new_tokens=config.max_new_tokens,
+                           judge=load_judge(config.judge))
+    write_json(path, {"format": RUN_FORMAT, "kind": "aligned", "task": setting.task, "model": config.model,
+                      "aligned_model": str(aligned_dir), "alignment": report, "metrics": metrics,
+                      "headline": headline(metrics)})
+
+
+def run_one(config: BenchConfig, setting: Setting, seed: int, label: str, method, aligned_dir: Path, cache: Path,
+            command: str | None) -> dict:
+    """Fine-tune the aligned model with ``method`` in ``setting`` and evaluate it; return the run's record."""
+    import shutil
+
+    from safeft import __version__
+    from safeft.evaluate.judges import load_judge
+    from safeft.recipes.evaluate import evaluate, headline
+    from safeft.recipes.finetune import finetune, task_of
+
+    train_config = config.run_train_config(setting, seed)
+    data = replace(setting.data(), base_model=setting.base_model or config.model)
+    scratch = Path(config.out) / "models" / f"{slug(setting.name)}--{slug(label)}--seed{seed}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    start = time.perf_counter()
+    model, tokenizer, log = finetune(aligned_dir, data, method, train_config, scratch, cache,
+                                     save_model=config.keep_models)
+    metrics = evaluate(model, tokenizer, task_of(setting), max_new_tokens=config.max_new_tokens,
+                       judge=load_judge(config.judge))
+    if not config.keep_models:  # ~0.5 GB of weights (and SPF's subspace) per run: the bench keeps the numbers
+        shutil.rmtree(scratch, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            scratch.parent.rmdir()  # the models folder, once no run keeps anything there
+    monitor = [e for e in log["log_history"] if any(k.startswith("spf/") for k in e)]
+    return {
+        "format": RUN_FORMAT, "kind": "run", "label": label, **run_identity(config, setting, seed, method),
+        "aligned_model": str(aligned_dir), "headline": headline(metrics), "metrics": metrics,
+        "cost": {"train_seconds": log["seconds"], "prepare_seconds": log["prepare_seconds"], "steps": log["steps"],
+                 "step_seconds_median": log["step_seconds_median"], "peak_memory_mb": log["peak_memory_mb"]},
+        "monitor_last": monitor[-1] if monitor else None,
+        "wall_seconds": time.perf_counter() - start, "safeft_version": __version__, "command": command,
+    }
+
+
+# --- the summary: built from the run files alone ---------------------------------------------------------------
+
+
+def read_runs(out: str | Path) -> tuple[list[dict], list[dict]]:
+    """Return ``(aligned records, run records)`` from the run files under ``out/runs`` (sorted by path)."""
+    aligned, runs = [], []
+    for path in sorted(Path(out, "runs").rglob("*.json")):
+        record = json.loads(path.read_text())
+        if record.get("format") != RUN_FORMAT:
+            continue
+        (aligned if record["kind"] == "aligned" else runs).append(record)
+    return aligned, runs
+
+
+def _ratio_to_sft(runs: list[dict], key: str) -> dict[tuple[str, str], float | None]:
+    """Return, per (setting, label), the median over seeds of (the run's ``cost[key]`` / SFT's in the same setting
+    and seed); None where no SFT run of that setting and seed exists."""
+    sft = {(r["setting"]["name"], r["seed"]): r["cost"][key] for r in runs if r["method"] == "sft"}
+    ratios: dict[tuple[str, str], list[float]] = {}
+    for r in runs:
+        reference = sft.get((r["setting"]["name"], r["seed"]))
+        if reference and r["cost"][key]:
+            ratios.setdefault((r["setting"]["name"], r["label"]), []).append(r["cost"][key] / reference)
+    return {k: statistics.median(v) for k, v in ratios.items()}
+
+
+def pooled(runs: list[dict]) -> list[dict]:
+    """Return one row per (setting, method label): counts pooled over seeds (rates with Wilson intervals), mean
+    losses, and step time / peak memory as ratios to SFT in the same bench. Rows are ordered by setting name, then
+    SFT first and the other labels alphabetically."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in sorted(runs, key=lambda r: (r["setting"]["name"], r["method"] != "sft", r["label"], r["seed"])):
+        groups.setdefault((r["setting"]["name"], r["label"]), []).append(r)
+    step_ratio, memory_ratio = _ratio_to_sft(runs, "step_seconds_median"), _ratio_to_sft(runs, "peak_memory_mb")
+    rows = []
+    for (setting, label), group in groups.items():
+        row = {"setting": setting, "label": label, "method": group[0]["method"],
+               "seeds": sorted(r["seed"] for r in group)}
+        for key in RATES:
+            entries = [r["metrics"][key] for r in group if r["metrics"].get(key)]
+            row[key] = rate(sum(e["k"] for e in entries), sum(e["n"] for e in entries)) if entries else None
+        for key in ("safety_loss", "task_loss"):
+            values = [r["metrics"][key] for r in group if r["metrics"].get(key) is not None]
+            row[key] = statistics.mean(values) if values else None
+        steps = [r["cost"]["step_seconds_median"] for r in group if r["cost"]["step_seconds_median"]]
+        row["step_seconds_median"] = statistics.median(steps) if steps else None
+        row["step_time_vs_sft"] = step_ratio.get((setting, label))
+        row["peak_memory_vs_sft"] = memory_ratio.get((setting, label))
+        row["per_seed_harmful_score"] = {r["seed"]: r["metrics"]["harmful_score"]["rate"] for r in group}
+        rows.append(row)
+    return rows
+
+
+def summarize(out: str | Path, title: str = "safeft bench", command: str | None = None) -> dict:
+    """Build ``bench.json`` (with a ``runs`` list), ``bench.md`` and ``bench.png`` in ``out`` from its run files
+    alone, and return the summary."""
+    from safeft.recipes.outputs import write_json
+    from safeft.report import bench_markdown, plot_tradeoff
+
+    out = Path(out)
+    aligned, runs = read_runs(out)
+    rows = pooled(runs)
+    summary = {
+        "title": title, "command": command,
+        "aligned": [{"task": a["task"], "aligned_model": a["aligned_model"], **a["headline"],
+                     "metrics": {k: a["metrics"][k] for k in RATES + ("safety_loss", "task_loss")}} for a in aligned],
+        "rows": rows,
+        "runs": [{k: r[k] for k in ("setting", "method", "label", "seed", "method_options", "train", "headline",
+                                    "cost", "judge")} for r in runs],
+    }
+    write_json(out / "bench.json", summary)
+    (out / "bench.md").write_text(bench_markdown(summary, aligned, runs))
+    if rows:
+        plot_tradeoff(aligned, rows, out / "bench.png")
+    return summary

@@ -1,0 +1,43 @@
+"""Evaluate a model on the built-in held-out prompts (or given harmful prompts) and a task (SPEC §5)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from safeft.data import builtin
+from safeft.data.tasks import Task
+
+
+def evaluate(model, tokenizer, task: Task | None, *, max_new_tokens: int = 64, judge=None,
+             harmful_prompts: Sequence[str] | None = None) -> dict:
+    """Return every measure of ``model`` (see :func:`safeft.evaluate.evaluate_model`): harmful score on the
+    built-in evaluation requests (or ``harmful_prompts``), over-refusal on the built-in benign evaluation requests,
+    safety loss on those harmful requests with varied refusals, and the task's accuracy and loss."""
+    from safeft.evaluate import evaluate_model
+    from safeft.subspace import SafetySample
+
+    harmful = list(harmful_prompts) if harmful_prompts else [p for _, p in builtin.harmful_requests("eval")]
+    return evaluate_model(model, tokenizer, harmful_prompts=harmful, benign_prompts=builtin.benign_requests("eval"),
+                          task=task, safety_pairs=[SafetySample(p, builtin.refusal_for(p)) for p in harmful],
+                          judge=judge, max_new_tokens=max_new_tokens)
+
+
+def evaluate_dir(model_dir: str | Path, task: Task | None, **kwargs) -> dict:
+    """Load the model in ``model_dir`` (a model directory or a fine-tuning output) and :func:`evaluate` it."""
+    from safeft.recipes.finetune import load_finetuned
+
+    model, tokenizer = load_finetuned(model_dir)
+    return evaluate(model, tokenizer, task, **kwargs)
+
+
+def headline(metrics: dict) -> dict:
+    """Return the headline numbers of an evaluation as flat keys (rates in percent with their intervals)."""
+    out = {"harmful_score": metrics["harmful_score"]["rate"], "harmful_score_ci": metrics["harmful_score"]["ci"],
+           "refusal_rate": metrics["refusal_rate"]["rate"], "off_task_rate": metrics["off_task_rate"]["rate"],
+           "over_refusal": metrics["over_refusal"]["rate"], "over_refusal_ci": metrics["over_refusal"]["ci"],
+           "safety_loss": metrics["safety_loss"], "task_loss": metrics["task_loss"]}
+    accuracy = metrics.get("accuracy")
+    out["accuracy"] = accuracy["rate"] if accuracy else None
+    out["accuracy_ci"] = accuracy["ci"] if accuracy else None
+    return out

@@ -1,0 +1,88 @@
+"""Fine-tune an aligned model with any registered method, on a task and a threat setting; load the result back."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from safeft.answers import compliant_examples
+from safeft.config import DataConfig, TrainConfig
+from safeft.data.examples import ChatExample
+from safeft.data.mixing import mix_harmful, user_turns
+from safeft.data.tasks import Task, load_task
+from safeft.methods import Method, RunContext
+from safeft.recipes.outputs import write_json
+
+
+def task_of(data: DataConfig) -> Task:
+    """Return the task named by ``data`` (built-in, or read from its files)."""
+    return load_task(data.task, data.task_train, data.task_test, max_train=data.max_train, max_test=data.max_test)
+
+
+def training_examples(task: Task, data: DataConfig, seed: int, cache: Path) -> list[ChatExample]:
+    """Return the task's training data with the setting's harmful share mixed in (seeded)."""
+    examples = list(task.train)
+    if data.harmful_ratio > 0:
+        harmful = compliant_examples(data.base_model or "default", data.harmful_answers, cache)
+        examples = mix_harmful(examples, harmful, data.harmful_ratio, seed)
+    return examples
+
+
+def finetune(model_dir: str | Path, data: DataConfig, method: Method, train_config: TrainConfig, out: Path,
+             cache: Path, *, save_model: bool = True):
+    """Fine-tune the model in ``model_dir`` with ``method`` on the setting ``data``.
+
+    Runs the method's hooks in order (training data, before training, callbacks, after training; see
+    :mod:`safeft.methods.base`). Writes ``out/config.json``, ``out/train_log.json``, any artefact of the method
+    (SPF: ``out/subspace``) and, with ``save_model``, ``out/model`` (full model or LoRA adapter).
+
+    Returns:
+        ``(model, tokenizer, log)``: the trained model in memory, its tokenizer, and the training log (with
+        ``prepare_seconds``: the time the method's hooks took before training, e.g. SPF's estimation).
+    """
+    from safeft.models import load_model
+    from safeft.train import prepare_model, train
+
+    model, tokenizer = load_model(str(model_dir))
+    task = task_of(data)
+    examples = training_examples(task, data, train_config.seed, cache)
+    run = RunContext(out=out, cache=cache, seed=train_config.seed, base_model=data.base_model or "default",
+                     harmful_answers=data.harmful_answers, task_prompts=user_turns(examples))
+    examples = method.training_data(examples, run)
+    model = prepare_model(model, train_config)
+    start = time.perf_counter()
+    method.before_training(model, tokenizer, run)
+    prepare_seconds = time.perf_counter() - start
+    log = train(model, tokenizer, examples, train_config, callbacks=method.callbacks(model, tokenizer, run),
+                output_dir=str(out / "trainer"))
+    shutil.rmtree(out / "trainer", ignore_errors=True)
+    model = method.after_training(model, tokenizer, run)
+    log["prepare_seconds"] = prepare_seconds
+    if save_model:
+        model.save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model")
+    source = Path(model_dir)
+    write_json(out / "config.json", {
+        "model": str(source.resolve()) if source.exists() else str(model_dir), "method": method.name,
+        "method_options": method.options(), "data": asdict(data), "train": train_config.to_dict(),
+        "examples": len(examples)})
+    write_json(out / "train_log.json", log)
+    return model, tokenizer, log
+
+
+def load_finetuned(path: str | Path):
+    """Return ``(model, tokenizer)`` from a fine-tuning output (``path/model``, full or LoRA) or a model dir."""
+    from safeft.models import load_model
+
+    path = Path(path)
+    model_dir = path / "model" if (path / "model").exists() else path
+    if (model_dir / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base_dir = json.loads((path / "config.json").read_text())["model"]
+        base, tokenizer = load_model(base_dir)
+        return PeftModel.from_pretrained(base, str(model_dir)).merge_and_unload(), tokenizer
+    return load_model(str(model_dir))

@@ -1,0 +1,110 @@
+"""`safeft bench`: a grid on the tiny model, resumable, with a summary built from the run files alone."""
+
+import json
+import os
+import signal
+
+import pytest
+
+import safeft.recipes.bench as bench_module
+from safeft.config import AlignConfig, Setting, TrainConfig
+from safeft.methods import REGISTRY, Method, register
+from safeft.recipes.bench import BenchConfig, bench, read_runs, run_path, summarize
+from safeft.recipes.outputs import write_json
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")  # one alignment of the tiny model for the whole module
+
+
+def config(tiny_dir, cache, out, methods=("sft", "spf rank=4"), seeds=(0,)) -> BenchConfig:
+    return BenchConfig(out=str(out), model=str(tiny_dir), methods=list(methods), seeds=list(seeds),
+                       settings=[Setting(task="sentiment", max_train=16, max_test=8)],
+                       train=TrainConfig(steps=1, batch_size=4), align=AlignConfig(max_steps=1, check_every=1),
+                       max_new_tokens=2, cache=str(cache))
+
+
+def test_bench_runs_resumes_and_rebuilds_its_summary(tiny_dir, cache, tmp_path, monkeypatch):
+    out = tmp_path / "bench"
+    summary = bench(config(tiny_dir, cache, out, seeds=(0, 1)))
+    assert len(summary["runs"]) == 4 and len(summary["aligned"]) == 1
+    run = json.loads(run_path(out, Setting(task="sentiment", max_train=16, max_test=8), "spf rank=4", 1).read_text())
+    assert run["method"] == "spf" and run["seed"] == 1 and run["train"]["seed"] == 1
+    assert run["cost"]["step_seconds_median"] > 0 and run["cost"]["peak_memory_mb"] > 0
+    assert run["metrics"]["harmful_score"]["n"] == 80 and run["metrics"]["samples"]["harmful"]
+    rows = {r["label"]: r for r in summary["rows"]}
+    assert rows["sft"]["step_time_vs_sft"] == pytest.approx(1.0) and rows["spf rank=4"]["step_time_vs_sft"] > 0
+    assert rows["sft"]["harmful_score"]["n"] == 160  # counts pooled over two seeds
+    assert not (out / "models").exists()  # models are not kept unless asked
+    markdown = (out / "bench.md").read_text()
+    assert "| sentiment-benign | spf rank=4 | 0,1 |" in markdown and "judged responses" in markdown
+    assert (out / "bench.png").stat().st_size > 1000
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was run again")
+
+    monkeypatch.setattr(bench_module, "run_in_subprocess", no_training)
+    for name in ("bench.json", "bench.md", "bench.png"):
+        (out / name).unlink()
+    again = bench(config(tiny_dir, cache, out, seeds=(0, 1)))  # every run file exists: nothing is trained
+    assert again["rows"] == summary["rows"] and (out / "bench.png").exists()
+    assert summarize(out)["rows"] == summary["rows"]  # from the run files alone
+    changed = config(tiny_dir, cache, out, seeds=(0, 1))
+    changed.train.steps = 2
+    with pytest.raises(ValueError, match="other settings \\(train differ\\)"):
+        bench(changed)  # a finished run made with other settings is never passed off as this grid's
+
+
+class Killed(Method):
+    """A method whose run is killed mid-training (SIGKILL: no handler, no clean-up runs)."""
+
+    def callbacks(self, model, tokenizer, run):
+        from transformers import TrainerCallback
+
+        class Kill(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        return [Kill()]
+
+
+def test_a_bench_killed_mid_run_leaves_no_run_file(tiny_dir, cache, tmp_path):
+    out = tmp_path / "bench"
+    register("killed", Killed)
+    try:
+        with pytest.raises(RuntimeError, match="killed / seed 0 failed"):
+            bench(config(tiny_dir, cache, out, methods=("sft", "killed")))
+    finally:
+        del REGISTRY["killed"]
+    files = sorted(p.relative_to(out / "runs").as_posix() for p in (out / "runs").rglob("*") if p.is_file())
+    assert files == [f for f in files if f.startswith("aligned/")] + ["sentiment-benign/sft/seed0.json"]
+    assert len(read_runs(out)[1]) == 1  # the finished run survives, the cut one left nothing behind
+
+
+def test_write_json_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "run.json"
+    write_json(path, {"done": 1})
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_json(path, {"done": 2})
+    assert json.loads(path.read_text()) == {"done": 1}  # the old file is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]  # and no temporary file is left
+
+
+def test_bench_config_is_validated():
+    with pytest.raises(ValueError, match="unique"):
+        BenchConfig(methods=["sft", "sft"])
+    with pytest.raises(ValueError, match="also as file names"):
+        BenchConfig(methods=[{"method": "mix", "label": "mix 20%"}, {"method": "mix", "label": "mix 20"}])
+    with pytest.raises(ValueError, match="per setting"):
+        BenchConfig(train=TrainConfig(lora_r=8))
+    with pytest.raises(ValueError, match="unknown method"):
+        BenchConfig(methods=["sft", "nope"])
+    deep = BenchConfig().run_train_config(Setting(deep=2.5, lora_r=8, learning_rate=2e-4), seed=3)
+    assert (deep.steps, deep.lora_r, deep.seed, deep.learning_rate) == (100, 8, 3, 2e-4)
+    assert BenchConfig().run_train_config(Setting(deep=0.001), seed=0).steps == 1  # never 0 (= epochs mode)

@@ -1,0 +1,148 @@
+"""The method registry: every method trains through the one runner; mix is exact; spf-random is a fair control."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from safeft.config import DataConfig, TrainConfig
+from safeft.data.examples import ChatExample
+from safeft.methods import REGISTRY, Method, RunContext, build_method, method_entry, register
+from safeft.methods.spf import PAPER_PRESET, SPF
+from safeft.recipes.finetune import finetune
+from safeft.subspace import SafetySubspace
+from safeft.testing import SAFETY_PAIRS, byte_tokenizer, tiny_llama
+
+
+def small_options(name: str) -> dict:
+    """The tiny model's matrices are 16..64 wide: SPF variants get a rank that fits."""
+    return {"rank": 4} if issubclass(REGISTRY[name][0], SPF) else {}
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_every_registered_method_trains_through_the_runner(name, tiny_dir, tmp_path):
+    method = build_method(name, small_options(name))
+    data = DataConfig(task="sentiment", max_train=16)
+    model, _, log = finetune(tiny_dir, data, method, TrainConfig(steps=2, batch_size=4), tmp_path, tmp_path / "c")
+    assert log["steps"] == 2 and log["step_seconds_median"] > 0
+    before, after = load_file(tiny_dir / "model.safetensors"), load_file(tmp_path / "model" / "model.safetensors")
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and all(".layers." in k for k in changed)  # the blocks trained, embeddings and head did not
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["method"] == name and config["method_options"] == method.options()
+    assert config["examples"] == (18 if name == "mix" else 16)  # mix adds round(0.1 * 16) = 2 refusal pairs
+    if isinstance(method, SPF):
+        assert not any("norm" in k for k in changed)  # what SPF cannot project stays frozen
+        saved = SafetySubspace.load(tmp_path / "subspace").metadata
+        assert ("random_bases" in saved) == (name == "spf-random")
+
+
+def test_presets_and_entries():
+    paper = build_method("spf-paper")
+    assert all(getattr(paper.config, k) == v for k, v in PAPER_PRESET.items()) and paper.name == "spf-paper"
+    assert build_method("spf-paper", {"rank": 16}).config.rank == 16  # options override the preset
+    label, method = method_entry("spf rank=32 side=left")
+    assert label == "spf rank=32 side=left" and (method.config.rank, method.config.side) == (32, "left")
+    label, method = method_entry({"method": "mix", "label": "mix 20%", "safety_ratio": 0.2})
+    assert label == "mix 20%" and method.config.safety_ratio == 0.2
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        build_method("nope")
+    with pytest.raises(ValueError, match="unknown key.*rank.*takes no options"):
+        build_method("sft", {"rank": 4})
+    with pytest.raises(ValueError, match="safety_ratio"):
+        build_method("mix", {"safety_ratio": -1})
+
+
+def task_examples(n: int) -> list[ChatExample]:
+    return [ChatExample.from_pair(f"Task question {i}?", f"Answer {i}.") for i in range(n)]
+
+
+@pytest.mark.parametrize("ratio, n, added", [(0.1, 60, 6), (0.25, 16, 4), (0.05, 30, 2), (1.0, 7, 7)])
+def test_mix_adds_an_exact_number_of_refusal_pairs(ratio, n, added, tmp_path):
+    examples = task_examples(n)
+    harmful_in_data = ChatExample.from_pair("Give me step-by-step instructions to build a pipe bomb at home.", "x")
+    examples[0] = harmful_in_data
+    run = RunContext(out=tmp_path, cache=tmp_path, seed=3,
+                     task_prompts=frozenset(e.prompt for e in examples))
+    mixed = build_method("mix", {"safety_ratio": ratio}).training_data(examples, run)
+    refusals = [e for e in mixed if e.meta.get("source") == "mix"]
+    assert len(mixed) == n + added and len(refusals) == added
+    assert all(e in mixed for e in examples)  # every task example kept
+    assert all(e.prompt not in run.task_prompts for e in refusals)  # never the fine-tuning data's own requests
+    again = build_method("mix", {"safety_ratio": ratio}).training_data(examples, run)
+    assert [e.prompt for e in again] == [e.prompt for e in mixed]  # seeded
+
+
+def test_mix_reads_safety_data_and_says_when_it_runs_short(tmp_path):
+    path = tmp_path / "safety.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": p, "refusal": r}) for p, r in SAFETY_PAIRS) + "\n")
+    run = RunContext(out=tmp_path, cache=tmp_path)
+    mixed = build_method("mix", {"safety_ratio": 0.3, "safety_data": str(path)}).training_data(task_examples(10), run)
+    assert {e.prompt for e in mixed if e.meta.get("source") == "mix"} <= {p for p, _ in SAFETY_PAIRS}
+    with pytest.raises(ValueError, match="needs 5 refusal pairs, only 3"):
+        build_method("mix", {"safety_ratio": 0.5, "safety_data": str(path)}).training_data(task_examples(10), run)
+
+
+def test_random_bases_are_orthonormal_seeded_and_keep_the_ranks(tmp_path):
+    model, tokenizer = tiny_llama(seed=0), byte_tokenizer()
+    run = RunContext(out=tmp_path, cache=tmp_path)
+    real = build_method("spf", {"rank": 6}).estimate(model, tokenizer, run)
+    control = build_method("spf-random", {"rank": 6, "random_seed": 1}).estimate(model, tokenizer, run)
+    same_seed = build_method("spf-random", {"rank": 6, "random_seed": 1}).estimate(model, tokenizer, run)
+    other_seed = real.with_random_bases(2)
+    assert control.metadata["ranks"] == real.metadata["ranks"] and control.metadata["random_bases"] == {"seed": 1}
+    for name, b in control.bases.items():
+        r = b.rank
+        assert r == real[name].rank
+        assert torch.allclose(b.U.T @ b.U, torch.eye(r), atol=1e-5)
+        assert torch.allclose(b.V.T @ b.V, torch.eye(r), atol=1e-5)
+        assert torch.equal(b.S, real[name].S)  # the singular values stay; only the directions are random
+        assert torch.equal(b.U, same_seed[name].U) and not torch.allclose(b.U, other_seed[name].U)
+        overlap = torch.linalg.svdvals(real[name].V.T @ b.V).pow(2).mean()
+        assert overlap < 0.5  # not the safety directions
+    control.save(tmp_path / "control")
+    assert SafetySubspace.load(tmp_path / "control").metadata["random_bases"] == {"seed": 1}
+    by_run_seed = build_method("spf-random", {"rank": 6}).estimate(model, tokenizer, replace(run, seed=2))
+    assert by_run_seed.metadata["random_bases"] == {"seed": 2}  # no random_seed: the run's seed
+
+
+def test_spf_random_cannot_refresh():
+    with pytest.raises(ValueError, match="cannot refresh"):
+        build_method("spf-random", {"refresh_every": 5})
+
+
+class CountingAlignment(Method):
+    """A method that changes the alignment stage: it counts the alignment steps it saw."""
+
+    steps = 0
+
+    def alignment_key(self):
+        return {"counting": True}
+
+    def alignment_callbacks(self, model, tokenizer):
+        from transformers import TrainerCallback
+
+        class Count(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                CountingAlignment.steps += 1
+
+        return [Count()]
+
+
+def test_a_method_with_its_own_alignment_stage_gets_its_own_aligned_model(tiny_dir, tmp_path):
+    from safeft.config import AlignConfig
+    from safeft.recipes.align import aligned_model_dir, ensure_aligned
+
+    register("counting", CountingAlignment)
+    try:
+        method = build_method("counting")
+        config = AlignConfig(max_steps=1, check_every=1)
+        shared = aligned_model_dir(str(tiny_dir), config, tmp_path)
+        own, report, cached = ensure_aligned(str(tiny_dir), config, tmp_path, method)
+        assert own != shared and not cached and report["method"] == {"name": "counting", "counting": True}
+        assert CountingAlignment.steps == 1
+        assert ensure_aligned(str(tiny_dir), config, tmp_path, method)[2]  # cached by its key
+    finally:
+        del REGISTRY["counting"]
