@@ -114,7 +114,7 @@ def bench(config: BenchConfig, *, command: str | None = None) -> dict:
     from tqdm.auto import tqdm
 
     from safeft.models import cache_dir
-    from safeft.recipes.align import aligned_model_dir, ensure_aligned
+    from safeft.recipes.align import ensure_aligned
 
     out = Path(config.out)
     cache = Path(config.cache) if config.cache else cache_dir()
@@ -123,12 +123,8 @@ def bench(config: BenchConfig, *, command: str | None = None) -> dict:
             for label, method in entries]
     todo = [p for p in plan if not _finished(config, out, *p)]
     print(f"bench: {len(plan)} runs, {len(plan) - len(todo)} already finished, {len(todo)} to run -> {out}")
-    aligned: dict[Path, dict] = {}  # aligned model dir -> its alignment report
     for setting, seed, label, method in tqdm(todo, desc="bench runs"):
-        aligned_dir = aligned_model_dir(config.model, config.align, cache, method)
-        if aligned_dir not in aligned:
-            aligned[aligned_dir] = ensure_aligned(config.model, config.align, cache, method)[1]
-        report = aligned[aligned_dir]
+        aligned_dir, report, _ = ensure_aligned(config.model, config.align, cache, method)  # cached after the first
         _evaluate_aligned(config, aligned_dir, report, setting, out)
         path = run_path(out, setting, label, seed)
         run_in_subprocess(config, setting, seed, label, method, aligned_dir, cache, command, path)
