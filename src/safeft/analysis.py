@@ -23,6 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from safeft.chat import encode_chat
+from safeft.config import check_positive
 from safeft.lowrank import (
     Factors,
     LowRankSum,
@@ -60,8 +61,7 @@ class AnalysisConfig:
             raise ValueError(f"AnalysisConfig.num_samples must be >= 2 to compare samples, got {self.num_samples}")
         if not self.ranks or min(self.ranks) <= 0:
             raise ValueError(f"AnalysisConfig.ranks must be positive integers, got {self.ranks}")
-        if self.reference_rank <= 0:
-            raise ValueError(f"AnalysisConfig.reference_rank must be positive, got {self.reference_rank}")
+        check_positive(self, "reference_rank")
 
 
 # --- statistics of one spectrum / pair of factored matrices ---------------------------------------------------

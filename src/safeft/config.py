@@ -68,8 +68,7 @@ class SPFConfig:
             raise ValueError(f"SPFConfig.rank must be a positive integer, got {self.rank}")
         if self.energy is not None and not 0.0 < self.energy <= 1.0:
             raise ValueError(f"SPFConfig.energy must be in (0, 1], got {self.energy}")
-        if self.max_rank <= 0:
-            raise ValueError(f"SPFConfig.max_rank must be positive, got {self.max_rank}")
+        check_positive(self, "max_rank", "estimate_batch_size")
         check_choice(self, "side", SIDES)
         check_choice(self, "mode", MODES)
         check_choice(self, "project", PROJECT_ON)
@@ -79,8 +78,6 @@ class SPFConfig:
         if self.onset_tokens is not None and self.onset_tokens <= 0:
             raise ValueError(f"SPFConfig.onset_tokens must be positive (or None for every token), got "
                              f"{self.onset_tokens}")
-        if self.estimate_batch_size <= 0:
-            raise ValueError(f"SPFConfig.estimate_batch_size must be positive, got {self.estimate_batch_size}")
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
 
@@ -127,9 +124,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.epochs must be > 0 when steps is 0, got {self.epochs}")
         if self.learning_rate <= 0:
             raise ValueError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}")
-        for name in ("batch_size", "max_length"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
+        check_positive(self, "batch_size", "max_length")
         check_choice(self, "schedule", ("linear", "constant"))
         if self.lora_r < 0:
             raise ValueError(f"TrainConfig.lora_r must be >= 0 (0 = full fine-tuning), got {self.lora_r}")
@@ -163,9 +158,7 @@ class AlignConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "check_every", "max_steps"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"AlignConfig.{name} must be positive, got {getattr(self, name)}")
+        check_positive(self, "batch_size", "check_every", "max_steps")
         if self.learning_rate <= 0:
             raise ValueError(f"AlignConfig.learning_rate must be > 0, got {self.learning_rate}")
         if not 0.0 < self.target_refusal <= 1.0:
@@ -258,6 +251,13 @@ def check_choice(config, name: str, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"{type(config).__name__}.{name} must be one of {', '.join(map(str, allowed))}; "
                          f"got {value!r}")
+
+
+def check_positive(config, *names: str) -> None:
+    """Raise ``ValueError`` naming the first field among ``names`` whose value is not positive."""
+    for name in names:
+        if getattr(config, name) <= 0:
+            raise ValueError(f"{type(config).__name__}.{name} must be positive, got {getattr(config, name)}")
 
 
 def type_name(tp) -> str:
