@@ -113,3 +113,15 @@ def test_version_and_methods():
     assert __version__ in invoke("--version").output
     listed = invoke("methods").output
     assert all(name in listed for name in ("sft", "spf", "spf-paper", "spf-random", "mix"))
+
+
+def test_demo_lora_rank_adds_lora_rows_beside_full_fine_tuning():
+    from safeft.cli import DEMO_LORA_LEARNING_RATE, DemoCommand
+    from safeft.config import from_flat
+
+    demo = from_flat(DemoCommand, {"lora_r": "8"})
+    assert demo.train.lora_r == 0  # the full fine-tuning rows stay full fine-tuning
+    assert [(s.harmful_ratio, s.lora_r) for s in demo.settings] == [(0.0, 0), (0.1, 0), (0.0, 8), (0.1, 8)]
+    assert {s.learning_rate for s in demo.settings if s.lora_r} == {DEMO_LORA_LEARNING_RATE}
+    assert len({s.name for s in demo.settings}) == 4
+    assert [s.lora_r for s in from_flat(DemoCommand, {}).settings] == [0, 0]

@@ -151,8 +151,8 @@ def test_shape_mismatch_is_a_clear_error():
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), m=st.integers(2, 16), n=st.integers(2, 16), k=st.integers(1, 4))
 def test_lora_rule(seed, m, n, k, mode):
-    """The LoRA factor rule: the induced first-order change of W never raises the safety loss; with removal it
-    has no U^T dW V component; the conflict test agrees with the dense one."""
+    """The two-sided LoRA factor rule: the induced first-order change of W never raises the safety loss; with
+    removal it has no U^T dW V component; the conflict test agrees with the dense one."""
     gen = torch.Generator().manual_seed(seed)
     r = min(m, n, 3)
     U, S, V = basis(m, n, r, gen)
@@ -161,10 +161,29 @@ def test_lora_rule(seed, m, n, k, mode):
     dense = gB @ A + B @ gA  # the first-order weight change direction, (m, n)
     diag = P.lora_core_diagonal(gB, gA, B, A, U, V)
     assert torch.allclose(diag, torch.diagonal(P.core(dense, U, V)), atol=1e-4)
-    nB, nA = P.project_lora(gB, gA, B, A, U, S, V, mode=mode)
+    nB, nA = P.project_lora(gB, gA, B, A, U, S, V, side="two_sided", mode=mode)
     induced = nB @ A + B @ nA
     assert float(P.safety_inner(induced, U, S, V)) >= -1e-4 * float(dense.norm())
     if mode == "always" or (mode == "conflict" and float((S * diag).sum()) < 0):
         assert torch.allclose(P.core(induced, U, V), torch.zeros(r, r), atol=1e-4)
     assert float(nB.norm()) <= float(gB.norm()) * (1 + 1e-5)
     assert float(nA.norm()) <= float(gA.norm()) * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("side", SIDES)
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), m=st.integers(2, 16), n=st.integers(2, 16), k=st.integers(1, 4))
+def test_lora_sides_project_only_their_factor(seed, m, n, k, side):
+    """``left`` makes B's step orthogonal to U, ``right`` A's step orthogonal to V, ``two_sided`` both; the factor a
+    side does not project is returned unchanged; projecting twice changes nothing."""
+    gen = torch.Generator().manual_seed(seed)
+    r = min(m, n, 3)
+    U, S, V = basis(m, n, r, gen)
+    B, A = torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen)
+    gB, gA = torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen)
+    nB, nA = P.project_lora(gB, gA, B, A, U, S, V, side=side, mode="always")
+    on_B, on_A = P.lora_projected_factors(side)
+    assert torch.allclose(U.T @ nB, torch.zeros(r, k), atol=1e-5) if on_B else torch.equal(nB, gB)
+    assert torch.allclose(nA @ V, torch.zeros(k, r), atol=1e-5) if on_A else torch.equal(nA, gA)
+    again = P.project_lora(nB, nA, B, A, U, S, V, side=side, mode="always")
+    assert torch.allclose(again[0], nB, atol=1e-5) and torch.allclose(again[1], nA, atol=1e-5)

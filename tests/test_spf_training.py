@@ -37,9 +37,6 @@ def safety_component(subspace, deltas) -> float:
 def run(model, tokenizer, batch, subspace, config, optimizer_cls, lr, steps=4, lora=False):
     if lora:
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
-        # start B away from zero so the first steps move both factors
-        for t in find_targets(model).values():
-            torch.nn.init.normal_(t.lora_B, std=0.02)
     before = snapshot(model)
     lora_start = {n: t.scaling * (t.lora_B @ t.lora_A).detach() for n, t in find_targets(model).items() if t.is_lora}
     optimizer = optimizer_cls([p for p in model.parameters() if p.requires_grad], lr=lr)

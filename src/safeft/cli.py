@@ -10,7 +10,7 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import typer
@@ -230,13 +230,29 @@ def bench(c, _: dict) -> None:
     _run_bench(c)
 
 
+DEMO_LORA_LEARNING_RATE = 2e-4
+
+
 @dataclass
 class DemoCommand(BenchConfig):
     """The demo: the bench's default grid (SFT, SPF and SPF with random bases as a control; benign and with 10%
-    harmful data; seed 0) on the default model, aligned first (cached)."""
+    harmful data; seed 0) on the default model, aligned first (cached).
+
+    Args:
+        lora_r: also run every setting under LoRA of this rank (all block linears, learning rate 2e-4), as a
+            second set of rows; 0 = full fine-tuning only.
+    """
 
     out: str = "runs/demo"
     title: str = "safeft demo: SFT vs SPF (and its random-basis control) on SmolLM2-135M-Instruct"
+
+    def __post_init__(self) -> None:
+        if self.train.lora_r:  # the demo's --lora-r adds LoRA rows instead of replacing the full fine-tuning ones
+            rank, self.train = self.train.lora_r, replace(self.train, lora_r=0)
+            lora = [replace(s, name=None, lora_r=rank, learning_rate=DEMO_LORA_LEARNING_RATE)
+                    for s in self.settings if not s.lora_r]
+            self.settings = [*self.settings, *lora]
+        super().__post_init__()
 
 
 @command(app, "demo", DemoCommand,

@@ -194,7 +194,19 @@ def _check_shapes(G: Tensor, U: Tensor, S: Tensor, V: Tensor) -> None:
         )
 
 
-# --- LoRA: dW = s * B A with B: (m, k), A: (k, n); the subspace belongs to the frozen base W ---------------------
+# --- LoRA: dW = s * (B A - B_0 A_0) with B: (m, k), A: (k, n); the subspace belongs to the frozen base W ---------
+
+
+def lora_projected_factors(side: Side) -> tuple[bool, bool]:
+    """Return which LoRA factors ``side`` projects, as ``(B, A)``.
+
+    ``left`` projects B's changes on the left, which keeps ``U^T dW = 0`` while ``U^T B_0 = 0`` (peft starts B at
+    zero); ``right`` projects A's changes on the right, which keeps ``dW V = 0`` while ``A_0 V = 0`` (the caller
+    projects A's initial value); ``two_sided`` projects both, which keeps the core ``U^T dW V = 0`` from any start.
+    """
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+    return side in ("left", "two_sided"), side in ("right", "two_sided")
 
 
 def lora_core_diagonal(grad_B: Tensor, grad_A: Tensor, B: Tensor, A: Tensor, U: Tensor, V: Tensor) -> Tensor:
@@ -207,37 +219,47 @@ def _lora_diag(sk_B: Tensor, sk_A: Tensor, B: Tensor, A: Tensor, U: Tensor, V: T
     return (sk_B * (A.float() @ V.float()).T).sum(dim=1) + ((U.float().T @ B.float()) * sk_A.T).sum(dim=1)
 
 
-def project_lora(
-    grad_B: Tensor, grad_A: Tensor, B: Tensor, A: Tensor, U: Tensor, S: Tensor, V: Tensor, *, mode: Mode = "conflict"
-) -> tuple[Tensor, Tensor]:
-    """Project the gradients of LoRA factors so the induced weight change has no component ``U^T dW V``.
+def project_lora(grad_B: Tensor, grad_A: Tensor, B: Tensor, A: Tensor, U: Tensor, S: Tensor, V: Tensor, *,
+                 side: Side = "two_sided", mode: Mode = "conflict") -> tuple[Tensor, Tensor]:
+    """Project the gradients of LoRA factors so the induced weight change stays out of the side's safety space.
 
     Args:
         grad_B, B: ``(m, k)`` gradient and value of the LoRA up-projection.
         grad_A, A: ``(k, n)`` gradient and value of the LoRA down-projection.
         U, S, V: the base matrix's safety basis, as in :func:`project`.
-        mode: which directions to remove; the conflict test is ``<U S V^T, grad_B A + B grad_A> < 0``.
+        side: which factors to project (:func:`lora_projected_factors`).
+        mode: which directions to remove; the conflict test is ``<U S V^T, grad_B A + B grad_A> < 0`` for every side.
 
     Returns:
-        New tensors ``(grad_B', grad_A')`` in the input dtypes: ``grad_B' = grad_B - U_D U_D^T grad_B`` (left) and
-        ``grad_A' = grad_A - grad_A V_D V_D^T`` (right), D the removed directions. :func:`project_lora_` works
-        in place.
+        New tensors ``(grad_B', grad_A')`` in the input dtypes, with ``grad_B' = grad_B - U_D U_D^T grad_B`` where
+        ``side`` projects B and ``grad_A' = grad_A - grad_A V_D V_D^T`` where it projects A (D the removed
+        directions). With ``mode="always"`` the side's invariant holds for the step: ``U^T grad_B' = 0`` (left),
+        ``grad_A' V = 0`` (right), both (two_sided). With ``conflict``/``directional`` a left or right projection
+        removes the conflicting directions from its own factor's term only; the other factor's term
+        (``B grad_A`` for left, ``grad_B A`` for right) keeps whatever ``U^T B`` or ``A V`` earlier unprojected
+        steps let in. :func:`project_lora_` works in place.
     """
     new_B, new_A = grad_B.clone(), grad_A.clone()
-    project_lora_(new_B, new_A, B, A, U, S, V, mode=mode)
+    project_lora_(new_B, new_A, B, A, U, S, V, side=side, mode=mode)
     return new_B, new_A
 
 
 def project_lora_(grad_B: Tensor, grad_A: Tensor, B: Tensor, A: Tensor, U: Tensor, S: Tensor, V: Tensor, *,
-                  mode: Mode = "conflict") -> ProjectionStats:
+                  side: Side = "two_sided", mode: Mode = "conflict") -> ProjectionStats:
     """Project LoRA factor gradients in place like :func:`project_lora`; return the conflict statistics."""
+    on_B, on_A = lora_projected_factors(side)
     sk_B = U.float().T @ grad_B.float()  # (r, k)
     sk_A = grad_A.float() @ V.float()  # (k, r)
     if not (torch.isfinite(sk_B).all() and torch.isfinite(sk_A).all()):
         raise FloatingPointError("non-finite LoRA gradient (NaN/inf) given to the SPF projection")
     diag = _lora_diag(sk_B, sk_A, B, A, U, V)
     mask = removal_mask(diag, S, mode)
-    subtract_(grad_B, sk_B, U, V, mask, "left")
-    subtract_(grad_A, sk_A, U, V, mask, "right")
+    removed_sq = torch.zeros((), device=diag.device)
+    if on_B:
+        subtract_(grad_B, sk_B, U, V, mask, "left")
+        removed_sq = removed_sq + removed_energy(sk_B, mask, "left")
+    if on_A:
+        subtract_(grad_A, sk_A, U, V, mask, "right")
+        removed_sq = removed_sq + removed_energy(sk_A, mask, "right")
     return ProjectionStats(inner_before=(S.float() * diag).sum(), fired=(mask.sum() > 0).float(),
-                           removed_sq=removed_energy(sk_B, mask, "left") + removed_energy(sk_A, mask, "right"))
+                           removed_sq=removed_sq)

@@ -4,6 +4,12 @@ Both paths call the same two methods of :class:`SPFProjector` around every optim
 
 - ``before_step``: with ``project="grad"``, project each target's gradient (SPEC §2); with ``project="update"``,
   remember each target's sketch (``U^T W``, ``W V`` or ``U^T W V``; for LoRA ``U^T B`` and ``A V``).
+
+Under LoRA (``dW = s (B A - B_0 A_0)``) the side chooses the factor: ``right`` keeps the rows of A orthogonal to V
+(A's initial value is projected when SPF is attached), so ``dW V = 0`` whatever B does; ``left`` keeps the columns
+of B orthogonal to U (B starts at zero), so ``U^T dW = 0``; ``two_sided`` projects both factors' changes, which
+keeps the core ``U^T dW V = 0`` from any start (and, with B starting at zero and ``mode="always"``, ``U^T dW = 0``
+too). With ``project="update"`` and ``mode="always"`` these hold for the merged weight under any optimizer.
 - ``after_step``: with ``project="update"``, remove the conflicting part of the weight change the optimizer
   actually made, computed from the new sketch minus the old one; refresh the subspace when due.
 
@@ -93,6 +99,11 @@ class SPFProjector:
         self._before_seconds = 0.0
         self._reset_counters()
         self._use(subspace)
+        lora = any(g.target.is_lora for g in self.guards)
+        if self.config.refresh_every and self.config.side != "two_sided" and lora:
+            raise ValueError(f"refresh_every under LoRA needs side='two_sided': side={self.config.side!r} keeps one "
+                             "LoRA factor orthogonal to the basis, and a new basis would break that without changing "
+                             "the model. Drop refresh_every or use side='two_sided'.")
         unguarded = unguarded_parameters(self.model, subspace)
         if unguarded:
             names = ", ".join(list(unguarded)[:3])
@@ -116,7 +127,34 @@ class SPFProjector:
             U, S, V = (t.to(device=device, dtype=torch.float32) for t in (basis.U, basis.S, basis.V))
             self.guards.append(_Guard(target, U, S, V, start_core=torch.zeros(0)))
         for guard in self.guards:
+            if guard.target.is_lora:
+                self._start_lora_side(guard)
             guard.start_core = self._effective_core(guard)
+
+    @torch.no_grad()
+    def _start_lora_side(self, guard: _Guard) -> None:
+        """Put the factor the side projects into its invariant (right: ``A V = 0``; left: ``U^T B = 0``), or refuse.
+
+        Projecting A when B is zero leaves the model's function unchanged; with B non-zero (an adapter trained
+        without this side, or a PiSSA-style initialisation) it would not, so that is an error."""
+        t, side = guard.target, self.config.side
+        if side == "two_sided":
+            return
+        if side == "right":
+            factor, sk = t.lora_A, t.lora_A.float() @ guard.V  # (k, r)
+        else:
+            factor, sk = t.lora_B, guard.U.T @ t.lora_B.float()  # (r, k)
+        tolerance = torch.finfo(factor.dtype).eps ** 0.5
+        if float(sk.norm()) <= tolerance * float(factor.float().norm()):
+            return
+        if side == "right" and not t.lora_B.any():
+            P.subtract_(t.lora_A.data, sk, guard.U, guard.V, torch.ones_like(guard.S), "right")
+            return
+        what = "rows of lora_A orthogonal to V" if side == "right" else "columns of lora_B orthogonal to U"
+        raise ValueError(f"{t.name}: SPF side={side!r} under LoRA keeps the {what}, but this adapter's lora_B is "
+                         "already non-zero and not so (trained without this side, or a PiSSA/OLoRA-style "
+                         "initialisation), so enforcing it would change the model. Start from a fresh adapter "
+                         "(peft's default init, lora_B = 0) or use side='two_sided'.")
 
     @torch.no_grad()
     def _effective_core(self, guard: _Guard) -> Tensor:
@@ -172,7 +210,8 @@ class SPFProjector:
         grad_sq = sum(torch.linalg.vector_norm(g, dtype=torch.float32) ** 2 for g in grads) if measure else None
         try:
             if t.is_lora:
-                stats = P.project_lora_(*grads, t.lora_B, t.lora_A, guard.U, guard.S, guard.V, mode=cfg.mode)
+                stats = P.project_lora_(*grads, t.lora_B, t.lora_A, guard.U, guard.S, guard.V, side=cfg.side,
+                                        mode=cfg.mode)
             else:
                 stats = P.project_(grads[0], guard.U, guard.S, guard.V, side=cfg.side, mode=cfg.mode)
         except FloatingPointError:
@@ -194,13 +233,16 @@ class SPFProjector:
         if t.is_lora:
             (ub_old, av_old), (ub_new, av_new) = guard.before, after
             diag = t.scaling * torch.diagonal(ub_new @ av_new - ub_old @ av_old)  # diag(U^T dW V)
+            sides, projected = ("left", "right"), P.lora_projected_factors(cfg.side)  # B is sketched left, A right
         else:
             diag = P.core_diagonal(deltas[0], guard.U, guard.V, cfg.side)
+            sides, projected = (cfg.side,), (True,)
         mask = P.removal_mask(-diag, guard.S, cfg.mode)  # a weight change dW acts like a step along -dW
-        sides = ("left", "right") if t.is_lora else (cfg.side,)
-        removed = [P.masked_sketch(d, mask, side) for d, side in zip(deltas, sides)]
-        for weight, delta, side in zip(guard.weights(), deltas, sides):
-            P.subtract_(weight.data, delta, guard.U, guard.V, mask, side)  # .data: no version bump, no autograd
+        removed = [P.masked_sketch(d, mask, side) if on else torch.zeros_like(d)
+                   for d, side, on in zip(deltas, sides, projected)]
+        for weight, delta, side, on in zip(guard.weights(), deltas, sides, projected):
+            if on:
+                P.subtract_(weight.data, delta, guard.U, guard.V, mask, side)  # .data: no version bump, no autograd
         guard.corrected = tuple(a - r for a, r in zip(after, removed))
         guard.versions = tuple(w._version for w in guard.weights())
         self._count((mask.sum() > 0).float(), sum(r.pow(2).sum() for r in removed), None)

@@ -71,6 +71,9 @@ def find_targets(model: nn.Module, patterns: list[str] | None = None) -> dict[st
         if id(module) in lora_parts:
             continue
         name = canonical_name(raw_name)
+        if hasattr(module, "base_layer") and not hasattr(module, "lora_A") and matches(name, patterns):
+            raise ValueError(f"{name}: SPF supports plain LoRA adapters only, this layer is a "
+                             f"{type(module).__module__}.{type(module).__name__}; use peft's LoraConfig")
         if hasattr(module, "base_layer") and hasattr(module, "lora_A"):
             lora_parts.update(id(m) for m in module.modules() if m is not module)
             base = module.get_base_layer()
@@ -91,5 +94,10 @@ def _lora_target(name: str, module: nn.Module, base: nn.Linear) -> Target:
     adapter = active[0]
     if getattr(module, "use_dora", {}).get(adapter, False):
         raise ValueError(f"{name}: DoRA adapters are not supported by SPF; use plain LoRA (use_dora=False)")
+    variant = getattr(module, "lora_variant", {}).get(adapter)
+    if variant is not None or hasattr(module, "lora_E"):
+        kind = type(variant).__name__ if variant is not None else type(module).__name__
+        raise ValueError(f"{name}: SPF supports plain LoRA (dW = scaling * B A) only, this adapter is a {kind}; "
+                         "use a plain LoraConfig (no use_dora, AdaLoRA or other LoRA variant)")
     return Target(name=name, base=base, lora_A=module.lora_A[adapter].weight, lora_B=module.lora_B[adapter].weight,
                   scaling=float(module.scaling[adapter]))
