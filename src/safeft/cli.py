@@ -79,7 +79,7 @@ def align(c: AlignCommand, _: dict) -> None:
     if (target / "align.json").exists() and not c.overwrite:
         typer.echo(f"aligned model already at {target} (pass --overwrite to redo)")
         return
-    report = run_align(c.model, target, c.align, _cache(c.cache))
+    report = run_align(c.model, target, c.align, _cache(c.cache), overwrite=c.overwrite, command=_command_line())
     typer.echo(f"aligned in {report['steps']} steps, {report['seconds']:.0f} s; validation refusal "
                f"{100 * report['checks'][-1]['val_refusal']:.0f}%, refusal loss {report['val_refusal_loss']:.3f} "
                f"-> {target}")
@@ -137,15 +137,16 @@ def method_help() -> dict[str, str]:
 def finetune(c: FinetuneCommand, options: dict) -> None:
     from safeft.methods import build_method
     from safeft.recipes.finetune import finetune as run_finetune
-    from safeft.recipes.outputs import prepare_output
+    from safeft.recipes.outputs import writing
 
     try:
         method = build_method(c.method, options)
     except ValueError as error:
         raise UsageError(str(error).replace("unknown key(s)", "options not taken by this method:")) from None
-    out = prepare_output(c.out, c.overwrite)
-    _, _, log = run_finetune(c.model, c.data, method, c.train, out, _cache(c.cache))
-    typer.echo(f"{method.name}: {log['steps']} steps in {log['seconds']:.0f} s -> {out}")
+    inputs = [c.model, c.data.task_train, c.data.task_test, c.data.harmful_answers, options.get("safety_data")]
+    with writing(c.out, overwrite=c.overwrite, inputs=inputs, command=_command_line()) as tmp:
+        _, _, log = run_finetune(c.model, c.data, method, c.train, tmp, _cache(c.cache))
+    typer.echo(f"{method.name}: {log['steps']} steps in {log['seconds']:.0f} s -> {c.out}")
 
 
 @app.command("methods")
@@ -197,10 +198,9 @@ def evaluate(c: EvalCommand, _: dict) -> None:
     from safeft.data.tasks import load_task
     from safeft.evaluate.judges import load_judge
     from safeft.recipes.evaluate import evaluate_dir
-    from safeft.recipes.outputs import write_json
+    from safeft.recipes.outputs import check_output_file, write_json
 
-    if Path(c.out).exists() and not c.overwrite:
-        raise UsageError(f"{c.out} exists; pass --overwrite to replace it")
+    check_output_file(c.out, overwrite=c.overwrite, inputs=[c.model, c.task_train, c.task_test, c.harmful, c.judge])
     task = None if c.task == "none" else load_task(c.task, c.task_train, c.task_test, max_test=c.max_test)
     prompts = [e.prompt for e in read_advbench(c.harmful)] if c.harmful else None
     result = evaluate_dir(c.model, task, max_new_tokens=c.max_new_tokens, judge=load_judge(c.judge),
@@ -302,19 +302,20 @@ class EstimateCommand:
 def estimate(c: EstimateCommand, _: dict) -> None:
     from safeft.data import builtin_safety_samples, load_safety_samples
     from safeft.models import load_model
-    from safeft.subspace import TENSORS_FILE, SafetySubspace
+    from safeft.recipes.outputs import writing
+    from safeft.subspace import SafetySubspace
 
-    out = Path(c.out)
-    if (out / TENSORS_FILE).exists() and not c.overwrite:
-        raise UsageError(f"{out} already holds a subspace; pass --overwrite to replace it")
     config = SPFConfig(rank=c.rank, energy=c.energy, max_rank=c.max_rank, target_modules=c.target_modules,
                        onset_tokens=c.onset_tokens)
     pairs = load_safety_samples(c.samples) if c.samples else builtin_safety_samples(c.num_samples)
-    lm, tokenizer = load_model(c.model, chat_template=c.chat_template)
-    start = time.perf_counter()
-    subspace = SafetySubspace.estimate(lm, tokenizer, pairs, config)
-    seconds = time.perf_counter() - start
-    subspace.save(out, overwrite=c.overwrite)
+    inputs = [c.model, c.samples, c.chat_template]
+    with writing(c.out, overwrite=c.overwrite, inputs=inputs, command=_command_line()) as out:
+        lm, tokenizer = load_model(c.model, chat_template=c.chat_template)
+        start = time.perf_counter()
+        subspace = SafetySubspace.estimate(lm, tokenizer, pairs, config)
+        seconds = time.perf_counter() - start
+        subspace.save(out, overwrite=True)
+    out = Path(c.out)
     ranks = list(subspace.metadata["ranks"].values())
     share = subspace.numel() / sum(p.numel() for p in lm.parameters())
     typer.echo(f"{len(subspace)} targets, rank {min(ranks)}..{max(ranks)} (mean {sum(ranks) / len(ranks):.1f}) from "
@@ -374,17 +375,18 @@ def analyze(c: AnalyzeCommand, _: dict) -> None:
     from safeft.analysis import analyze as run_analysis
     from safeft.models import load_model
     from safeft.recipes.finetune import load_finetuned
-    from safeft.recipes.outputs import prepare_output, write_json
+    from safeft.recipes.outputs import write_json, writing
 
     safety, utility = analysis_inputs(c.safety_data, c.safety_format, c.task, c.task_data,
                                       c.analysis.num_samples, c.seed)
-    out = prepare_output(c.out, c.overwrite)
-    lm, tokenizer = load_finetuned(c.model) if Path(c.model).exists() else load_model(c.model)
-    result = run_analysis(lm, tokenizer, safety, utility, c.analysis)
-    result["inputs"] = {"model": c.model, "safety_data": c.safety_data or "built-in", "task": c.task,
-                        "task_data": c.task_data or "built-in"}
-    write_json(out / "analysis.json", result)
-    plot(result, out / "analysis.png")
-    summary = summary_markdown(result, f"{c.model}: safety {result['inputs']['safety_data']}, utility {c.task}")
-    (out / "analysis.md").write_text(summary)
+    inputs = [c.model, c.safety_data, c.task_data]
+    with writing(c.out, overwrite=c.overwrite, inputs=inputs, command=_command_line()) as out:
+        lm, tokenizer = load_finetuned(c.model) if Path(c.model).exists() else load_model(c.model)
+        result = run_analysis(lm, tokenizer, safety, utility, c.analysis)
+        result["inputs"] = {"model": c.model, "safety_data": c.safety_data or "built-in", "task": c.task,
+                            "task_data": c.task_data or "built-in"}
+        write_json(out / "analysis.json", result)
+        plot(result, out / "analysis.png")
+        summary = summary_markdown(result, f"{c.model}: safety {result['inputs']['safety_data']}, utility {c.task}")
+        (out / "analysis.md").write_text(summary)
     typer.echo(summary)

@@ -36,7 +36,10 @@ class SPFConfig:
         target_modules: names or regexes of the ``nn.Linear`` modules to guard (peft-style: a name matches when it
             equals a pattern, ends with ``"." + pattern`` or fully matches it as a regex). ``None``: every linear
             layer inside the transformer blocks (a numbered module list), embeddings and LM head excluded.
-        side: ``"left"``, ``"right"`` or ``"two_sided"`` removal. LoRA factors always use the factor rule.
+        side: ``"left"`` (keep the weight change out of U: ``U^T dW = 0``), ``"right"`` (out of V: ``dW V = 0``) or
+            ``"two_sided"`` (only the core ``U^T dW V = 0``). Under LoRA the side picks the factor kept orthogonal:
+            right = the rows of lora_A to V (its initial value is projected), left = the columns of lora_B to U,
+            two_sided = both factors' changes.
         mode: ``"conflict"`` (remove only when the step raises the safety loss), ``"always"`` or ``"directional"``.
         project: ``"grad"`` projects the gradient before the optimizer step; ``"update"`` projects the weight change
             the optimizer made, so the guarantee holds for Adam and any other optimizer.

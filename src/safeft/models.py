@@ -76,6 +76,39 @@ def default_model_path() -> Path:
     return target
 
 
+def model_source(model: str) -> str:
+    """Return where ``model`` is loaded from, without touching a network: the default model's cached checkpoint, a
+    local directory, or an HF id found in the local Hugging Face cache.
+
+    Raises:
+        FileNotFoundError: if ``model`` is neither a directory nor a cached HF id (a missing local path is never
+            looked up on a hub), or is a directory without ``config.json``.
+    """
+    if model == DEFAULT_MODEL:
+        return str(default_model_path())
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists() and not any(path.glob("*.gguf")):
+            raise FileNotFoundError(f"{model} is not a model directory (no config.json); pass the directory that "
+                                    "holds config.json and the weights")
+        return str(path)
+    if path.exists():
+        raise FileNotFoundError(f"{model} is a file; pass the model's directory")
+    if _looks_like_hub_id(model):
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(model, "config.json"), str):
+            return model
+        raise FileNotFoundError(f"{model}: no such directory, and not in the local Hugging Face cache (safeft never "
+                                "downloads at run time); download it first or pass a local directory")
+    raise FileNotFoundError(f"{model}: no such model directory")
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) <= 2 and all(parts) and not name.startswith((".", "~")) and " " not in name
+
+
 def load_model(model: str = DEFAULT_MODEL, *, gguf_file: str | None = None, chat_template: str | None = None,
                dtype=None, trust_remote_code: bool = False):
     """Return ``(model, tokenizer)`` for a causal LM.
@@ -96,11 +129,16 @@ def load_model(model: str = DEFAULT_MODEL, *, gguf_file: str | None = None, chat
 
     from safeft.chat import require_chat_template
 
-    source = default_model_path() if model == DEFAULT_MODEL else model
+    source = model_source(model)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
-    lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32,
-                                              trust_remote_code=trust_remote_code, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=True,
+                                                  **kwargs)
+        lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32, local_files_only=True,
+                                                  trust_remote_code=trust_remote_code, **kwargs)
+    except OSError as error:  # transformers' "can't load ..." for a directory without the expected files
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"cannot load the model at {model}: {first}") from None
     if chat_template:
         tokenizer.chat_template = Path(chat_template).read_text()
     require_chat_template(tokenizer)

@@ -99,8 +99,13 @@ def read_yaml(path: Path) -> dict[str, Any]:
         loaded = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
         raise UsageError(f"--config {path}: no such file") from None
+    except (IsADirectoryError, UnicodeDecodeError) as error:
+        raise UsageError(f"--config {path}: not a readable UTF-8 text file ({type(error).__name__})") from None
     except yaml.YAMLError as error:
-        raise UsageError(f"--config {path}: not valid YAML ({error})") from None
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise UsageError(f"--config {path}: not valid YAML ({where}{problem})") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, Mapping):
@@ -164,7 +169,8 @@ def command(app: typer.Typer, name: str, cls, *, help: str, extra: Mapping[str, 
             try:
                 instance, extras = merge(cls, kwargs, config_file, {k: v[0] for k, v in extra.items()})
                 run(instance, extras)
-            except (UsageError, ValueError, FileExistsError, FileNotFoundError) as error:
+            except (UsageError, ValueError, FileExistsError, FileNotFoundError, PermissionError, IsADirectoryError,
+                    NotADirectoryError, FloatingPointError) as error:
                 typer.echo(f"Error: {error}", err=True)
                 raise typer.Exit(2) from None
 

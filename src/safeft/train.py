@@ -75,6 +75,53 @@ class CostMeter(TrainerCallback):
                 "peak_memory_mb": self.peak_bytes / 2**20 if self.peak_bytes else None}
 
 
+class FiniteCheck(TrainerCallback):
+    """Stops training with ``FloatingPointError`` when a logged loss or gradient norm is NaN or infinite."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "grad_norm"):
+            value = (logs or {}).get(key)
+            if value is not None and not math.isfinite(float(value)):
+                raise FloatingPointError(
+                    f"training diverged by step {state.global_step}: {key} is {value}. Lower the learning rate "
+                    f"(it is {args.learning_rate:g}), or train in float32/bfloat16 instead of float16.")
+
+
+def first_non_finite(model) -> str | None:
+    """Return the name of the first parameter of ``model`` that holds NaN or inf, or None if all are finite."""
+    return next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+
+
+def encode_for_training(model, tokenizer, examples: Sequence[ChatExample], max_length: int) -> list:
+    """Return the examples encoded for training, cut to ``max_length`` and to the model's position limit.
+
+    Warns how many examples were cut, and skips (with a warning) examples left without an assistant token.
+    Raises ``ValueError`` if no example keeps one: there would be nothing to train on.
+    """
+    import warnings
+
+    from safeft.chat import IGNORE_INDEX
+
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or max_length
+    length = min(max_length, limit)
+    full = [encode_messages(tokenizer, e.messages) for e in examples]
+    cut = sum(len(e.input_ids) > length for e in full)
+    encoded = [truncate(e, length) for e in full]
+    kept = [e for e in encoded if any(label != IGNORE_INDEX for label in e.labels)]
+    if not kept:
+        raise ValueError(f"no trainable tokens: none of the {len(examples)} examples has an assistant turn within "
+                         f"the first {length} tokens. Give every example an assistant response, or raise "
+                         "--max-length")
+    if cut:
+        why = f"--max-length {max_length}" if length == max_length else f"the model's position limit {limit}"
+        warnings.warn(f"{cut} of {len(examples)} training examples are longer than {length} tokens and were cut "
+                      f"to {why}", stacklevel=2)
+    if len(kept) < len(encoded):
+        warnings.warn(f"{len(encoded) - len(kept)} of {len(examples)} training examples have no assistant token "
+                      f"within {length} tokens and are skipped", stacklevel=2)
+    return kept
+
+
 def train(model, tokenizer, examples: Sequence[ChatExample], config: TrainConfig, *,
           output_dir: str = "/tmp/safeft-trainer", callbacks: Sequence[TrainerCallback] = ()) -> dict:
     """Fine-tune ``model`` in place on ``examples`` (loss on assistant turns) and return the training log.
@@ -90,7 +137,7 @@ def train(model, tokenizer, examples: Sequence[ChatExample], config: TrainConfig
 
     if not examples:
         raise ValueError("no training examples: the data set is empty")
-    encoded = [truncate(encode_messages(tokenizer, e.messages), config.max_length) for e in examples]
+    encoded = encode_for_training(model, tokenizer, examples, config.max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     steps = config.steps or math.ceil(config.epochs * len(encoded) / config.batch_size)
     args = TrainingArguments(
@@ -105,6 +152,11 @@ def train(model, tokenizer, examples: Sequence[ChatExample], config: TrainConfig
     meter = CostMeter()
     for callback in reversed([*callbacks, meter]):
         trainer.callback_handler.callbacks.insert(0, callback)
+    trainer.callback_handler.callbacks.append(FiniteCheck())
     output = trainer.train()
+    bad = first_non_finite(model)
+    if bad:
+        raise FloatingPointError(f"training diverged: non-finite weights after {trainer.state.global_step} steps, "
+                                 f"first in {bad}. Lower the learning rate (it is {config.learning_rate:g}).")
     return {"log_history": trainer.state.log_history, "seconds": output.metrics.get("train_runtime"),
             "steps": trainer.state.global_step, **meter.summary()}

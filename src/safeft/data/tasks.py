@@ -98,6 +98,9 @@ def load_task(name: str, train_path: str | None = None, test_path: str | None = 
         max_train, max_test: keep a random subset of this size (seeded).
     """
     if name in BUILTIN_TASKS and train_path is None:
+        if test_path is not None:
+            raise ValueError(f"the built-in task {name!r} has its own test split; --task-test is for a task read "
+                             f"from files (give --task-train too, with a format: {sorted(FILE_SCORERS)})")
         task = BUILTIN_TASKS[name]()
     elif name in FILE_SCORERS:
         if train_path is None:

@@ -71,7 +71,10 @@ class ClassifierJudge:
     def __init__(self, path: str):
         from transformers import pipeline
 
-        self.classify = pipeline("text-classification", model=path, truncation=True)
+        from safeft.models import model_source
+
+        self.classify = pipeline("text-classification", model=model_source(path), truncation=True,
+                                 model_kwargs={"local_files_only": True})
         self.keywords = KeywordJudge()
 
     def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> list[str]:

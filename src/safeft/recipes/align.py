@@ -21,7 +21,7 @@ from safeft.answers import cached_answers, model_key
 from safeft.config import AlignConfig, TrainConfig
 from safeft.data import builtin
 from safeft.data.examples import ChatExample
-from safeft.recipes.outputs import write_json
+from safeft.recipes.outputs import write_json, writing
 
 
 def alignment_examples(base, tokenizer, model_name: str, cache: Path) -> list[ChatExample]:
@@ -64,42 +64,41 @@ class RefusalCheck(TrainerCallback):
         return control
 
 
-def align(model_name: str, out: Path, config: AlignConfig, cache: Path, method=None) -> dict:
+def align(model_name: str, out: Path, config: AlignConfig, cache: Path, method=None, *, overwrite: bool = False,
+          command: str = "") -> dict:
     """Align ``model_name`` and save it to ``out`` (model, tokenizer, ``align.json``); return the report.
 
     With a ``method`` whose :meth:`~safeft.methods.Method.alignment_key` is set, its alignment callbacks act on
-    every alignment step. ``out`` is written under a temporary name and renamed at the end.
+    every alignment step. ``out`` is written like every command's output (:func:`safeft.recipes.outputs.writing`):
+    never over the input model, an existing ``out`` only with ``overwrite`` and only once alignment has finished.
     """
     from safeft.models import load_model
     from safeft.subspace import SafetySample, safety_loss
     from safeft.train import prepare_model, train
 
-    base, tokenizer = load_model(model_name)
-    start = time.perf_counter()
-    examples = alignment_examples(base, tokenizer, model_name, cache)
-    model = prepare_model(base, TrainConfig())
-    val = [p for _, p in builtin.harmful_requests("val")]
-    check = RefusalCheck(tokenizer, val, config.check_every, config.target_refusal)
-    extra = method.alignment_callbacks(model, tokenizer) if method is not None and method.alignment_key() else []
-    settings = TrainConfig(steps=config.max_steps, learning_rate=config.learning_rate, batch_size=config.batch_size,
-                           seed=config.seed, schedule="constant")  # the stopping step is not known in advance
-    log = train(model, tokenizer, examples, settings, callbacks=[check, *extra], output_dir=str(out) + ".trainer")
-    shutil.rmtree(str(out) + ".trainer", ignore_errors=True)
-    report = {
-        "base_model": model_name, "config": asdict(config), "steps": log["steps"], "checks": check.checks,
-        "examples": len(examples), "seconds": time.perf_counter() - start,
-        "val_refusal_loss": safety_loss(model, tokenizer, [SafetySample(p, builtin.refusal_for(p)) for p in val]),
-    }
-    if method is not None and method.alignment_key():
-        report["method"] = {"name": method.name, **method.alignment_key()}
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    write_json(tmp / "align.json", report)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with writing(out, overwrite=overwrite, inputs=[model_name], command=command) as tmp:
+        base, tokenizer = load_model(model_name)
+        start = time.perf_counter()
+        examples = alignment_examples(base, tokenizer, model_name, cache)
+        model = prepare_model(base, TrainConfig())
+        val = [p for _, p in builtin.harmful_requests("val")]
+        check = RefusalCheck(tokenizer, val, config.check_every, config.target_refusal)
+        extra = method.alignment_callbacks(model, tokenizer) if method is not None and method.alignment_key() else []
+        settings = TrainConfig(steps=config.max_steps, learning_rate=config.learning_rate,
+                               batch_size=config.batch_size, seed=config.seed,
+                               schedule="constant")  # the stopping step is not known in advance
+        log = train(model, tokenizer, examples, settings, callbacks=[check, *extra], output_dir=str(tmp / "trainer"))
+        shutil.rmtree(tmp / "trainer", ignore_errors=True)
+        report = {
+            "base_model": model_name, "config": asdict(config), "steps": log["steps"], "checks": check.checks,
+            "examples": len(examples), "seconds": time.perf_counter() - start,
+            "val_refusal_loss": safety_loss(model, tokenizer, [SafetySample(p, builtin.refusal_for(p)) for p in val]),
+        }
+        if method is not None and method.alignment_key():
+            report["method"] = {"name": method.name, **method.alignment_key()}
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "align.json", report)
     return report
 
 

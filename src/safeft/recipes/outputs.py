@@ -1,4 +1,4 @@
-"""Output directories and atomic JSON files."""
+"""Output directories written safely (a locked temporary sibling renamed into place) and atomic JSON files."""
 
 from __future__ import annotations
 
@@ -6,18 +6,151 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 
+MARKER = "safeft-output.json"  # written last into every finished output directory: what wrote it, and when
+FINISHED = (MARKER, "align.json")  # either marks a finished safeft output (aligned models predate the marker)
+INCOMPLETE = "INCOMPLETE"  # inside ``<out>.partial`` while a command writes it
 
-def prepare_output(path: str | Path, overwrite: bool) -> Path:
-    """Return ``path`` ready to write into; refuse a non-empty existing directory unless ``overwrite``."""
-    path = Path(path)
-    if path.exists() and any(path.iterdir()):
+
+def check_output(out: str | Path, *, overwrite: bool, inputs: Sequence[str | Path | None] = ()) -> Path:
+    """Return ``out`` as a Path once it is safe to write there later; raise otherwise (before any work is done).
+
+    Refuses an ``out`` that is, contains or lies inside one of ``inputs`` (the run would replace what it reads), an
+    existing file, a non-empty directory without ``overwrite``, a non-empty directory that no safeft command
+    finished (no ``safeft-output.json``: it may hold anything) and a parent directory that cannot be written.
+    """
+    out = Path(out)
+    resolved = out.resolve()
+    for item in inputs:
+        if item is None or not Path(item).exists():
+            continue
+        source = Path(item).resolve()
+        if resolved == source or source.is_relative_to(resolved) or resolved.is_relative_to(source):
+            raise ValueError(f"--out {out} would overwrite the input {item}; choose an --out outside it")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; choose a directory path")
+    if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"{path} already exists and is not empty; choose another --out or pass --overwrite")
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+            raise FileExistsError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
+        if not any((out / name).exists() for name in FINISHED):
+            raise FileExistsError(f"{out} was not written by a finished safeft command (no {MARKER}); --overwrite "
+                                  "only replaces safeft outputs. Choose another --out or remove it yourself")
+    parent = _existing_parent(resolved)
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"cannot write --out {out}: {parent} is not writable")
+    return out
+
+
+def check_output_file(out: str | Path, *, overwrite: bool, inputs: Sequence[str | Path | None] = ()) -> Path:
+    """Return ``out`` (a file to write) once it is safe to write it; raise otherwise (before any work is done).
+
+    Refuses an ``out`` that is one of ``inputs`` or an existing file inside an input directory (a new file beside
+    a model's files is fine), a directory, an existing file without ``overwrite`` and an unwritable directory.
+    """
+    out = Path(out)
+    resolved = out.resolve()
+    for item in inputs:
+        if item is None or not Path(item).exists():
+            continue
+        source = Path(item).resolve()
+        if resolved == source or (out.exists() and resolved.is_relative_to(source)):
+            raise ValueError(f"--out {out} would overwrite the input {item}; choose another --out")
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a directory; give a file path such as {out / 'eval.json'}")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    parent = _existing_parent(resolved.parent)
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"cannot write --out {out}: {parent} is not writable")
+    return out
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path if path.is_dir() else path.parent
+
+
+@contextmanager
+def writing(out: str | Path, *, overwrite: bool, inputs: Sequence[str | Path | None] = (), command: str = "",
+            keep_partial: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling ``<out>.partial`` to write into; rename it to ``out`` when the block succeeds.
+
+    ``out`` is checked first (:func:`check_output`) and locked (``.<name>.lock``, holding the writer's pid) so a
+    second writer is refused. The partial directory carries an ``INCOMPLETE`` file until the end; on success it
+    gets ``safeft-output.json`` (the command, the safeft version, the time), and only then replaces ``out`` (an
+    old safeft output is removed after the rename). If the block raises, ``out`` is untouched and the partial
+    directory stays, marked, for inspection (or a resume) unless nothing was written into it; an earlier partial
+    is removed on entry unless ``keep_partial``.
+    """
+    from safeft import __version__
+
+    out = check_output(out, overwrite=overwrite, inputs=inputs)
+    partial = out.with_name(out.name + ".partial")
+    with _lock(out):
+        if partial.exists() and not keep_partial:
+            if not (partial / INCOMPLETE).exists():
+                raise FileExistsError(f"{partial} exists and is not a safeft partial output; remove or rename it")
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True, exist_ok=True)
+        write_json(partial / INCOMPLETE, {"command": command, "pid": os.getpid(), "started": _now(),
+                                          "note": f"an unfinished safeft run; the finished output goes to {out}"})
+        try:
+            yield partial
+        except BaseException:
+            if [p.name for p in partial.iterdir()] == [INCOMPLETE]:  # failed before writing anything: leave no trace
+                shutil.rmtree(partial)
+            raise
+        write_json(partial / MARKER, {"format": "safeft.output/1", "command": command, "safeft_version": __version__,
+                                      "finished": _now()})
+        (partial / INCOMPLETE).unlink()
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        if out.exists():
+            out.rename(old)
+        partial.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def _lock(out: Path) -> Iterator[None]:
+    lock = out.with_name(f".{out.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            holder = lock.read_text().strip()
+            if holder.isdigit() and _alive(int(holder)):
+                raise FileExistsError(f"another safeft run (pid {holder}) is writing {out}; wait for it to end or "
+                                      "choose another --out") from None
+            lock.unlink(missing_ok=True)  # its writer is gone: a stale lock
+    else:
+        raise FileExistsError(f"could not lock {out} ({lock}); another run may be starting")
+    try:
+        os.write(handle, str(os.getpid()).encode())
+        os.close(handle)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def write_json(path: str | Path, data) -> None:

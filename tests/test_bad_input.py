@@ -1,0 +1,176 @@
+"""Bad input gets a short message that names the problem, exit code 2, no traceback, and nothing the user had is
+changed: every file under the test's folder (inputs, an earlier output, a foreign folder) is compared byte for byte."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from safeft.cli import app
+from safeft.recipes.outputs import writing
+from safeft.testing import byte_tokenizer, tiny_llama
+
+runner = CliRunner()
+
+
+def tree(path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def world(tmp_path, tiny_dir):
+    """Inputs and earlier outputs a user might have: a model, a finished safeft output, a folder of their own,
+    data files good and bad, a model whose weights are NaN."""
+    shutil.copytree(tiny_dir, tmp_path / "model")
+    with writing(tmp_path / "prior", overwrite=False) as out:
+        (out / "result.json").write_text("{}")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    (tmp_path / "a_file.txt").write_text("text")
+    (tmp_path / "empty_dir").mkdir()
+    rows = [{"prompt": f"Say {i}.", "response": f"{i}."} for i in range(8)]
+    (tmp_path / "good.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "malformed.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": \n')
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "no_response.jsonl").write_text('{"prompt": "a"}\n')
+    (tmp_path / "latin1.jsonl").write_bytes('{"prompt": "caf\xe9", "response": "b"}\n'.encode("latin-1"))
+    (tmp_path / "safety_bad.jsonl").write_text('{"prompt": "how?"}\n')
+    (tmp_path / "bad.yaml").write_text("steps: [1,\n")
+    (tmp_path / "list.yaml").write_text("- steps\n- 3\n")
+    (tmp_path / "unknown.yaml").write_text("stepz: 3\n")
+    (tmp_path / "eval.json").write_text("{}")
+    nan = tiny_llama(seed=0)
+    with torch.no_grad():
+        nan.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    nan.save_pretrained(tmp_path / "nan_model")
+    byte_tokenizer().save_pretrained(tmp_path / "nan_model")
+    return tmp_path
+
+
+TRAIN = ["--steps", "1", "--batch-size", "2"]
+
+CASES = {
+    # finetune: outputs
+    "finetune out is the model": (["finetune", "--model", "{model}", "--out", "{model}", "--overwrite"],
+                                  "would overwrite the input"),
+    "finetune out inside the model": (["finetune", "--model", "{model}", "--out", "{model}/run"],
+                                      "would overwrite the input"),
+    "finetune out holds the model": (["finetune", "--model", "{model}", "--out", "{root}", "--overwrite"],
+                                     "would overwrite the input"),
+    "finetune over a folder safeft did not write": (["finetune", "--model", "{model}", "--out", "{root}/mine",
+                                                     "--overwrite"], "not written by a finished safeft command"),
+    "finetune over an output without --overwrite": (["finetune", "--model", "{model}", "--out", "{root}/prior"],
+                                                     "pass --overwrite"),
+    "finetune out is a file": (["finetune", "--model", "{model}", "--out", "{root}/a_file.txt"], "is a file"),
+    "finetune out is the training data": (["finetune", "--model", "{model}", "--out", "{root}/good.jsonl",
+                                           "--task", "jsonl", "--task-train", "{root}/good.jsonl", "--overwrite"],
+                                          "would overwrite the input"),
+    # finetune: models
+    "finetune model missing": (["finetune", "--model", "{root}/nope", "--out", "{root}/run"],
+                               "no such model directory"),
+    "finetune model folder without config": (["finetune", "--model", "{root}/empty_dir", "--out", "{root}/run"],
+                                             "not a model directory"),
+    "finetune model is a file": (["finetune", "--model", "{root}/a_file.txt", "--out", "{root}/run"], "is a file"),
+    "finetune hub id not cached": (["finetune", "--model", "nobody/no-such-model", "--out", "{root}/run"],
+                                   "not in the local Hugging Face cache"),
+    # finetune: options
+    "unknown method": (["finetune", "--model", "{model}", "--out", "{root}/run", "--method", "nope"],
+                       "registered methods"),
+    "bad side": (["finetune", "--model", "{model}", "--out", "{root}/run", "--method", "spf", "--side", "up"],
+                 "side must be one of"),
+    "option of another method": (["finetune", "--model", "{model}", "--out", "{root}/run", "--rank", "4"],
+                                 "options not taken by this method"),
+    "max-train 0": (["finetune", "--model", "{model}", "--out", "{root}/run", "--max-train", "0"],
+                    "must be positive"),
+    "negative steps": (["finetune", "--model", "{model}", "--out", "{root}/run", "--steps", "-1"], "steps must be"),
+    "negative learning rate": (["finetune", "--model", "{model}", "--out", "{root}/run", "--learning-rate", "-1"],
+                               "learning_rate"),
+    "harmful ratio above 1": (["finetune", "--model", "{model}", "--out", "{root}/run", "--harmful-ratio", "1.5"],
+                              "harmful_ratio"),
+    "rank 0": (["finetune", "--model", "{model}", "--out", "{root}/run", "--method", "spf", "--rank", "0"], "rank"),
+    "not a number": (["finetune", "--model", "{model}", "--out", "{root}/run", "--steps", "many"], "steps"),
+    # finetune: data
+    "unknown task": (["finetune", "--model", "{model}", "--out", "{root}/run", "--task", "nope"], "unknown task"),
+    "file task without file": (["finetune", "--model", "{model}", "--out", "{root}/run", "--task", "sst2"],
+                               "needs a training file"),
+    "missing data file": (["finetune", "--model", "{model}", "--out", "{root}/run", "--task", "jsonl",
+                           "--task-train", "{root}/nope.jsonl"], "does not exist"),
+    "malformed jsonl": (["finetune", "--model", "{model}", "--out", "{root}/run", "--task", "jsonl",
+                         "--task-train", "{root}/malformed.jsonl"], "malformed.jsonl:2: not valid JSON"),
+    "empty data file": (["finetune", "--model", "{model}", "--out", "{root}/run", "--task", "jsonl",
+                         "--task-train", "{root}/empty.jsonl"], "empty"),
+    "row without response": (["finetune", "--model", "{model}", "--out", "{root}/run", "--task", "jsonl",
+                              "--task-train", "{root}/no_response.jsonl"], "'response' is missing"),
+    "data not utf-8": (["finetune", "--model", "{model}", "--out", "{root}/run", "--task", "jsonl",
+                        "--task-train", "{root}/latin1.jsonl"], "UTF-8"),
+    "data is a folder": (["finetune", "--model", "{model}", "--out", "{root}/run", "--task", "jsonl",
+                          "--task-train", "{root}/mine"], "mine"),
+    "bad safety data": (["finetune", "--model", "{model}", "--out", "{root}/run", "--method", "spf",
+                         "--safety-data", "{root}/safety_bad.jsonl"], "safety_bad.jsonl:1"),
+    # finetune: training that cannot succeed
+    "diverging learning rate": (["finetune", "--model", "{model}", "--out", "{root}/run", "--learning-rate", "1e30",
+                                 "--task", "jsonl", "--task-train", "{root}/good.jsonl", "--steps", "3",
+                                 "--batch-size", "2"], "diverged"),
+    "every response cut": (["finetune", "--model", "{model}", "--out", "{root}/run", "--task", "jsonl",
+                            "--task-train", "{root}/good.jsonl", "--max-length", "4", *TRAIN],
+                           "no trainable tokens"),
+    # --config files
+    "config missing": (["finetune", "--config", "{root}/nope.yaml"], "no such file"),
+    "config not yaml": (["finetune", "--config", "{root}/bad.yaml"], "not valid YAML"),
+    "config a list": (["finetune", "--config", "{root}/list.yaml"], "must hold a mapping"),
+    "config unknown key": (["finetune", "--model", "{model}", "--out", "{root}/run", "--config",
+                            "{root}/unknown.yaml"], "unknown key(s) stepz"),
+    # align
+    "align out is the model": (["align", "--model", "{model}", "--out", "{model}", "--overwrite"],
+                               "would overwrite the input"),
+    "align over a folder safeft did not write": (["align", "--model", "{model}", "--out", "{root}/mine"],
+                                                 "already exists and is not empty"),
+    "align model missing": (["align", "--model", "{root}/nope", "--out", "{root}/aligned"],
+                            "no such model directory"),
+    # eval
+    "eval out is a model file": (["eval", "--model", "{model}", "--out", "{model}/config.json", "--overwrite"],
+                                 "would overwrite the input"),
+    "eval out is a folder": (["eval", "--model", "{model}", "--out", "{root}/mine"], "is a directory"),
+    "eval out exists": (["eval", "--model", "{model}", "--out", "{root}/eval.json"], "pass --overwrite"),
+    "eval model missing": (["eval", "--model", "{root}/nope", "--out", "{root}/e.json"], "no such model directory"),
+    "eval judge missing": (["eval", "--model", "{model}", "--out", "{root}/e.json", "--judge", "{root}/nope"],
+                           "no such model directory"),
+    "eval harmful file missing": (["eval", "--model", "{model}", "--out", "{root}/e.json", "--harmful",
+                                   "{root}/nope.csv"], "nope.csv"),
+    "eval unknown task": (["eval", "--model", "{model}", "--out", "{root}/e.json", "--task", "nope"],
+                          "unknown task"),
+    "eval test file for a built-in task": (["eval", "--model", "{model}", "--out", "{root}/e.json", "--task-test",
+                                            "{root}/good.jsonl"], "has its own test split"),
+    "eval of a diverged model": (["eval", "--model", "{root}/nan_model", "--out", "{root}/e.json"],
+                                 "non-finite weights"),
+    # subspace and analyze
+    "estimate out is the model": (["subspace", "estimate", "--model", "{model}", "--out", "{model}",
+                                   "--overwrite"], "would overwrite the input"),
+    "estimate samples missing": (["subspace", "estimate", "--model", "{model}", "--out", "{root}/s", "--samples",
+                                  "{root}/nope.jsonl"], "nope.jsonl"),
+    "estimate samples malformed": (["subspace", "estimate", "--model", "{model}", "--out", "{root}/s",
+                                    "--samples", "{root}/safety_bad.jsonl"], "safety_bad.jsonl:1"),
+    "show a folder that is no subspace": (["subspace", "show", "{root}/mine"], "not a saved subspace"),
+    "analyze out is the model": (["analyze", "--model", "{model}", "--out", "{model}", "--overwrite"],
+                                 "would overwrite the input"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_named_with_exit_code_2_and_changes_nothing(world, case):
+    argv, expected = CASES[case]
+    args = [a.format(model=world / "model", root=world) for a in argv]
+    before = tree(world)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, f"{case}: exit {result.exit_code}\n{result.output}{result.exception!r}"
+    assert "Traceback" not in result.output
+    assert expected.lower() in result.output.lower(), f"{case}: {result.output}"
+    message = result.output[result.output.rfind("Error"):]
+    assert len(message.strip().splitlines()) <= 3, message  # a short message, not a dump
+    after = tree(world)
+    assert {k: after.get(k) for k in before} == before, f"{case} changed files"
+    new = set(after) - set(before)  # only a failed run's partial output, marked as such, may appear
+    assert all(".partial/" in k for k in new) and all(k.split(".partial/")[0] + ".partial/INCOMPLETE" in after
+                                                      for k in new), new
