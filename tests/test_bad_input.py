@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from safeft.cli import app
 from safeft.recipes.outputs import writing
-from safeft.testing import byte_tokenizer, tiny_llama
+from safeft.testing import CHATML_TEMPLATE, byte_tokenizer, tiny_llama
 
 runner = CliRunner()
 
@@ -41,6 +41,9 @@ def world(tmp_path, tiny_dir):
     (tmp_path / "list.yaml").write_text("- steps\n- 3\n")
     (tmp_path / "unknown.yaml").write_text("stepz: 3\n")
     (tmp_path / "eval.json").write_text("{}")
+    tiny_llama(seed=0).save_pretrained(tmp_path / "no_template")
+    byte_tokenizer(chat_template=None).save_pretrained(tmp_path / "no_template")
+    (tmp_path / "chatml.jinja").write_text(CHATML_TEMPLATE)
     nan = tiny_llama(seed=0)
     with torch.no_grad():
         nan.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
@@ -116,6 +119,10 @@ CASES = {
     "every response cut": (["finetune", "--model", "{model}", "--out", "{root}/run", "--task", "jsonl",
                             "--task-train", "{root}/good.jsonl", "--max-length", "4", *TRAIN],
                            "no trainable tokens"),
+    "finetune without a chat template": (["finetune", "--model", "{root}/no_template", "--out", "{root}/run", *TRAIN],
+                                         "--chat-template"),
+    "chat template file missing": (["finetune", "--model", "{root}/no_template", "--out", "{root}/run",
+                                    "--chat-template", "{root}/nope.jinja", *TRAIN], "nope.jinja"),
     # --config files
     "config missing": (["finetune", "--config", "{root}/nope.yaml"], "no such file"),
     "config not yaml": (["finetune", "--config", "{root}/bad.yaml"], "not valid YAML"),
@@ -143,6 +150,8 @@ CASES = {
                           "unknown task"),
     "eval test file for a built-in task": (["eval", "--model", "{model}", "--out", "{root}/e.json", "--task-test",
                                             "{root}/good.jsonl"], "has its own test split"),
+    "eval without a chat template": (["eval", "--model", "{root}/no_template", "--out", "{root}/e.json"],
+                                     "--chat-template"),
     "eval of a diverged model": (["eval", "--model", "{root}/nan_model", "--out", "{root}/e.json"],
                                  "non-finite weights"),
     # subspace and analyze
@@ -174,3 +183,52 @@ def test_bad_input_is_named_with_exit_code_2_and_changes_nothing(world, case):
     new = set(after) - set(before)  # only a failed run's partial output, marked as such, may appear
     assert all(".partial/" in k for k in new) and all(k.split(".partial/")[0] + ".partial/INCOMPLETE" in after
                                                       for k in new), new
+
+
+def test_a_lora_output_refuses_a_base_model_swapped_at_its_path(world):
+    from safeft.answers import model_key
+    from safeft.config import DataConfig, TrainConfig
+    from safeft.methods import build_method
+    from safeft.recipes.finetune import finetune, load_finetuned
+
+    base = world / "model"
+    key = model_key(str(base))
+    finetune(base, DataConfig(task="sentiment", max_train=4), build_method("sft"),
+             TrainConfig(steps=1, batch_size=2, lora_r=2), world / "run", world / "cache")
+    load_finetuned(world / "run")  # the base it was trained on: merges
+    tiny_llama(seed=1).save_pretrained(base)  # another checkpoint at the same path
+    with pytest.raises(ValueError, match="now holds other weights"):
+        load_finetuned(world / "run")
+    assert model_key(str(base)) != key  # caches keyed by the model's content move on too
+
+
+def test_every_command_that_loads_a_model_takes_a_chat_template(world):
+    template = str(world / "chatml.jinja")
+    for command in (["finetune", "--model", str(world / "no_template"), "--out", str(world / "run"), "--task",
+                     "sentiment", "--max-train", "4", "--lora-r", "2", *TRAIN],
+                    ["eval", "--model", str(world / "run"), "--out", str(world / "e.json"), "--task", "none",
+                     "--max-new-tokens", "1"],
+                    ["subspace", "estimate", "--model", str(world / "no_template"), "--out", str(world / "s"),
+                     "--rank", "2", "--num-samples", "1"]):
+        result = runner.invoke(app, [*command, "--chat-template", template])
+        assert result.exit_code == 0, result.output + repr(result.exception)
+    for command in ("align", "analyze"):
+        assert "--chat-template" in runner.invoke(app, [command, "--help"]).output
+
+
+def test_tracebacks_only_with_debug_and_bugs_are_told_apart_from_bad_input(world, monkeypatch):
+    from safeft.options import DEBUG
+
+    monkeypatch.setattr(DEBUG, "on", False)  # restored after the test, whatever --debug set
+    args = ["finetune", "--model", str(world / "nope"), "--out", str(world / "run")]
+    debug = runner.invoke(app, ["--debug", *args])
+    assert isinstance(debug.exception, FileNotFoundError)  # raised through: the runner shows the traceback
+    import safeft.recipes.finetune
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("internal state lost")
+
+    monkeypatch.setattr(safeft.recipes.finetune, "finetune", broken)
+    result = runner.invoke(app, ["finetune", "--model", str(world / "model"), "--out", str(world / "run")])
+    assert result.exit_code == 1 and "RuntimeError: internal state lost" in result.output
+    assert "--debug" in result.output and "Traceback" not in result.output

@@ -1,10 +1,12 @@
 """Estimating, saving and loading the safety subspace on a tiny random Llama."""
 
 import json
+import warnings
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
 
 from safeft import SafetySubspace, SPFConfig
 from safeft.chat import IGNORE_INDEX, collate, encode_chat, first_response_tokens, response_token_loss_sum
@@ -134,6 +136,43 @@ def test_loading_against_another_model_lists_the_mismatch(model, tokenizer, safe
     shallower = tiny_llama(layers=1)
     with pytest.raises(ValueError, match=r"7 target\(s\) not in the model: model.layers.1"):
         SafetySubspace.load(tmp_path, model=shallower)
+
+
+def test_a_subspace_on_other_weights_of_the_same_shape_warns(model, tokenizer, safety_pairs, tmp_path):
+    SafetySubspace.estimate(model, tokenizer, safety_pairs[:1], SPFConfig(rank=4), show_progress=False).save(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SafetySubspace.load(tmp_path, model=tiny_llama(seed=0))  # the same weights: silent
+    with pytest.warns(UserWarning, match="estimated on other weights"):
+        SafetySubspace.load(tmp_path, model=tiny_llama(seed=1))
+
+
+def _tamper_tensor(path, name, change):
+    tensors = load_file(str(path / "subspace.safetensors"))
+    tensors[name] = change(tensors[name].clone())
+    save_file(tensors, str(path / "subspace.safetensors"), metadata={"format": "safeft.subspace/1"})
+
+
+@pytest.mark.parametrize(("tamper", "message"), [
+    (lambda p: _tamper_tensor(p, "model.layers.0.mlp.up_proj.U", lambda t: t.index_fill_(0, torch.tensor([0]),
+                                                                                          float("nan"))),
+     "up_proj' holds NaN or inf"),
+    (lambda p: _tamper_tensor(p, "model.layers.1.self_attn.o_proj.V", lambda t: 3 * t),
+     "o_proj' has V columns that are not orthonormal"),
+    (lambda p: _tamper_tensor(p, "model.layers.0.mlp.up_proj.S", lambda t: -t), "negative singular values"),
+    (lambda p: (p / "subspace.safetensors").write_bytes((p / "subspace.safetensors").read_bytes()[:500]),
+     "truncated or corrupt"),
+    (lambda p: (p / "subspace.json").write_text((p / "subspace.json").read_text().replace("pipe bomb", "cake")),
+     "do not match their recorded hash"),
+    (lambda p: (p / "subspace.json").write_text("{"), "cannot read the subspace"),
+])
+def test_tampered_or_corrupt_subspace_files_are_refused_by_name(model, tokenizer, safety_pairs, tmp_path, tamper,
+                                                                message):
+    SafetySubspace.estimate(model, tokenizer, safety_pairs[:1], SPFConfig(rank=4), show_progress=False).save(tmp_path)
+    tamper(tmp_path)
+    with pytest.raises(ValueError, match=message) as error:
+        SafetySubspace.load(tmp_path)
+    assert str(tmp_path) in str(error.value) and "re-estimate" in str(error.value)
 
 
 def test_bad_inputs_give_clear_errors(model, tokenizer, safety_pairs, tmp_path):

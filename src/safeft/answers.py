@@ -16,8 +16,15 @@ from safeft.data.examples import ChatExample
 
 
 def model_key(model_name: str) -> str:
-    """Return a short file-name-safe key for a model name or path."""
-    return f"{Path(model_name).name}-{hashlib.sha256(model_name.encode()).hexdigest()[:8]}"
+    """Return a short file-name-safe key for a model: for a local directory its name and the fingerprint of its
+    weights (another checkpoint at the same path gets another key, so caches never mix models); for the default
+    model and hub ids, the name and a hash of it (their content is pinned by name)."""
+    from safeft.models import DEFAULT_MODEL, dir_fingerprint
+
+    path = Path(model_name)
+    if model_name != DEFAULT_MODEL and path.is_dir():
+        return f"{path.resolve().name}-{dir_fingerprint(path)[:8]}"
+    return f"{path.name}-{hashlib.sha256(model_name.encode()).hexdigest()[:8]}"
 
 
 def read_answers(cache_file: Path) -> dict[str, str]:

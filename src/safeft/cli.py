@@ -18,7 +18,7 @@ import typer
 from safeft.analysis import AnalysisConfig
 from safeft.config import DEFAULT_RANK, AlignConfig, DataConfig, SPFConfig, TrainConfig
 from safeft.data import DEFAULT_SAFETY_SAMPLES
-from safeft.options import UsageError, command
+from safeft.options import DEBUG, UsageError, command
 from safeft.recipes.bench import BenchConfig
 
 app = typer.Typer(help="Fine-tune safety-aligned LLMs without losing their safety (SPF).", no_args_is_help=True)
@@ -36,8 +36,10 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                      help="Print the version and exit.")) -> None:
+                                      help="Print the version and exit."),
+         debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error.")) -> None:
     """safeft: Safety-Preserving Fine-Tuning."""
+    DEBUG.on = debug
 
 
 def _cache(cache: str | None) -> Path:
@@ -60,12 +62,14 @@ class AlignCommand:
     out: where to save the aligned model (default: in the cache, keyed by model and settings).
     cache: cache directory (default $SAFEFT_CACHE or ~/.cache/safeft).
     overwrite: re-align even if the aligned model exists.
+    chat_template: a Jinja chat template file, for a tokenizer that has none.
     """
 
     model: str = "default"
     out: str | None = None
     cache: str | None = None
     overwrite: bool = False
+    chat_template: str | None = None
     align: AlignConfig = field(default_factory=AlignConfig)
 
 
@@ -79,7 +83,8 @@ def align(c: AlignCommand, _: dict) -> None:
     if (target / "align.json").exists() and not c.overwrite:
         typer.echo(f"aligned model already at {target} (pass --overwrite to redo)")
         return
-    report = run_align(c.model, target, c.align, _cache(c.cache), overwrite=c.overwrite, command=_command_line())
+    report = run_align(c.model, target, c.align, _cache(c.cache), overwrite=c.overwrite, command=_command_line(),
+                       chat_template=c.chat_template)
     typer.echo(f"aligned in {report['steps']} steps, {report['seconds']:.0f} s; validation refusal "
                f"{100 * report['checks'][-1]['val_refusal']:.0f}%, refusal loss {report['val_refusal_loss']:.3f} "
                f"-> {target}")
@@ -96,6 +101,7 @@ class FinetuneCommand:
     method: a registered method (see `safeft methods`); its options are flags too.
     cache: cache directory (default $SAFEFT_CACHE or ~/.cache/safeft).
     overwrite: replace an existing --out.
+    chat_template: a Jinja chat template file, for a tokenizer that has none.
     """
 
     model: str
@@ -105,6 +111,7 @@ class FinetuneCommand:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=40))
     cache: str | None = None
     overwrite: bool = False
+    chat_template: str | None = None
 
 
 def method_options() -> dict[str, tuple]:
@@ -143,9 +150,11 @@ def finetune(c: FinetuneCommand, options: dict) -> None:
         method = build_method(c.method, options)
     except ValueError as error:
         raise UsageError(str(error).replace("unknown key(s)", "options not taken by this method:")) from None
-    inputs = [c.model, c.data.task_train, c.data.task_test, c.data.harmful_answers, options.get("safety_data")]
+    inputs = [c.model, c.data.task_train, c.data.task_test, c.data.harmful_answers, options.get("safety_data"),
+              c.chat_template]
     with writing(c.out, overwrite=c.overwrite, inputs=inputs, command=_command_line()) as tmp:
-        _, _, log = run_finetune(c.model, c.data, method, c.train, tmp, _cache(c.cache))
+        _, _, log = run_finetune(c.model, c.data, method, c.train, tmp, _cache(c.cache),
+                                 chat_template=c.chat_template)
     typer.echo(f"{method.name}: {log['steps']} steps in {log['seconds']:.0f} s -> {c.out}")
 
 
@@ -177,6 +186,7 @@ class EvalCommand:
     judge: 'keyword' or the path of a local classifier judge.
     max_new_tokens: tokens generated per answer.
     overwrite: replace an existing --out.
+    chat_template: a Jinja chat template file, for a tokenizer that has none.
     """
 
     model: str
@@ -189,6 +199,7 @@ class EvalCommand:
     judge: str = "keyword"
     max_new_tokens: int = 64
     overwrite: bool = False
+    chat_template: str | None = None
 
 
 @command(app, "eval", EvalCommand,
@@ -200,11 +211,12 @@ def evaluate(c: EvalCommand, _: dict) -> None:
     from safeft.recipes.evaluate import evaluate_dir
     from safeft.recipes.outputs import check_output_file, write_json
 
-    check_output_file(c.out, overwrite=c.overwrite, inputs=[c.model, c.task_train, c.task_test, c.harmful, c.judge])
+    check_output_file(c.out, overwrite=c.overwrite,
+                      inputs=[c.model, c.task_train, c.task_test, c.harmful, c.judge, c.chat_template])
     task = None if c.task == "none" else load_task(c.task, c.task_train, c.task_test, max_test=c.max_test)
     prompts = [e.prompt for e in read_advbench(c.harmful)] if c.harmful else None
     result = evaluate_dir(c.model, task, max_new_tokens=c.max_new_tokens, judge=load_judge(c.judge),
-                          harmful_prompts=prompts)
+                          harmful_prompts=prompts, chat_template=c.chat_template)
     write_json(Path(c.out), result)
     message = (f"harmful score {result['harmful_score']['rate']:.1f}% (95% CI {result['harmful_score']['ci'][0]:.1f}"
                f"-{result['harmful_score']['ci'][1]:.1f}), over-refusal {result['over_refusal']['rate']:.1f}%")
@@ -355,6 +367,7 @@ class AnalyzeCommand:
     task_data: utility data file for a file-format task.
     seed: which samples are drawn.
     overwrite: replace an existing --out.
+    chat_template: a Jinja chat template file, for a tokenizer that has none.
     """
 
     out: str = "runs/analysis"
@@ -365,6 +378,7 @@ class AnalyzeCommand:
     task_data: str | None = None
     seed: int = 0
     overwrite: bool = False
+    chat_template: str | None = None
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
 
@@ -379,9 +393,10 @@ def analyze(c: AnalyzeCommand, _: dict) -> None:
 
     safety, utility = analysis_inputs(c.safety_data, c.safety_format, c.task, c.task_data,
                                       c.analysis.num_samples, c.seed)
-    inputs = [c.model, c.safety_data, c.task_data]
+    inputs = [c.model, c.safety_data, c.task_data, c.chat_template]
     with writing(c.out, overwrite=c.overwrite, inputs=inputs, command=_command_line()) as out:
-        lm, tokenizer = load_finetuned(c.model) if Path(c.model).exists() else load_model(c.model)
+        lm, tokenizer = (load_finetuned(c.model, chat_template=c.chat_template) if Path(c.model).exists()
+                         else load_model(c.model, chat_template=c.chat_template))
         result = run_analysis(lm, tokenizer, safety, utility, c.analysis)
         result["inputs"] = {"model": c.model, "safety_data": c.safety_data or "built-in", "task": c.task,
                             "task_data": c.task_data or "built-in"}

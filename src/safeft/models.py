@@ -76,6 +76,29 @@ def default_model_path() -> Path:
     return target
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+
+
+def dir_fingerprint(path: str | Path, chunks: int = 64, chunk_bytes: int = 1 << 16) -> str:
+    """Return a content fingerprint of the model weights in directory ``path``: a hash of each weight file's name,
+    size and ``chunks`` evenly spaced ``chunk_bytes`` reads (a few MB in all, whatever the model's size). Another
+    checkpoint at the same path gets another fingerprint."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    files = sorted(f for f in Path(path).iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+    if not files:
+        raise FileNotFoundError(f"{path}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) to fingerprint")
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with file.open("rb") as handle:
+            for i in range(chunks):
+                handle.seek(size * i // chunks)
+                digest.update(handle.read(chunk_bytes))
+    return digest.hexdigest()[:16]
+
+
 def model_source(model: str) -> str:
     """Return where ``model`` is loaded from, without touching a network: the default model's cached checkpoint, a
     local directory, or an HF id found in the local Hugging Face cache.

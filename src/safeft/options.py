@@ -149,6 +149,17 @@ def merge(cls, cli_values: Mapping[str, Any], config_file: Path | None, extra: M
         raise UsageError(f"{error}" + (f" (in --config {config_file})" if in_file else "")) from None
 
 
+# Errors that mean bad input (a value, a file, a setting the run cannot succeed with): exit code 2, one message.
+USER_ERRORS = (UsageError, ValueError, FileExistsError, FileNotFoundError, PermissionError, IsADirectoryError,
+               NotADirectoryError, FloatingPointError, UnicodeDecodeError)
+
+
+class DEBUG:
+    """``safeft --debug``: show tracebacks instead of one-line errors."""
+
+    on = False
+
+
 def command(app: typer.Typer, name: str, cls, *, help: str, extra: Mapping[str, tuple] | None = None,
             extra_help: Mapping[str, str] | None = None, yaml: bool = True) -> Callable:
     """Register a command on ``app`` whose options are the flat fields of ``cls`` (plus ``extra``:
@@ -169,10 +180,21 @@ def command(app: typer.Typer, name: str, cls, *, help: str, extra: Mapping[str, 
             try:
                 instance, extras = merge(cls, kwargs, config_file, {k: v[0] for k, v in extra.items()})
                 run(instance, extras)
-            except (UsageError, ValueError, FileExistsError, FileNotFoundError, PermissionError, IsADirectoryError,
-                    NotADirectoryError, FloatingPointError) as error:
+            except USER_ERRORS as error:
+                if DEBUG.on:
+                    raise
                 typer.echo(f"Error: {error}", err=True)
                 raise typer.Exit(2) from None
+            except KeyboardInterrupt:
+                typer.echo("Interrupted: outputs being written were left as <out>.partial (marked INCOMPLETE)",
+                           err=True)
+                raise typer.Exit(130) from None
+            except Exception as error:
+                if DEBUG.on:
+                    raise
+                typer.echo(f"Error: {type(error).__name__}: {error}\nThis looks like a bug in safeft; rerun with "
+                           "--debug for the traceback and report it.", err=True)
+                raise typer.Exit(1) from None
 
         invoke.__signature__ = inspect.Signature(params)
         invoke.__annotations__ = {p.name: p.annotation for p in params}

@@ -98,6 +98,7 @@ class SPFProjector:
         self.hook_seconds: list[float] = []  # wall time spent in before_step + after_step, per optimizer step
         self._before_seconds = 0.0
         self._reset_counters()
+        subspace.check_model(self.model, warn_other_weights=True)
         self._use(subspace)
         lora = any(g.target.is_lora for g in self.guards)
         if self.config.refresh_every and self.config.side != "two_sided" and lora:

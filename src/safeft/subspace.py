@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -70,6 +71,19 @@ def select_rank(S: Tensor, config: SPFConfig) -> int:
 
 def _sample_dict(sample: SafetySample) -> dict:
     return {k: v for k, v in asdict(sample).items() if v is not None}
+
+
+def weights_fingerprint(targets: dict[str, Target]) -> str:
+    """Return a content fingerprint of the targets' base weights: a hash of each one's name, shape and a strided
+    sample of 4096 of its values (fp32). Weights trained or swapped for another checkpoint's differ in it; it costs
+    a few reads per matrix, not a pass over the model."""
+    digest = hashlib.sha256()
+    for name, t in sorted(targets.items()):
+        flat = t.base.weight.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        digest.update(f"{name}:{tuple(t.shape)}".encode())
+        digest.update(flat[::step][:4096].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def samples_sha256(samples: Sequence[SafetySample]) -> str:
@@ -299,6 +313,7 @@ class SafetySubspace:
             "format": FORMAT,
             "safeft_version": __version__,
             "model": {"name_or_path": getattr(getattr(model, "config", None), "name_or_path", None),
+                      "fingerprint": weights_fingerprint(targets),
                       "targets": {name: list(t.shape) for name, t in targets.items()}},
             "rank_policy": config.rank_policy(),
             "ranks": {name: b.rank for name, b in bases.items()},
@@ -341,29 +356,51 @@ class SafetySubspace:
 
     @classmethod
     def load(cls, path: str | Path, model: nn.Module | None = None) -> SafetySubspace:
-        """Read a subspace saved by :meth:`save`; with ``model``, check that it fits (see :meth:`check_model`)."""
+        """Read a subspace saved by :meth:`save`; with ``model``, check that it fits (see :meth:`check_model`).
+
+        Raises ``ValueError`` naming the file if it is unreadable, or its tensors are missing, mis-shaped,
+        non-finite or not orthonormal, or its samples do not match their recorded hash.
+        """
         path = Path(path)
         if not (path / TENSORS_FILE).exists() or not (path / METADATA_FILE).exists():
             raise FileNotFoundError(f"{path} is not a saved subspace: expected {TENSORS_FILE} and {METADATA_FILE}")
-        metadata = json.loads((path / METADATA_FILE).read_text())
+        fix = "re-estimate it (safeft subspace estimate)"
+        try:
+            metadata = json.loads((path / METADATA_FILE).read_text())
+            tensors = load_file(str(path / TENSORS_FILE))
+        except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError) as error:
+            raise ValueError(f"{path}: cannot read the subspace ({type(error).__name__}: "
+                             f"{str(error).splitlines()[0] if str(error) else ''}); the file is truncated or "
+                             f"corrupt: {fix}") from None
         if metadata.get("format") != FORMAT:
             raise ValueError(f"{path}: unknown subspace format {metadata.get('format')!r}, expected {FORMAT!r}")
-        tensors = load_file(str(path / TENSORS_FILE))
         bases = {}
         for name, (m, n) in metadata["model"]["targets"].items():
             U, S, V = (tensors.get(f"{name}.{k}") for k in "USV")
             r = metadata["ranks"][name]
             if U is None or S is None or V is None or U.shape != (m, r) or S.shape != (r,) or V.shape != (n, r):
                 raise ValueError(f"{path}: tensors of target {name!r} are missing or do not match its metadata "
-                                 f"({m}x{n}, rank {r}); the file is corrupt or was edited")
+                                 f"({m}x{n}, rank {r}); the file is corrupt or was edited: {fix}")
+            problem = _basis_problem(U, S, V)
+            if problem:
+                raise ValueError(f"{path}: the basis of {name!r} {problem}; the file is corrupt or was edited: {fix}")
             bases[name] = Basis(U, S, V)
+        samples = metadata.get("samples", [])
+        if samples_sha256([SafetySample(**x) for x in samples]) != metadata.get("samples_sha256"):
+            raise ValueError(f"{path}: the safety samples in {METADATA_FILE} do not match their recorded hash "
+                             f"(edited after estimation?); {fix}")
         subspace = cls(bases, metadata)
         if model is not None:
-            subspace.check_model(model)
+            subspace.check_model(model, warn_other_weights=True)
         return subspace
 
-    def check_model(self, model: nn.Module) -> dict[str, Target]:
-        """Return the model's targets for this subspace; raise ``ValueError`` listing every name or shape mismatch."""
+    def check_model(self, model: nn.Module, *, warn_other_weights: bool = False) -> dict[str, Target]:
+        """Return the model's targets for this subspace; raise ``ValueError`` listing every name or shape mismatch.
+
+        With ``warn_other_weights``, warn when the targets' weights are not the ones the subspace was estimated at
+        (another checkpoint of the same shapes, or weights trained since): its directions then describe another
+        model's safety gradient.
+        """
         found = find_targets(model, self.metadata["rank_policy"]["target_modules"])
         missing = [n for n in self.bases if n not in found]
         shapes = [f"{n}: subspace {tuple(self.metadata['model']['targets'][n])} vs model {found[n].shape}"
@@ -380,4 +417,27 @@ class SafetySubspace:
             raise ValueError("safety subspace does not fit this model (it was estimated on "
                              f"{origin}):\n  " + "\n  ".join(lines)
                              + "\nEstimate a new subspace on this model (safeft subspace estimate).")
-        return {n: found[n] for n in self.bases}
+        targets = {n: found[n] for n in self.bases}
+        recorded = self.metadata["model"].get("fingerprint")
+        if warn_other_weights and recorded and weights_fingerprint(targets) != recorded:
+            import warnings
+
+            warnings.warn(f"this safety subspace was estimated on other weights than this model's (fingerprint "
+                          f"{recorded} vs {weights_fingerprint(targets)}; estimated on "
+                          f"{self.metadata['model'].get('name_or_path')}). Its directions describe that model's "
+                          "safety gradient: estimate a subspace on this model unless that is what you mean.",
+                          stacklevel=3)
+        return targets
+
+
+def _basis_problem(U: Tensor, S: Tensor, V: Tensor, tol: float = 1e-3) -> str | None:
+    """Return what is wrong with a stored basis (non-finite, negative S, columns not orthonormal), or None."""
+    if not all(torch.isfinite(t).all() for t in (U, S, V)):
+        return "holds NaN or inf"
+    if (S < 0).any():
+        return "has negative singular values"
+    for label, X in (("U", U), ("V", V)):
+        gram = X.float().T @ X.float()
+        if gram.numel() and (gram - torch.eye(gram.shape[0])).abs().max() > tol:
+            return f"has {label} columns that are not orthonormal"
+    return None

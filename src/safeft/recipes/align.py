@@ -65,7 +65,7 @@ class RefusalCheck(TrainerCallback):
 
 
 def align(model_name: str, out: Path, config: AlignConfig, cache: Path, method=None, *, overwrite: bool = False,
-          command: str = "") -> dict:
+          command: str = "", chat_template: str | None = None) -> dict:
     """Align ``model_name`` and save it to ``out`` (model, tokenizer, ``align.json``); return the report.
 
     With a ``method`` whose :meth:`~safeft.methods.Method.alignment_key` is set, its alignment callbacks act on
@@ -77,7 +77,7 @@ def align(model_name: str, out: Path, config: AlignConfig, cache: Path, method=N
     from safeft.train import prepare_model, train
 
     with writing(out, overwrite=overwrite, inputs=[model_name], command=command) as tmp:
-        base, tokenizer = load_model(model_name)
+        base, tokenizer = load_model(model_name, chat_template=chat_template)
         start = time.perf_counter()
         examples = alignment_examples(base, tokenizer, model_name, cache)
         model = prepare_model(base, TrainConfig())

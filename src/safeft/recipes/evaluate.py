@@ -24,11 +24,12 @@ def evaluate(model, tokenizer, task: Task | None, *, max_new_tokens: int = 64, j
 
 
 def evaluate_dir(model_dir: str | Path, task: Task | None, **kwargs) -> dict:
-    """Load the model in ``model_dir`` (a model directory or a fine-tuning output) and :func:`evaluate` it."""
+    """Load the model in ``model_dir`` (a model directory or a fine-tuning output; ``chat_template=`` a template
+    file for a tokenizer without one) and :func:`evaluate` it; refuse a model with non-finite weights."""
     from safeft.recipes.finetune import load_finetuned
     from safeft.train import first_non_finite
 
-    model, tokenizer = load_finetuned(model_dir)
+    model, tokenizer = load_finetuned(model_dir, chat_template=kwargs.pop("chat_template", None))
     bad = first_non_finite(model)
     if bad:
         raise ValueError(f"the model at {model_dir} has non-finite weights (first in {bad}): its training diverged, "

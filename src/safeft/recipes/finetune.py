@@ -14,6 +14,7 @@ from safeft.data.examples import ChatExample
 from safeft.data.mixing import mix_harmful, user_turns
 from safeft.data.tasks import Task, load_task
 from safeft.methods import Method, RunContext
+from safeft.models import dir_fingerprint
 from safeft.recipes.outputs import write_json
 
 
@@ -32,7 +33,7 @@ def training_examples(task: Task, data: DataConfig, seed: int, cache: Path) -> l
 
 
 def finetune(model_dir: str | Path, data: DataConfig, method: Method, train_config: TrainConfig, out: Path,
-             cache: Path, *, save_model: bool = True):
+             cache: Path, *, save_model: bool = True, chat_template: str | None = None):
     """Fine-tune the model in ``model_dir`` with ``method`` on the setting ``data``.
 
     Runs the method's hooks in order (training data, before training, callbacks, after training; see
@@ -46,7 +47,7 @@ def finetune(model_dir: str | Path, data: DataConfig, method: Method, train_conf
     from safeft.models import load_model
     from safeft.train import prepare_model, train
 
-    model, tokenizer = load_model(str(model_dir))
+    model, tokenizer = load_model(str(model_dir), chat_template=chat_template)
     task = task_of(data)
     examples = training_examples(task, data, train_config.seed, cache)
     run = RunContext(out=out, cache=cache, seed=train_config.seed, base_model=data.base_model or "default",
@@ -66,15 +67,17 @@ def finetune(model_dir: str | Path, data: DataConfig, method: Method, train_conf
         tokenizer.save_pretrained(out / "model")
     source = Path(model_dir)
     write_json(out / "config.json", {
-        "model": str(source.resolve()) if source.exists() else str(model_dir), "method": method.name,
+        "model": str(source.resolve()) if source.exists() else str(model_dir),
+        "model_fingerprint": dir_fingerprint(source) if source.is_dir() else None, "method": method.name,
         "method_options": method.options(), "data": asdict(data), "train": train_config.to_dict(),
         "examples": len(examples)})
     write_json(out / "train_log.json", log)
     return model, tokenizer, log
 
 
-def load_finetuned(path: str | Path):
-    """Return ``(model, tokenizer)`` from a fine-tuning output (``path/model``, full or LoRA) or a model dir."""
+def load_finetuned(path: str | Path, chat_template: str | None = None):
+    """Return ``(model, tokenizer)`` from a fine-tuning output (``path/model``, full or LoRA, merged) or a model
+    dir; ``chat_template``: a template file for a tokenizer without one."""
     from safeft.models import load_model
 
     path = Path(path)
@@ -82,7 +85,21 @@ def load_finetuned(path: str | Path):
     if (model_dir / "adapter_config.json").exists():
         from peft import PeftModel
 
-        base_dir = json.loads((path / "config.json").read_text())["model"]
-        base, tokenizer = load_model(base_dir)
+        record = json.loads((path / "config.json").read_text())
+        base_dir, recorded = record["model"], record.get("model_fingerprint")
+        if recorded and Path(base_dir).is_dir() and dir_fingerprint(base_dir) != recorded:
+            raise ValueError(f"the LoRA adapter in {model_dir} was trained on the model at {base_dir}, but that "
+                             f"directory now holds other weights (fingerprint {dir_fingerprint(base_dir)}, trained "
+                             f"on {recorded}); merging it there would give a model nobody trained. Restore that "
+                             "model, or fine-tune again")
+        base, tokenizer = load_model(base_dir, chat_template=chat_template)
+        if (model_dir / "tokenizer_config.json").exists():  # the tokenizer the run saved (its template included)
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+            if chat_template:
+                tokenizer.chat_template = Path(chat_template).read_text()
+            if tokenizer.pad_token_id is None:
+                tokenizer.pad_token = tokenizer.eos_token
         return PeftModel.from_pretrained(base, str(model_dir)).merge_and_unload(), tokenizer
-    return load_model(str(model_dir))
+    return load_model(str(model_dir), chat_template=chat_template)
