@@ -105,3 +105,15 @@ def test_peft_variants_spf_cannot_guard_are_refused_by_name():
                                                        feedforward_modules=["down_proj"]))
     with pytest.raises(ValueError, match="plain LoRA adapters only.*IA3|plain LoRA adapters only.*ia3"):
         find_targets(ia3)
+
+
+def test_the_adapter_initialisation_is_the_run_seeds():
+    from safeft.config import TrainConfig
+    from safeft.train import prepare_model
+
+    def first_a(seed):
+        torch.randn(7)  # whatever ran before must not matter
+        model = prepare_model(tiny_llama(seed=0), TrainConfig(lora_r=2, seed=seed))
+        return next(t.lora_A.detach().clone() for t in find_targets(model).values())
+
+    assert torch.equal(first_a(0), first_a(0)) and not torch.equal(first_a(0), first_a(1))

@@ -102,6 +102,8 @@ class FinetuneCommand:
     cache: cache directory (default $SAFEFT_CACHE or ~/.cache/safeft).
     overwrite: replace an existing --out.
     chat_template: a Jinja chat template file, for a tokenizer that has none.
+    resume: continue the interrupted run in --out (its <out>.partial) from its last checkpoint, with the same
+        options.
     """
 
     model: str
@@ -112,6 +114,7 @@ class FinetuneCommand:
     cache: str | None = None
     overwrite: bool = False
     chat_template: str | None = None
+    resume: bool = False
 
 
 def method_options() -> dict[str, tuple]:
@@ -144,7 +147,7 @@ def method_help() -> dict[str, str]:
 def finetune(c: FinetuneCommand, options: dict) -> None:
     from safeft.methods import build_method
     from safeft.recipes.finetune import finetune as run_finetune
-    from safeft.recipes.outputs import writing
+    from safeft.recipes.outputs import MARKER, writing
 
     try:
         method = build_method(c.method, options)
@@ -152,9 +155,11 @@ def finetune(c: FinetuneCommand, options: dict) -> None:
         raise UsageError(str(error).replace("unknown key(s)", "options not taken by this method:")) from None
     inputs = [c.model, c.data.task_train, c.data.task_test, c.data.harmful_answers, options.get("safety_data"),
               c.chat_template]
-    with writing(c.out, overwrite=c.overwrite, inputs=inputs, command=_command_line()) as tmp:
+    if c.resume and (Path(c.out) / MARKER).exists():
+        raise UsageError(f"{c.out} holds a finished run; there is nothing to resume")
+    with writing(c.out, overwrite=c.overwrite, inputs=inputs, command=_command_line(), keep_partial=c.resume) as tmp:
         _, _, log = run_finetune(c.model, c.data, method, c.train, tmp, _cache(c.cache),
-                                 chat_template=c.chat_template)
+                                 chat_template=c.chat_template, resume=c.resume)
     typer.echo(f"{method.name}: {log['steps']} steps in {log['seconds']:.0f} s -> {c.out}")
 
 

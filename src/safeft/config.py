@@ -107,6 +107,8 @@ class TrainConfig:
         lora_r: LoRA rank; 0 = full fine-tuning of the transformer-block matrices (embeddings and head frozen).
         seed: data order and initialisation.
         schedule: ``"linear"`` decay or ``"constant"``.
+        save_every: save a checkpoint (weights, optimizer, data position, SPF's state) every this many steps, so
+            an interrupted run can be resumed (``safeft finetune --resume``); 0 = never. Only the last is kept.
     """
 
     steps: int = 0
@@ -119,8 +121,11 @@ class TrainConfig:
     lora_r: int = 0
     seed: int = 0
     schedule: str = "linear"
+    save_every: int = 100
 
     def __post_init__(self) -> None:
+        if self.save_every < 0:
+            raise ValueError(f"TrainConfig.save_every must be >= 0 (0 = no checkpoints), got {self.save_every}")
         if self.steps < 0:
             raise ValueError(f"TrainConfig.steps must be >= 0, got {self.steps}")
         if self.steps == 0 and self.epochs <= 0:

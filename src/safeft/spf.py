@@ -19,9 +19,11 @@ identical tensors and every rank makes the same update as one process with the g
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +35,7 @@ from safeft.subspace import Basis, SafetySubspace, safety_loss
 from safeft.targets import Target
 
 METRIC_PREFIX = "spf/"
+STATE_FILE = "spf_state.json"  # SPF's part of a Trainer checkpoint
 
 
 @dataclass
@@ -309,6 +312,27 @@ class SPFProjector:
         self._reset_counters()
         return out
 
+    def save_state(self, folder: str | Path) -> None:
+        """Write what a resumed run needs to continue as this one would have into ``folder``: the step count, the
+        safety drift so far and, once refreshed, the current subspace (``spf_state.json``, ``spf_subspace/``)."""
+        folder = Path(folder)
+        refreshed = bool(self.config.refresh_every) and self.step >= self.config.refresh_every
+        if refreshed:
+            self.subspace.save(folder / "spf_subspace", overwrite=True)
+        (folder / STATE_FILE).write_text(json.dumps({"step": self.step, "safety_drift": self.safety_drift(),
+                                                     "refreshed": refreshed}) + "\n")
+
+    def load_state(self, folder: str | Path) -> None:
+        """Continue from a state written by :meth:`save_state` (call it with the checkpoint's weights loaded)."""
+        folder = Path(folder)
+        state = json.loads((folder / STATE_FILE).read_text())
+        if state["refreshed"]:
+            self._use(SafetySubspace.load(folder / "spf_subspace", self.model))
+        self.step = state["step"]
+        self.drift_before_refresh = state["safety_drift"]
+        for guard in self.guards:  # the drift so far is carried over; measure what follows from here
+            guard.start_core = self._effective_core(guard)
+
     def monitor_due(self) -> bool:
         """Return True when ``monitor_every`` says the metrics should be logged after the current step."""
         return bool(self.config.monitor_every) and self.step % self.config.monitor_every == 0
@@ -374,6 +398,18 @@ class SPFCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         tokenizer = self.tokenizer or getattr(processing_class, "tokenizer", processing_class)
         self.projector = SPFProjector(model, self.subspace, self.config, tokenizer)
+        if state.global_step:  # resumed from a checkpoint: continue SPF's own state from it
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if (folder / STATE_FILE).exists():
+                self.projector.load_state(folder)
+            else:
+                warnings.warn(f"resuming at step {state.global_step} without SPF's state ({folder / STATE_FILE} "
+                              "is missing): the step count and safety drift restart from here", stacklevel=2)
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            self.projector.save_state(folder)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.projector.before_step()

@@ -7,6 +7,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
@@ -23,6 +24,7 @@ def prepare_model(model, config: TrainConfig):
     if config.lora_r:
         from peft import LoraConfig, get_peft_model
 
+        torch.manual_seed(config.seed)  # the adapter's initialisation is the run's seed's, whatever ran before
         return get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, lora_dropout=0.0,
                                                 target_modules="all-linear", exclude_modules=["lm_head"]))
     for name, p in model.named_parameters():
@@ -122,12 +124,24 @@ def encode_for_training(model, tokenizer, examples: Sequence[ChatExample], max_l
     return kept
 
 
+def last_checkpoint(output_dir: str | Path) -> Path | None:
+    """Return the newest complete Trainer checkpoint in ``output_dir`` (one whose ``trainer_state.json``, written
+    last, exists), or None. A checkpoint cut short by a kill is skipped."""
+    folders = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    complete = [p for p in folders if (p / "trainer_state.json").exists()]
+    return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
 def train(model, tokenizer, examples: Sequence[ChatExample], config: TrainConfig, *,
-          output_dir: str = "/tmp/safeft-trainer", callbacks: Sequence[TrainerCallback] = ()) -> dict:
+          output_dir: str = "/tmp/safeft-trainer", callbacks: Sequence[TrainerCallback] = (),
+          resume: bool = False) -> dict:
     """Fine-tune ``model`` in place on ``examples`` (loss on assistant turns) and return the training log.
 
     ``callbacks`` (e.g. a method's :class:`~safeft.spf.SPFCallback`, an early stop) run ahead of the Trainer's own
-    callbacks and loggers, so metrics they add to a log entry reach every reporter.
+    callbacks and loggers, so metrics they add to a log entry reach every reporter. Checkpoints go to
+    ``output_dir`` every ``config.save_every`` steps; with ``resume`` training continues from the last complete
+    one there (weights, optimizer, schedule, data position and the callbacks' own state), and ends where an
+    uninterrupted run would have.
 
     Returns:
         ``{"log_history": [...], "seconds": float, "steps": int, "step_seconds_median": float,
@@ -143,7 +157,8 @@ def train(model, tokenizer, examples: Sequence[ChatExample], config: TrainConfig
     args = TrainingArguments(
         output_dir=output_dir, max_steps=steps, per_device_train_batch_size=config.batch_size,
         learning_rate=config.learning_rate, weight_decay=config.weight_decay, warmup_steps=config.warmup_ratio,
-        lr_scheduler_type=config.schedule, logging_steps=max(1, steps // 20), report_to="none", save_strategy="no",
+        lr_scheduler_type=config.schedule, logging_steps=max(1, steps // 20), report_to="none",
+        save_strategy="steps" if config.save_every else "no", save_steps=config.save_every or 500, save_total_limit=1,
         seed=config.seed, data_seed=config.seed, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
         remove_unused_columns=False, max_grad_norm=1.0,
     )
@@ -153,7 +168,11 @@ def train(model, tokenizer, examples: Sequence[ChatExample], config: TrainConfig
     for callback in reversed([*callbacks, meter]):
         trainer.callback_handler.callbacks.insert(0, callback)
     trainer.callback_handler.callbacks.append(FiniteCheck())
-    output = trainer.train()
+    checkpoint = last_checkpoint(output_dir) if resume else None
+    if resume and checkpoint is None:
+        raise FileNotFoundError(f"nothing to resume: no complete checkpoint in {output_dir} (was the run saving "
+                                "checkpoints? see --save-every)")
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     bad = first_non_finite(model)
     if bad:
         raise FloatingPointError(f"training diverged: non-finite weights after {trainer.state.global_step} steps, "

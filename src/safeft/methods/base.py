@@ -39,6 +39,7 @@ class RunContext:
         harmful_answers: BeaverTails-style JSONL of harmful answers, if the setting uses one.
         task_prompts: the user turns of the training data as the method receives it (before its own changes):
             safety data drawn by a method leaves these prompts out, so a defence never uses the attack's requests.
+        resume: the run continues an interrupted one in ``out``; a method may reuse what it wrote there.
     """
 
     out: Path
@@ -47,6 +48,7 @@ class RunContext:
     base_model: str = "default"
     harmful_answers: str | None = None
     task_prompts: frozenset[str] = field(default_factory=frozenset)
+    resume: bool = False
 
 
 class Method:

@@ -97,8 +97,14 @@ class SPF(Method):
     def before_training(self, model, tokenizer, run: RunContext) -> None:
         from safeft.spf import freeze_unguarded
 
-        self.subspace = self.estimate(model, tokenizer, run)
-        self.subspace.save(run.out / "subspace", overwrite=True)
+        saved = run.out / "subspace"
+        if run.resume and saved.exists():  # the interrupted run's subspace, estimated at the same weights
+            from safeft.subspace import SafetySubspace
+
+            self.subspace = SafetySubspace.load(saved, model)
+        else:
+            self.subspace = self.estimate(model, tokenizer, run)
+            self.subspace.save(saved, overwrite=True)
         freeze_unguarded(model, self.subspace)  # norm weights under full fine-tuning: nothing would guard them
 
     def callbacks(self, model, tokenizer, run: RunContext) -> list:

@@ -137,9 +137,9 @@ def bench(config: BenchConfig, *, command: str | None = None) -> dict:
 
 def run_identity(config: BenchConfig, setting: Setting, seed: int, method) -> dict:
     """Return what decides a run's numbers, as recorded in its run file (a finished run is reused only if equal)."""
+    train = {k: v for k, v in config.run_train_config(setting, seed).to_dict().items() if k != "save_every"}
     return {"setting": asdict(setting), "method": method.name, "method_options": method.options(), "seed": seed,
-            "model": config.model, "train": config.run_train_config(setting, seed).to_dict(), "judge": config.judge,
-            "max_new_tokens": config.max_new_tokens}
+            "model": config.model, "train": train, "judge": config.judge, "max_new_tokens": config.max_new_tokens}
 
 
 def _finished(config: BenchConfig, out: Path, setting: Setting, seed: int, label: str, method) -> bool:

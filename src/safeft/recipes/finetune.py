@@ -33,12 +33,15 @@ def training_examples(task: Task, data: DataConfig, seed: int, cache: Path) -> l
 
 
 def finetune(model_dir: str | Path, data: DataConfig, method: Method, train_config: TrainConfig, out: Path,
-             cache: Path, *, save_model: bool = True, chat_template: str | None = None):
+             cache: Path, *, save_model: bool = True, chat_template: str | None = None, resume: bool = False):
     """Fine-tune the model in ``model_dir`` with ``method`` on the setting ``data``.
 
     Runs the method's hooks in order (training data, before training, callbacks, after training; see
     :mod:`safeft.methods.base`). Writes ``out/config.json``, ``out/train_log.json``, any artefact of the method
     (SPF: ``out/subspace``) and, with ``save_model``, ``out/model`` (full model or LoRA adapter).
+
+    With ``resume``, ``out`` holds an interrupted run of the same settings (its ``config.json`` is compared) and
+    training continues from its last checkpoint in ``out/trainer``.
 
     Returns:
         ``(model, tokenizer, log)``: the trained model in memory, its tokenizer, and the training log (with
@@ -47,32 +50,46 @@ def finetune(model_dir: str | Path, data: DataConfig, method: Method, train_conf
     from safeft.models import load_model
     from safeft.train import prepare_model, train
 
+    source = Path(model_dir)
+    record = {"model": str(source.resolve()) if source.exists() else str(model_dir),
+              "model_fingerprint": dir_fingerprint(source) if source.is_dir() else None, "method": method.name,
+              "method_options": method.options(), "data": asdict(data), "train": train_config.to_dict()}
+    if resume:
+        _check_resumable(out, record)
+    else:
+        write_json(out / "config.json", record)
     model, tokenizer = load_model(str(model_dir), chat_template=chat_template)
     task = task_of(data)
     examples = training_examples(task, data, train_config.seed, cache)
     run = RunContext(out=out, cache=cache, seed=train_config.seed, base_model=data.base_model or "default",
-                     harmful_answers=data.harmful_answers, task_prompts=user_turns(examples))
+                     harmful_answers=data.harmful_answers, task_prompts=user_turns(examples), resume=resume)
     examples = method.training_data(examples, run)
     model = prepare_model(model, train_config)
     start = time.perf_counter()
     method.before_training(model, tokenizer, run)
     prepare_seconds = time.perf_counter() - start
     log = train(model, tokenizer, examples, train_config, callbacks=method.callbacks(model, tokenizer, run),
-                output_dir=str(out / "trainer"))
+                output_dir=str(out / "trainer"), resume=resume)
     shutil.rmtree(out / "trainer", ignore_errors=True)
     model = method.after_training(model, tokenizer, run)
     log["prepare_seconds"] = prepare_seconds
     if save_model:
         model.save_pretrained(out / "model")
         tokenizer.save_pretrained(out / "model")
-    source = Path(model_dir)
-    write_json(out / "config.json", {
-        "model": str(source.resolve()) if source.exists() else str(model_dir),
-        "model_fingerprint": dir_fingerprint(source) if source.is_dir() else None, "method": method.name,
-        "method_options": method.options(), "data": asdict(data), "train": train_config.to_dict(),
-        "examples": len(examples)})
+    write_json(out / "config.json", {**record, "examples": len(examples)})
     write_json(out / "train_log.json", log)
     return model, tokenizer, log
+
+
+def _check_resumable(out: Path, record: dict) -> None:
+    """Raise unless ``out`` holds an interrupted run whose recorded settings equal ``record``."""
+    if not (out / "config.json").exists():
+        raise FileNotFoundError(f"nothing to resume in {out}: no config.json of an interrupted run")
+    before = json.loads((out / "config.json").read_text())
+    differ = sorted(k for k, v in json.loads(json.dumps(record)).items() if before.get(k) != v)
+    if differ:
+        raise ValueError(f"the interrupted run in {out} was started with other settings ({', '.join(differ)} "
+                         "differ); resume it with the same options, or start a new run without --resume")
 
 
 def load_finetuned(path: str | Path, chat_template: str | None = None):
