@@ -49,6 +49,9 @@ def world(tmp_path, tiny_dir):
         nan.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
     nan.save_pretrained(tmp_path / "nan_model")
     byte_tokenizer().save_pretrained(tmp_path / "nan_model")
+    shutil.copytree(tiny_dir, tmp_path / "truncated")
+    weights = tmp_path / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
     return tmp_path
 
 
@@ -116,6 +119,12 @@ CASES = {
     "diverging learning rate": (["finetune", "--model", "{model}", "--out", "{root}/run", "--learning-rate", "1e30",
                                  "--task", "jsonl", "--task-train", "{root}/good.jsonl", "--steps", "3",
                                  "--batch-size", "2"], "diverged"),
+    "spf diverging learning rate": (["finetune", "--model", "{model}", "--out", "{root}/run", "--method", "spf",
+                                     "--rank", "4", "--safety-samples", "2", "--learning-rate", "1e30", "--task",
+                                     "jsonl", "--task-train", "{root}/good.jsonl", "--steps", "3", "--batch-size",
+                                     "2"], "non-finite"),
+    "truncated weights": (["finetune", "--model", "{root}/truncated", "--out", "{root}/run"],
+                          "truncated or corrupt"),
     "every response cut": (["finetune", "--model", "{model}", "--out", "{root}/run", "--task", "jsonl",
                             "--task-train", "{root}/good.jsonl", "--max-length", "4", *TRAIN],
                            "no trainable tokens"),
@@ -232,3 +241,19 @@ def test_tracebacks_only_with_debug_and_bugs_are_told_apart_from_bad_input(world
     result = runner.invoke(app, ["finetune", "--model", str(world / "model"), "--out", str(world / "run")])
     assert result.exit_code == 1 and "RuntimeError: internal state lost" in result.output
     assert "--debug" in result.output and "Traceback" not in result.output
+
+
+def test_examples_beyond_the_position_limit_are_cut_with_a_count():
+    tokenizer = byte_tokenizer()
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from safeft.data.examples import ChatExample
+    from safeft.train import encode_for_training
+
+    config = tiny_llama().config
+    short = LlamaForCausalLM(LlamaConfig(**{**config.to_dict(), "max_position_embeddings": 40}))
+    examples = [ChatExample.from_pair("Hi.", "Hello."), ChatExample.from_pair("A story?", "Once " * 20)]
+    with pytest.warns(UserWarning, match=r"1 of 2 training examples are longer than 40 tokens and were cut to the "
+                                         r"model's position limit 40"):
+        encoded = encode_for_training(short, tokenizer, examples, max_length=256)
+    assert max(len(e.input_ids) for e in encoded) == 40

@@ -148,6 +148,7 @@ def load_model(model: str = DEFAULT_MODEL, *, gguf_file: str | None = None, chat
         ValueError: if the tokenizer has no chat template and none was given.
     """
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from safeft.chat import require_chat_template
@@ -159,9 +160,10 @@ def load_model(model: str = DEFAULT_MODEL, *, gguf_file: str | None = None, chat
                                                   **kwargs)
         lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32, local_files_only=True,
                                                   trust_remote_code=trust_remote_code, **kwargs)
-    except OSError as error:  # transformers' "can't load ..." for a directory without the expected files
+    except (OSError, SafetensorError) as error:  # missing files, or a weight file cut short / corrupt
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"cannot load the model at {model}: {first}") from None
+        raise ValueError(f"cannot load the model at {model}: {first} (a missing, truncated or corrupt file: "
+                         "copy or save the model again)") from None
     if chat_template:
         tokenizer.chat_template = Path(chat_template).read_text()
     require_chat_template(tokenizer)
