@@ -108,3 +108,52 @@ def test_bench_config_is_validated():
     deep = BenchConfig().run_train_config(Setting(deep=2.5, lora_r=8, learning_rate=2e-4), seed=3)
     assert (deep.steps, deep.lora_r, deep.seed, deep.learning_rate) == (100, 8, 3, 2e-4)
     assert BenchConfig().run_train_config(Setting(deep=0.001), seed=0).steps == 1  # never 0 (= epochs mode)
+
+
+SLEEPY_BENCH = """
+import sys, time
+from transformers import TrainerCallback
+from safeft.methods import Method, register
+from safeft.recipes.bench import bench
+from test_bench import config
+from pathlib import Path
+
+
+class Sleepy(Method):
+    def callbacks(self, model, tokenizer, run):
+        class Sleep(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                (run.out / "sleeping").write_text("zz")
+                time.sleep(120)
+        return [Sleep()]
+
+
+if __name__ == "__main__":
+    register("sleepy", Sleepy)
+    bench(config(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), methods=("sleepy",)))
+"""
+
+
+def test_a_terminated_bench_stops_its_run_process_too(tiny_dir, cache, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "bench"
+    script = tmp_path / "sleepy_bench.py"
+    script.write_text(SLEEPY_BENCH)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+    parent = subprocess.Popen([sys.executable, str(script), str(tiny_dir), str(cache), str(out)], env=env)
+    sleeping = out / "models" / "sentiment-benign--sleepy--seed0" / "sleeping"
+    deadline = time.monotonic() + 300
+    while not sleeping.exists() and parent.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert sleeping.exists(), "the run never started"
+    children = subprocess.run(["pgrep", "-P", str(parent.pid)], capture_output=True, text=True).stdout.split()
+    parent.send_signal(signal.SIGTERM)
+    parent.wait(timeout=60)
+    time.sleep(1)
+    alive = [pid for pid in children if os.path.exists(f"/proc/{pid}") and
+             "zombie" not in open(f"/proc/{pid}/status").read()]
+    assert not alive, f"run process(es) {alive} outlived the bench"
+    assert not list((out / "runs").glob("sentiment-benign/**/*.json"))

@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import signal
 import statistics
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -169,15 +171,31 @@ def run_in_subprocess(config: BenchConfig, setting: Setting, seed: int, label: s
         target=_run_and_write, args=(config, setting, seed, label, method, aligned_dir, cache, command, path),
         name=f"safeft-bench {setting.name} {label} seed {seed}")
     process.start()
+    previous = _stop_on_sigterm()
     try:
         process.join()
     finally:
         if process.is_alive():  # the parent was interrupted: stop the run too, so it writes nothing
             process.terminate()
             process.join()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if process.exitcode != 0 or not path.exists():
         raise RuntimeError(f"bench run {setting.name} / {label} / seed {seed} failed (exit code {process.exitcode}); "
                            "its error is printed above. Finished runs are kept: rerun the bench to continue.")
+
+
+def _stop_on_sigterm():
+    """Make SIGTERM (``kill PID``) raise KeyboardInterrupt in the main thread, so that an interrupted bench stops
+    its run's process instead of leaving it orphaned (still computing, then writing its run file); return the
+    previous handler (None off the main thread, where handlers cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 def _run_and_write(config, setting, seed, label, method, aligned_dir, cache, command, path) -> None:
