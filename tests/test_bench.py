@@ -157,3 +157,12 @@ def test_a_terminated_bench_stops_its_run_process_too(tiny_dir, cache, tmp_path)
              "zombie" not in open(f"/proc/{pid}/status").read()]
     assert not alive, f"run process(es) {alive} outlived the bench"
     assert not list((out / "runs").glob("sentiment-benign/**/*.json"))
+
+
+def test_a_second_bench_on_the_same_directory_is_refused(tiny_dir, cache, tmp_path):
+    from safeft.recipes.outputs import locked
+
+    out = tmp_path / "bench"
+    with locked(out), pytest.raises(FileExistsError, match="another safeft run .* is writing"):
+        bench(config(tiny_dir, cache, out))
+    assert not (out / "runs").exists()

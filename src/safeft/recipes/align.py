@@ -113,9 +113,11 @@ def aligned_model_dir(model_name: str, config: AlignConfig, cache: Path, method=
     return cache / f"aligned-{model_key(model_name)}-{key}"
 
 
-def ensure_aligned(model_name: str, config: AlignConfig, cache: Path, method=None) -> tuple[Path, dict, bool]:
-    """Return ``(aligned model dir, alignment report, was cached)``, aligning ``model_name`` first if needed."""
+def ensure_aligned(model_name: str, config: AlignConfig, cache: Path, method=None, *,
+                   chat_template: str | None = None) -> tuple[Path, dict, bool]:
+    """Return ``(aligned model dir, alignment report, was cached)``, aligning ``model_name`` first if needed
+    (``chat_template``: a template file for a tokenizer without one; the aligned model's tokenizer keeps it)."""
     target = aligned_model_dir(model_name, config, cache, method)
     if (target / "align.json").exists():
         return target, json.loads((target / "align.json").read_text()), True
-    return target, align(model_name, target, config, cache, method), False
+    return target, align(model_name, target, config, cache, method, chat_template=chat_template), False

@@ -47,6 +47,7 @@ class BenchConfig:
         keep_models: keep each run's model and method artefacts under ``OUT/models`` (large).
         title: the heading of ``bench.md``.
         cache: safeft's cache directory (default ``$SAFEFT_CACHE`` or ``~/.cache/safeft``).
+        chat_template: a Jinja chat template file, for a base model whose tokenizer has none.
     """
 
     out: str = "runs/bench"
@@ -61,6 +62,7 @@ class BenchConfig:
     keep_models: bool = False
     title: str = "safeft bench"
     cache: str | None = None
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         if not self.methods or not self.settings or not self.seeds:
@@ -117,6 +119,7 @@ def bench(config: BenchConfig, *, command: str | None = None) -> dict:
 
     from safeft.models import cache_dir
     from safeft.recipes.align import ensure_aligned
+    from safeft.recipes.outputs import locked
 
     out = Path(config.out)
     cache = Path(config.cache) if config.cache else cache_dir()
@@ -125,15 +128,17 @@ def bench(config: BenchConfig, *, command: str | None = None) -> dict:
             for label, method in entries]
     todo = [p for p in plan if not _finished(config, out, *p)]
     print(f"bench: {len(plan)} runs, {len(plan) - len(todo)} already finished, {len(todo)} to run -> {out}")
-    for setting, seed, label, method in tqdm(todo, desc="bench runs"):
-        aligned_dir, report, _ = ensure_aligned(config.model, config.align, cache, method)  # cached after the first
-        _evaluate_aligned(config, aligned_dir, report, setting, out)
-        path = run_path(out, setting, label, seed)
-        run_in_subprocess(config, setting, seed, label, method, aligned_dir, cache, command, path)
-        h = json.loads(path.read_text())["headline"]
-        tqdm.write(f"{setting.name} seed {seed} | {label}: harmful score {h['harmful_score']:.1f}%, accuracy "
-                   f"{'n/a' if h['accuracy'] is None else format(h['accuracy'], '.1f') + '%'}, safety loss "
-                   f"{h['safety_loss']:.3f}")
+    with locked(out):  # a second bench on the same directory would run the same grid twice
+        for setting, seed, label, method in tqdm(todo, desc="bench runs"):
+            aligned_dir, report, _ = ensure_aligned(config.model, config.align, cache, method,
+                                                    chat_template=config.chat_template)  # cached after the first
+            _evaluate_aligned(config, aligned_dir, report, setting, out)
+            path = run_path(out, setting, label, seed)
+            run_in_subprocess(config, setting, seed, label, method, aligned_dir, cache, command, path)
+            h = json.loads(path.read_text())["headline"]
+            tqdm.write(f"{setting.name} seed {seed} | {label}: harmful score {h['harmful_score']:.1f}%, accuracy "
+                       f"{'n/a' if h['accuracy'] is None else format(h['accuracy'], '.1f') + '%'}, safety loss "
+                       f"{h['safety_loss']:.3f}")
     return summarize(out, config.title, command)
 
 

@@ -91,7 +91,7 @@ def writing(out: str | Path, *, overwrite: bool, inputs: Sequence[str | Path | N
 
     out = check_output(out, overwrite=overwrite, inputs=inputs)
     partial = out.with_name(out.name + ".partial")
-    with _lock(out):
+    with locked(out):
         if partial.exists() and not keep_partial:
             if not (partial / INCOMPLETE).exists():
                 raise FileExistsError(f"{partial} exists and is not a safeft partial output; remove or rename it")
@@ -116,7 +116,9 @@ def writing(out: str | Path, *, overwrite: bool, inputs: Sequence[str | Path | N
 
 
 @contextmanager
-def _lock(out: Path) -> Iterator[None]:
+def locked(out: Path) -> Iterator[None]:
+    """Hold the write lock of ``out`` (``.<name>.lock`` beside it, holding this pid) for the block; raise
+    ``FileExistsError`` if a live process holds it (a lock left by a dead one is taken over)."""
     lock = out.with_name(f".{out.name}.lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(2):
