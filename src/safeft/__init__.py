@@ -10,7 +10,6 @@ _EXPORTS = {
     "SafetySubspace": "safeft.subspace",
     "SPFCallback": "safeft.spf",
     "SPFProjector": "safeft.spf",
-    "add_spf_callback": "safeft.spf",
     "attach_spf": "safeft.spf",
     "freeze_unguarded": "safeft.spf",
 }

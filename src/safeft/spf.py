@@ -20,6 +20,7 @@ identical tensors and every rank makes the same update as one process with the g
 from __future__ import annotations
 
 import json
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -374,13 +375,15 @@ def attach_spf(optimizer: torch.optim.Optimizer, model: nn.Module, subspace: Saf
 
 
 class SPFCallback(TrainerCallback):
-    """SPF for a transformers ``Trainer`` or TRL ``SFTTrainer``: ``Trainer(..., callbacks=[SPFCallback(subspace)])``.
+    """SPF for a transformers ``Trainer`` or TRL ``SFTTrainer``: ``Trainer(..., callbacks=[SPFCallback(subspace)])``
+    or ``trainer.add_callback(SPFCallback(subspace))``.
 
     Projects in ``on_pre_optimizer_step`` (after gradient clipping; projection only shrinks the gradient, so the
     clipped norm still holds) and corrects the update in ``on_optimizer_step``. Every ``monitor_every`` steps and
-    at the last step it asks the trainer to log and adds the ``spf/*`` metrics to that log entry
-    (``state.log_history`` and the loggers that run after it; use :func:`add_spf_callback` to put it ahead of
-    TensorBoard / W&B).
+    at the last step it asks the trainer to log and adds the ``spf/*`` metrics to that log entry. transformers runs
+    user callbacks after its reporters, so the callback moves itself to the front of the trainer's list when the
+    trainer starts: TensorBoard, W&B and every other reporter receive the metrics, however it was added. Its state
+    (step count, drift, a refreshed subspace) is saved with each Trainer checkpoint and restored on resume.
 
     Args:
         subspace: the safety subspace of the model being trained.
@@ -395,7 +398,23 @@ class SPFCallback(TrainerCallback):
         self.projector: SPFProjector | None = None
         self._pending: dict[str, float] = {}
 
+    def _go_first(self) -> None:
+        """Move this callback to the front of the calling ``CallbackHandler``'s list (ahead of the reporters).
+
+        Only the handler knows the order, and it is the caller of the event (``call_event``, two frames up). Moving
+        the current callback from position i to 0 during that loop leaves every later position as it was, so no
+        callback is skipped or called twice."""
+        handler = sys._getframe(2).f_locals.get("self")
+        callbacks = getattr(handler, "callbacks", None)
+        if isinstance(callbacks, list) and callbacks and callbacks[0] is not self and self in callbacks:
+            callbacks.remove(self)
+            callbacks.insert(0, self)
+
+    def on_init_end(self, args, state, control, **kwargs):
+        self._go_first()
+
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+        self._go_first()
         tokenizer = self.tokenizer or getattr(processing_class, "tokenizer", processing_class)
         self.projector = SPFProjector(model, self.subspace, self.config, tokenizer)
         if state.global_step:  # resumed from a checkpoint: continue SPF's own state from it
@@ -430,11 +449,3 @@ class SPFCallback(TrainerCallback):
             if state.log_history:
                 state.log_history[-1].update(self._pending)
             self._pending = {}
-
-
-def add_spf_callback(trainer, subspace: SafetySubspace, config: SPFConfig | None = None,
-                     tokenizer=None) -> SPFCallback:
-    """Add an :class:`SPFCallback` to ``trainer`` ahead of its loggers, so TensorBoard / W&B receive ``spf/*``."""
-    callback = SPFCallback(subspace, config, tokenizer)
-    trainer.callback_handler.callbacks.insert(0, callback)
-    return callback
