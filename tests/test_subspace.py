@@ -2,6 +2,7 @@
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -202,3 +203,39 @@ def test_bad_inputs_give_clear_errors(model, tokenizer, safety_pairs, tmp_path):
 def test_config_validation_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SPFConfig(**kwargs)
+
+
+def test_hub_style_save_load_card_and_push(model, tokenizer, safety_pairs, tmp_path, monkeypatch):
+    import huggingface_hub.hub_mixin
+
+    config = SPFConfig(rank=4, side="left", mode="conflict", project="grad")
+    subspace = SafetySubspace.estimate(model, tokenizer, safety_pairs[:2], config, show_progress=False)
+    subspace.save_pretrained(tmp_path / "hub")
+    loaded = SafetySubspace.from_pretrained(tmp_path / "hub", model=model)
+    assert all(torch.equal(loaded[n].V, b.V) for n, b in subspace.bases.items())
+    assert (loaded.config.side, loaded.config.mode, loaded.config.project) == ("left", "conflict", "grad")
+    card = (tmp_path / "hub" / "README.md").read_text()
+    meta = subspace.metadata
+    for fact in (meta["model"]["fingerprint"], meta["samples_sha256"], "side `left`, mode `conflict`, project `grad`",
+                 f"safeft\n{meta['safeft_version']}", "14 matrices, rank 4..4", "library_name: safeft"):
+        assert fact in card, fact
+    subspace.save(tmp_path / "old")  # a directory written the old way loads the new way
+    assert SafetySubspace.from_pretrained(tmp_path / "old").bases.keys() == subspace.bases.keys()
+
+    uploaded = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            return type("Repo", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            uploaded[repo_id] = sorted(p.name for p in Path(folder_path).iterdir())
+            return f"https://huggingface.co/{repo_id}/commit/0"
+
+    monkeypatch.setattr(huggingface_hub.hub_mixin, "HfApi", FakeApi)
+    subspace.push_to_hub("me/smollm-safety-subspace")
+    assert uploaded["me/smollm-safety-subspace"] == ["README.md", "config.json", "subspace.json",
+                                                    "subspace.safetensors"]

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import ModelCard, ModelHubMixin
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -224,12 +225,19 @@ def gradient_factors(model: nn.Module, targets: dict[str, Target], encoded: list
     return sums
 
 
-class SafetySubspace:
-    """Per-target safety bases ``{name: Basis}`` plus the metadata that says where they came from."""
+class SafetySubspace(ModelHubMixin, library_name="safeft", tags=["safeft", "safety-subspace"],
+                     repo_url="https://github.com/safeft/safeft", paper_url="https://arxiv.org/abs/2601.10141"):
+    """Per-target safety bases ``{name: Basis}`` plus the metadata that says where they came from.
+
+    A Hub-style artifact: ``save_pretrained(dir)`` writes the tensors, the metadata and a model card (README.md);
+    ``from_pretrained(dir or repo id)`` reads them back (a repo id is fetched from the Hub, so only on purpose);
+    ``push_to_hub(repo_id)`` uploads them. :meth:`save` / :meth:`load` are the same files without the card.
+    """
 
     def __init__(self, bases: dict[str, Basis], metadata: dict):
         self.bases = bases
         self.metadata = metadata
+        self._hub_mixin_config = {"format": FORMAT}  # the rest is in subspace.json
 
     def __len__(self) -> int:
         return len(self.bases)
@@ -249,7 +257,10 @@ class SafetySubspace:
 
     @property
     def config(self) -> SPFConfig:
-        """Return an SPFConfig carrying the rank policy this subspace was estimated with."""
+        """Return the SPFConfig this subspace was estimated with (side, mode and project included; files written
+        before those were stored give the rank policy with the other fields at their defaults)."""
+        if "spf_config" in self.metadata:
+            return SPFConfig(**self.metadata["spf_config"])
         policy = self.metadata["rank_policy"]
         return SPFConfig(rank=policy["rank"], energy=policy["energy"], max_rank=policy["max_rank"],
                          target_modules=policy["target_modules"], onset_tokens=policy.get("onset_tokens"))
@@ -316,6 +327,7 @@ class SafetySubspace:
                       "fingerprint": weights_fingerprint(targets),
                       "targets": {name: list(t.shape) for name, t in targets.items()}},
             "rank_policy": config.rank_policy(),
+            "spf_config": asdict(config),
             "ranks": {name: b.rank for name, b in bases.items()},
             "num_samples": len(samples),
             "samples_sha256": samples_sha256(samples),
@@ -337,6 +349,60 @@ class SafetySubspace:
             V = torch.linalg.qr(torch.randn(n, r, generator=generator))[0] if r else b.V.clone()
             bases[name] = Basis(U.contiguous(), b.S.clone(), V.contiguous())
         return SafetySubspace(bases, {**self.metadata, "random_bases": {"seed": seed}})
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        self.save(save_directory, overwrite=True)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision, cache_dir, force_download: bool, local_files_only: bool,
+                         token, model: nn.Module | None = None, **kwargs) -> SafetySubspace:
+        path = Path(model_id)
+        if not path.is_dir():  # a repo id: fetch the two files (and the card) from the Hub or its local cache
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(model_id, revision=revision, cache_dir=cache_dir, token=token,
+                                          force_download=force_download, local_files_only=local_files_only,
+                                          allow_patterns=[TENSORS_FILE, METADATA_FILE, "README.md"]))
+        return cls.load(path, model=model)
+
+    def generate_model_card(self, *args, **kwargs) -> ModelCard:
+        """Return the README.md of a saved subspace: what it was estimated on and from, and for what settings."""
+        meta = self.metadata
+        ranks = list(meta["ranks"].values())
+        config = self.config
+        samples = meta.get("samples", [])
+        rank_range = f"{min(ranks, default=0)}..{max(ranks, default=0)} (mean {sum(ranks) / max(len(ranks), 1):.1f})"
+        shown = "\n".join(f"- {s['prompt']!r} -> {s['refusal'][:80]!r}" for s in samples[:5])
+        card = f"""---
+library_name: safeft
+tags: [safeft, safety-subspace, spf]
+---
+
+# Safety subspace for `{meta['model'].get('name_or_path')}`
+
+A low-rank safety subspace for Safety-Preserving Fine-Tuning (SPF, arXiv 2601.10141), made with safeft
+{meta.get('safeft_version')}. Fine-tune the model it was estimated on with it, and SPF removes from every update the
+part that acts on these directions.
+
+| | |
+|---|---|
+| base model | `{meta['model'].get('name_or_path')}` (weights fingerprint `{meta['model'].get('fingerprint')}`) |
+| targets | {len(ranks)} matrices, rank {rank_range}, {self.numel():,} numbers |
+| rank policy | {json.dumps(meta['rank_policy'])} |
+| made for | side `{config.side}`, mode `{config.mode}`, project `{config.project}` |
+| safety samples | {meta.get('num_samples')} (sha256 `{meta.get('samples_sha256')}`) |
+
+First samples:
+{shown}
+
+```python
+from safeft import SafetySubspace, SPFCallback
+
+subspace = SafetySubspace.from_pretrained("THIS_REPO_OR_DIR", model=model)  # checks targets and shapes
+trainer = SFTTrainer(..., callbacks=[SPFCallback(subspace, subspace.config)])
+```
+"""
+        return ModelCard(card)
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write ``subspace.safetensors`` and ``subspace.json`` into directory ``path`` and return it.
