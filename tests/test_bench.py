@@ -166,3 +166,18 @@ def test_a_second_bench_on_the_same_directory_is_refused(tiny_dir, cache, tmp_pa
     with locked(out), pytest.raises(FileExistsError, match="another safeft run .* is writing"):
         bench(config(tiny_dir, cache, out))
     assert not (out / "runs").exists()
+
+
+def test_run_files_from_before_a_field_existed_still_count_as_finished(tmp_path):
+    from safeft.recipes.bench import _finished, run_identity
+
+    grid = BenchConfig(out=str(tmp_path), methods=["sft"])
+    setting, (label, method) = grid.settings[0], grid.method_entries()[0]
+    record = run_identity(grid, setting, 0, method)
+    del record["train"]["schedule"], record["setting"]["deep"]  # as if written before those fields were added
+    write_json(run_path(tmp_path, setting, label, 0), record)
+    assert _finished(grid, tmp_path, setting, 0, label, method)
+    record["train"]["learning_rate"] = 1.0  # a value that differs still does not pass
+    write_json(run_path(tmp_path, setting, label, 0), record)
+    with pytest.raises(ValueError, match="train differ"):
+        _finished(grid, tmp_path, setting, 0, label, method)

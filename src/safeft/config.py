@@ -109,6 +109,13 @@ class TrainConfig:
         schedule: ``"linear"`` decay or ``"constant"``.
         save_every: save a checkpoint (weights, optimizer, data position, SPF's state) every this many steps, so
             an interrupted run can be resumed (``safeft finetune --resume``); 0 = never. Only the last is kept.
+        gradient_accumulation: micro-batches of ``batch_size`` per optimizer step (SPF projects once per step).
+        bf16: train under bfloat16 autocast (weights stay fp32).
+        report_to: the Trainer's reporters: ``none``, ``tensorboard``, ``wandb``, ``all``, ... (the ``spf/*``
+            metrics reach them too).
+        logging_steps: log every this many steps; 0 = about 20 entries per run.
+        lora_alpha: LoRA scaling numerator (``scaling = lora_alpha / lora_r``); 0 = ``2 * lora_r``.
+        lora_targets: module names (or regexes) to put LoRA on; default every linear layer in the blocks.
     """
 
     steps: int = 0
@@ -122,6 +129,12 @@ class TrainConfig:
     seed: int = 0
     schedule: str = "linear"
     save_every: int = 100
+    gradient_accumulation: int = 1
+    bf16: bool = False
+    report_to: str = "none"
+    logging_steps: int = 0
+    lora_alpha: int = 0
+    lora_targets: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.save_every < 0:
@@ -132,7 +145,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.epochs must be > 0 when steps is 0, got {self.epochs}")
         if self.learning_rate <= 0:
             raise ValueError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}")
-        check_positive(self, "batch_size", "max_length")
+        check_positive(self, "batch_size", "max_length", "gradient_accumulation")
+        for name in ("logging_steps", "lora_alpha"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0 (0 = automatic), got {getattr(self, name)}")
         check_choice(self, "schedule", ("linear", "constant"))
         if self.lora_r < 0:
             raise ValueError(f"TrainConfig.lora_r must be >= 0 (0 = full fine-tuning), got {self.lora_r}")

@@ -209,8 +209,8 @@ def gradient_factors(model: nn.Module, targets: dict[str, Target], encoded: list
     handles = [t.base.register_forward_hook(on_forward(name)) for name, t in targets.items()]
     try:
         with _eval_without_param_grads(model), torch.enable_grad():  # may run inside optimizer.step() (refresh)
-            for batch in tqdm(list(_batches(encoded, batch_size, tokenizer)), desc="gradient",
-                              disable=not show_progress):
+            quiet = {} if show_progress else {"disable": True}  # unset, so TQDM_DISABLE=1 silences it too
+            for batch in tqdm(list(_batches(encoded, batch_size, tokenizer)), desc="gradient", **quiet):
                 logits = model(input_ids=batch["input_ids"].to(_device(model)),
                                attention_mask=batch["attention_mask"].to(_device(model))).logits
                 loss, _ = response_token_loss_sum(logits, batch["labels"])

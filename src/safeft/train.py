@@ -19,14 +19,17 @@ from safeft.targets import in_blocks
 
 
 def prepare_model(model, config: TrainConfig):
-    """Return the model set up for training: LoRA on every linear layer of the blocks (``config.lora_r > 0``), or
-    full fine-tuning of every parameter inside the blocks (embeddings, final norm and LM head frozen)."""
+    """Return the model set up for training: LoRA (``config.lora_r > 0``) on ``config.lora_targets`` (default:
+    every linear layer of the blocks), or full fine-tuning of every parameter inside the blocks (embeddings, final
+    norm and LM head frozen)."""
     if config.lora_r:
         from peft import LoraConfig, get_peft_model
 
         torch.manual_seed(config.seed)  # the adapter's initialisation is the run's seed's, whatever ran before
-        return get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, lora_dropout=0.0,
-                                                target_modules="all-linear", exclude_modules=["lm_head"]))
+        targets = config.lora_targets or "all-linear"
+        return get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha or 2 * config.lora_r,
+                                                lora_dropout=0.0, target_modules=targets,
+                                                exclude_modules=None if config.lora_targets else ["lm_head"]))
     for name, p in model.named_parameters():
         p.requires_grad_(in_blocks(name))
     return model
@@ -153,11 +156,13 @@ def train(model, tokenizer, examples: Sequence[ChatExample], config: TrainConfig
         raise ValueError("no training examples: the data set is empty")
     encoded = encode_for_training(model, tokenizer, examples, config.max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    steps = config.steps or math.ceil(config.epochs * len(encoded) / config.batch_size)
+    per_step = config.batch_size * config.gradient_accumulation
+    steps = config.steps or math.ceil(config.epochs * len(encoded) / per_step)
     args = TrainingArguments(
         output_dir=output_dir, max_steps=steps, per_device_train_batch_size=config.batch_size,
         learning_rate=config.learning_rate, weight_decay=config.weight_decay, warmup_steps=config.warmup_ratio,
-        lr_scheduler_type=config.schedule, logging_steps=max(1, steps // 20), report_to="none",
+        lr_scheduler_type=config.schedule, logging_steps=config.logging_steps or max(1, steps // 20),
+        report_to=config.report_to, gradient_accumulation_steps=config.gradient_accumulation, bf16=config.bf16,
         save_strategy="steps" if config.save_every else "no", save_steps=config.save_every or 500, save_total_limit=1,
         seed=config.seed, data_seed=config.seed, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
         remove_unused_columns=False, max_grad_norm=1.0,

@@ -26,11 +26,14 @@ class SPFOptions(SPFConfig):
             prompt is not in the fine-tuning data).
         margin: give each built-in sample the unaligned base model's own compliant answer, so the subspace spans
             the gradient of the refusal-vs-compliance margin.
+        subspace: a saved subspace (a directory from ``safeft subspace estimate`` or ``save_pretrained``) to use
+            instead of estimating one; it must fit the model (names, shapes; other weights warn).
     """
 
     safety_samples: int = DEFAULT_SAFETY_SAMPLES
     safety_data: str | None = None
     margin: bool = False
+    subspace: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -89,18 +92,20 @@ class SPF(Method):
         return samples
 
     def estimate(self, model, tokenizer, run: RunContext):
-        """Return the safety subspace of ``model`` at its current weights."""
+        """Return the subspace this method guards: the given one (``subspace`` option), else the safety subspace
+        of ``model`` estimated at its current weights."""
         from safeft.subspace import SafetySubspace
 
+        if self.config.subspace:
+            return SafetySubspace.load(self.config.subspace, model)
         return SafetySubspace.estimate(model, tokenizer, self.safety_samples(run), self.config)
 
     def before_training(self, model, tokenizer, run: RunContext) -> None:
         from safeft.spf import freeze_unguarded
+        from safeft.subspace import SafetySubspace
 
         saved = run.out / "subspace"
         if run.resume and saved.exists():  # the interrupted run's subspace, estimated at the same weights
-            from safeft.subspace import SafetySubspace
-
             self.subspace = SafetySubspace.load(saved, model)
         else:
             self.subspace = self.estimate(model, tokenizer, run)

@@ -38,7 +38,8 @@ def finetune(model_dir: str | Path, data: DataConfig, method: Method, train_conf
 
     Runs the method's hooks in order (training data, before training, callbacks, after training; see
     :mod:`safeft.methods.base`). Writes ``out/config.json``, ``out/train_log.json``, any artefact of the method
-    (SPF: ``out/subspace``) and, with ``save_model``, ``out/model`` (full model or LoRA adapter).
+    (SPF: ``out/subspace``), the reporters' logs (``out/logs``, e.g. TensorBoard) and, with ``save_model``,
+    ``out/model`` (full model or LoRA adapter).
 
     With ``resume``, ``out`` holds an interrupted run of the same settings (its ``config.json`` is compared) and
     training continues from its last checkpoint in ``out/trainer``.
@@ -53,7 +54,8 @@ def finetune(model_dir: str | Path, data: DataConfig, method: Method, train_conf
     source = Path(model_dir)
     record = {"model": str(source.resolve()) if source.exists() else str(model_dir),
               "model_fingerprint": dir_fingerprint(source) if source.is_dir() else None, "method": method.name,
-              "method_options": method.options(), "data": asdict(data), "train": train_config.to_dict()}
+              "method_options": method.options(), "data": asdict(data), "train": train_config.to_dict(),
+              "global_batch_size": train_config.batch_size * train_config.gradient_accumulation * world_size()}
     if resume:
         _check_resumable(out, record)
     else:
@@ -70,6 +72,8 @@ def finetune(model_dir: str | Path, data: DataConfig, method: Method, train_conf
     prepare_seconds = time.perf_counter() - start
     log = train(model, tokenizer, examples, train_config, callbacks=method.callbacks(model, tokenizer, run),
                 output_dir=str(out / "trainer"), resume=resume)
+    if (out / "trainer" / "runs").is_dir():  # reporter logs (TensorBoard): kept, the checkpoints are not
+        shutil.move(out / "trainer" / "runs", out / "logs")
     shutil.rmtree(out / "trainer", ignore_errors=True)
     model = method.after_training(model, tokenizer, run)
     log["prepare_seconds"] = prepare_seconds
@@ -79,6 +83,13 @@ def finetune(model_dir: str | Path, data: DataConfig, method: Method, train_conf
     write_json(out / "config.json", {**record, "examples": len(examples)})
     write_json(out / "train_log.json", log)
     return model, tokenizer, log
+
+
+def world_size() -> int:
+    """Return the number of processes training together (``WORLD_SIZE`` of torchrun / accelerate; 1 alone)."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _check_resumable(out: Path, record: dict) -> None:
