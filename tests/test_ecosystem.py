@@ -31,3 +31,17 @@ def test_finetune_takes_a_subspace_and_the_usual_training_arguments(tiny_dir, tm
     assert list((out / "logs").rglob("events.out.tfevents*"))  # the TensorBoard log is kept
     log = json.loads((out / "train_log.json").read_text())
     assert log["steps"] == 2 and [e for e in log["log_history"] if "spf/safety_drift" in e]
+
+
+def test_quiet_silences_progress_bars(tiny_dir, tmp_path):
+    from transformers.utils import logging as hf_logging
+
+    args = ["subspace", "estimate", "--model", tiny_dir, "--out", tmp_path / "a", "--rank", 2, "--num-samples", 1]
+    assert "gradient" in invoke(*args).output  # the estimation's progress bar
+    try:
+        quiet = invoke("-q", *args[:-5], tmp_path / "b", *args[-4:]).output
+    finally:
+        hf_logging.set_verbosity_warning()
+        hf_logging.enable_progress_bar()
+    assert "gradient" not in quiet and "targets, rank" in quiet  # the result line stays
+    assert "exclude each other" in runner.invoke(app, ["-q", "-v", "methods"]).output

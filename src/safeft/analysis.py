@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from safeft.chat import encode_chat
 from safeft.config import check_positive
@@ -34,6 +33,7 @@ from safeft.lowrank import (
     factored_inner,
     subspace_overlap,
 )
+from safeft.progress import progress
 from safeft.subspace import SafetySample, gradient_factors
 from safeft.targets import find_targets
 
@@ -81,7 +81,7 @@ def per_sample_gradients(model, tokenizer, pairs: Sequence[tuple[str, str]], tar
                          ) -> dict[str, list[Factors]]:
     """Return ``{target: [factors of sample i's gradient]}`` for (prompt, response) pairs, one backward each."""
     out: dict[str, list[Factors]] = {name: [] for name in targets}
-    for prompt, response in tqdm(pairs, desc=desc):
+    for prompt, response in progress(pairs, desc=desc):
         sums: dict[str, LowRankSum] = gradient_factors(model, targets, [encode_chat(tokenizer, prompt, response)],
                                                        tokenizer, batch_size=1)
         for name, s in sums.items():
@@ -154,7 +154,7 @@ def analyze(model, tokenizer, safety: Sequence[SafetySample], utility: Sequence[
     r_ref = config.reference_rank
     max_r = max(rank_grid)
 
-    for name in tqdm(targets, desc="geometry"):
+    for name in progress(targets, desc="geometry"):
         sets = {"safety": safety_grads[name], "utility": utility_grads[name]}
         aggregate = {}
         for kind, grads in sets.items():

@@ -19,6 +19,7 @@ from safeft.analysis import AnalysisConfig
 from safeft.config import DEFAULT_RANK, AlignConfig, DataConfig, SPFConfig, TrainConfig
 from safeft.data import DEFAULT_SAFETY_SAMPLES
 from safeft.options import DEBUG, UsageError, command
+from safeft.progress import Quiet
 from safeft.recipes.bench import BenchConfig
 
 app = typer.Typer(help="Fine-tune safety-aligned LLMs without losing their safety (SPF).", no_args_is_help=True)
@@ -37,9 +38,27 @@ def _version(value: bool) -> None:
 @app.callback()
 def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                       help="Print the version and exit."),
-         debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error.")) -> None:
+         debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error."),
+         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or library messages; results "
+                                                                 "and errors only."),
+         verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show transformers' and peft's info "
+                                                                     "messages.")) -> None:
     """safeft: Safety-Preserving Fine-Tuning."""
     DEBUG.on = debug
+    Quiet.on = False
+    if quiet and verbose:
+        raise typer.BadParameter("--quiet and --verbose exclude each other")
+    if quiet or verbose:
+        import logging
+
+        from transformers.utils import logging as hf_logging
+
+        if quiet:
+            Quiet.on = True
+            hf_logging.disable_progress_bar()
+        level = logging.ERROR if quiet else logging.INFO
+        hf_logging.set_verbosity(level)
+        logging.getLogger("peft").setLevel(level)
 
 
 def _cache(cache: str | None) -> Path:

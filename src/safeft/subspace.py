@@ -20,11 +20,11 @@ from huggingface_hub import ModelCard, ModelHubMixin
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from safeft.chat import EncodedChat, collate, encode_chat, first_response_tokens, response_token_loss_sum
 from safeft.config import SPFConfig
 from safeft.lowrank import LowRankSum, energy_rank
+from safeft.progress import progress
 from safeft.targets import Target, find_targets
 
 FORMAT = "safeft.subspace/1"
@@ -209,8 +209,8 @@ def gradient_factors(model: nn.Module, targets: dict[str, Target], encoded: list
     handles = [t.base.register_forward_hook(on_forward(name)) for name, t in targets.items()]
     try:
         with _eval_without_param_grads(model), torch.enable_grad():  # may run inside optimizer.step() (refresh)
-            quiet = {} if show_progress else {"disable": True}  # unset, so TQDM_DISABLE=1 silences it too
-            for batch in tqdm(list(_batches(encoded, batch_size, tokenizer)), desc="gradient", **quiet):
+            for batch in progress(list(_batches(encoded, batch_size, tokenizer)), desc="gradient",
+                                  show=show_progress):
                 logits = model(input_ids=batch["input_ids"].to(_device(model)),
                                attention_mask=batch["attention_mask"].to(_device(model))).logits
                 loss, _ = response_token_loss_sum(logits, batch["labels"])

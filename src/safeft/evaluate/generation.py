@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from safeft.chat import require_chat_template
+from safeft.progress import progress
 
 
 @torch.no_grad()
@@ -28,7 +28,7 @@ def generate(model, tokenizer, conversations: Sequence[list[dict]], *, max_new_t
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     replies: list[str] = [""] * len(encoded)
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
+        for start in progress(range(0, len(order), batch_size), desc=desc, leave=False):
             index = order[start:start + batch_size]
             length = max(len(encoded[i]) for i in index)
             ids = torch.tensor([[pad] * (length - len(encoded[i])) + encoded[i] for i in index], device=device)

@@ -118,6 +118,7 @@ def bench(config: BenchConfig, *, command: str | None = None) -> dict:
     from tqdm.auto import tqdm
 
     from safeft.models import cache_dir
+    from safeft.progress import progress
     from safeft.recipes.align import ensure_aligned
     from safeft.recipes.outputs import locked
 
@@ -129,7 +130,7 @@ def bench(config: BenchConfig, *, command: str | None = None) -> dict:
     todo = [p for p in plan if not _finished(config, out, *p)]
     print(f"bench: {len(plan)} runs, {len(plan) - len(todo)} already finished, {len(todo)} to run -> {out}")
     with locked(out):  # a second bench on the same directory would run the same grid twice
-        for setting, seed, label, method in tqdm(todo, desc="bench runs"):
+        for setting, seed, label, method in progress(todo, desc="bench runs"):
             aligned_dir, report, _ = ensure_aligned(config.model, config.align, cache, method,
                                                     chat_template=config.chat_template)  # cached after the first
             _evaluate_aligned(config, aligned_dir, report, setting, out)
