@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -92,9 +93,9 @@ def writing(out: str | Path, *, overwrite: bool, inputs: Sequence[str | Path | N
     out = check_output(out, overwrite=overwrite, inputs=inputs)
     partial = out.with_name(out.name + ".partial")
     with locked(out):
+        if partial.exists() and not (partial / INCOMPLETE).exists():
+            raise FileExistsError(f"{partial} exists and is not a safeft partial output; remove or rename it")
         if partial.exists() and not keep_partial:
-            if not (partial / INCOMPLETE).exists():
-                raise FileExistsError(f"{partial} exists and is not a safeft partial output; remove or rename it")
             shutil.rmtree(partial)
         partial.mkdir(parents=True, exist_ok=True)
         write_json(partial / INCOMPLETE, {"command": command, "pid": os.getpid(), "started": _now(),
@@ -127,6 +128,9 @@ def locked(out: Path) -> Iterator[None]:
             break
         except FileExistsError:
             holder = lock.read_text().strip()
+            if not holder:  # created this instant, its pid not written yet
+                time.sleep(0.2)
+                holder = lock.read_text().strip()
             if holder.isdigit() and _alive(int(holder)):
                 raise FileExistsError(f"another safeft run (pid {holder}) is writing {out}; wait for it to end or "
                                       "choose another --out") from None
