@@ -4,14 +4,14 @@ Both paths call the same two methods of :class:`SPFProjector` around every optim
 
 - ``before_step``: with ``project="grad"``, project each target's gradient (SPEC §2); with ``project="update"``,
   remember each target's sketch (``U^T W``, ``W V`` or ``U^T W V``; for LoRA ``U^T B`` and ``A V``).
+- ``after_step``: with ``project="update"``, remove the conflicting part of the weight change the optimizer
+  actually made, computed from the new sketch minus the old one; refresh the subspace when due.
 
 Under LoRA (``dW = s (B A - B_0 A_0)``) the side chooses the factor: ``right`` keeps the rows of A orthogonal to V
 (A's initial value is projected when SPF is attached), so ``dW V = 0`` whatever B does; ``left`` keeps the columns
 of B orthogonal to U (B starts at zero), so ``U^T dW = 0``; ``two_sided`` projects both factors' changes, which
 keeps the core ``U^T dW V = 0`` from any start (and, with B starting at zero and ``mode="always"``, ``U^T dW = 0``
 too). With ``project="update"`` and ``mode="always"`` these hold for the merged weight under any optimizer.
-- ``after_step``: with ``project="update"``, remove the conflicting part of the weight change the optimizer
-  actually made, computed from the new sketch minus the old one; refresh the subspace when due.
 
 Under DDP the gradients are already all-reduced when the optimizer steps, so the projection runs locally on
 identical tensors and every rank makes the same update as one process with the global batch.
