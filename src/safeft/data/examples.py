@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 ROLES = ("system", "user", "assistant")
@@ -56,3 +57,11 @@ def validate_messages(messages, where: str) -> tuple[dict, ...]:
     if not any(m["role"] == "user" for m in messages):
         raise ValueError(f"{where}: no user turn in 'messages'")
     return tuple({"role": m["role"], "content": m["content"]} for m in messages)
+
+
+def to_dataset(examples: Sequence[ChatExample]):
+    """Return ``examples`` as a ``datasets.Dataset`` with one ``messages`` column (a list of ``{role, content}``),
+    the conversational format TRL's ``SFTTrainer`` takes as it is (loss on the assistant turns)."""
+    from datasets import Dataset
+
+    return Dataset.from_list([{"messages": [dict(m) for m in e.messages]} for e in examples])
