@@ -195,11 +195,8 @@ def test_bad_input_is_named_with_exit_code_2_and_changes_nothing(world, case):
     assert expected.lower() in result.output.lower(), f"{case}: {result.output}"
     message = result.output[result.output.rfind("Error"):]
     assert len(message.strip().splitlines()) <= 3, message  # a short message, not a dump
-    after = tree(world)
-    assert {k: after.get(k) for k in before} == before, f"{case} changed files"
-    new = set(after) - set(before)  # only a failed run's partial output, marked as such, may appear
-    assert all(".partial/" in k for k in new) and all(k.split(".partial/")[0] + ".partial/INCOMPLETE" in after
-                                                      for k in new), new
+    assert tree(world) == before, f"{case} changed or left files"
+    assert not list(world.glob("*.partial")) and not list(world.glob(".*.lock"))
 
 
 def test_a_lora_output_refuses_a_base_model_swapped_at_its_path(world):

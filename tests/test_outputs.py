@@ -30,10 +30,10 @@ def test_success_renames_the_partial_output_into_place_with_a_marker(tmp_path):
 def test_a_failed_run_leaves_the_old_output_untouched_and_the_partial_one_marked(tmp_path):
     out = finished_output(tmp_path / "out")
     before = tree(out)
-    with pytest.raises(RuntimeError), writing(out, overwrite=True, command="safeft finetune ...") as tmp:
+    with pytest.raises(KeyboardInterrupt), writing(out, overwrite=True, command="safeft finetune ...") as tmp:
         (tmp / "result.txt").write_text("half")
         assert tree(out) == before  # the old output is still whole while the new one is written
-        raise RuntimeError("killed")
+        raise KeyboardInterrupt
     assert tree(out) == before
     partial = tmp_path / "out.partial"
     assert (partial / INCOMPLETE).exists() and "safeft finetune" in (partial / INCOMPLETE).read_text()
@@ -86,3 +86,15 @@ def test_a_second_writer_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
     (tmp_path / ".out.lock").write_text(dead.stdout.strip())  # its writer has exited
     finished_output(out, "second")
     assert (out / "result.txt").read_text() == "second"
+
+
+def test_an_error_leaves_no_partial_output_unless_it_can_be_resumed(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError), writing(out, overwrite=False) as tmp:
+        (tmp / "config.json").write_text("{}")
+        raise ValueError("diverged")
+    assert not (tmp_path / "out.partial").exists() and not out.exists()
+    with pytest.raises(MemoryError), writing(out, overwrite=False) as tmp:
+        (tmp / "trainer" / "checkpoint-100").mkdir(parents=True)
+        raise MemoryError
+    assert (tmp_path / "out.partial" / INCOMPLETE).exists()  # a checkpoint to resume from is kept

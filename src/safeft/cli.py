@@ -164,9 +164,10 @@ def method_help() -> dict[str, str]:
 @command(app, "finetune", FinetuneCommand, extra=method_options(), extra_help=method_help(),
          help="Fine-tune a model on a task (optionally with a harmful mix) with any registered method.")
 def finetune(c: FinetuneCommand, options: dict) -> None:
+    from safeft.distributed import is_main_process
     from safeft.methods import build_method
     from safeft.recipes.finetune import finetune as run_finetune
-    from safeft.recipes.outputs import MARKER, writing
+    from safeft.recipes.outputs import MARKER, writing_together
 
     try:
         method = build_method(c.method, options)
@@ -176,10 +177,12 @@ def finetune(c: FinetuneCommand, options: dict) -> None:
               c.chat_template]
     if c.resume and (Path(c.out) / MARKER).exists():
         raise UsageError(f"{c.out} holds a finished run; there is nothing to resume")
-    with writing(c.out, overwrite=c.overwrite, inputs=inputs, command=_command_line(), keep_partial=c.resume) as tmp:
+    with writing_together(c.out, overwrite=c.overwrite, inputs=inputs, command=_command_line(),
+                          keep_partial=c.resume) as tmp:
         _, _, log = run_finetune(c.model, c.data, method, c.train, tmp, _cache(c.cache),
                                  chat_template=c.chat_template, resume=c.resume)
-    typer.echo(f"{method.name}: {log['steps']} steps in {log['seconds']:.0f} s -> {c.out}")
+    if is_main_process():
+        typer.echo(f"{method.name}: {log['steps']} steps in {log['seconds']:.0f} s -> {c.out}")
 
 
 @app.command("methods")

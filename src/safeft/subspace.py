@@ -12,7 +12,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -260,7 +260,8 @@ class SafetySubspace(ModelHubMixin, library_name="safeft", tags=["safeft", "safe
         """Return the SPFConfig this subspace was estimated with (side, mode and project included; files written
         before those were stored give the rank policy with the other fields at their defaults)."""
         if "spf_config" in self.metadata:
-            return SPFConfig(**self.metadata["spf_config"])
+            known = {f.name for f in fields(SPFConfig)}
+            return SPFConfig(**{k: v for k, v in self.metadata["spf_config"].items() if k in known})
         policy = self.metadata["rank_policy"]
         return SPFConfig(rank=policy["rank"], energy=policy["energy"], max_rank=policy["max_rank"],
                          target_modules=policy["target_modules"], onset_tokens=policy.get("onset_tokens"))
@@ -327,7 +328,7 @@ class SafetySubspace(ModelHubMixin, library_name="safeft", tags=["safeft", "safe
                       "fingerprint": weights_fingerprint(targets),
                       "targets": {name: list(t.shape) for name, t in targets.items()}},
             "rank_policy": config.rank_policy(),
-            "spf_config": asdict(config),
+            "spf_config": {f.name: getattr(config, f.name) for f in fields(SPFConfig)},  # not a method's extras
             "ranks": {name: b.rank for name, b in bases.items()},
             "num_samples": len(samples),
             "samples_sha256": samples_sha256(samples),

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 from safeft.config import SPFConfig
 from safeft.data import DEFAULT_SAFETY_SAMPLES
+from safeft.distributed import is_main_process
 from safeft.methods.base import Method, RunContext
 
 
@@ -108,8 +109,9 @@ class SPF(Method):
         if run.resume and saved.exists():  # the interrupted run's subspace, estimated at the same weights
             self.subspace = SafetySubspace.load(saved, model)
         else:
-            self.subspace = self.estimate(model, tokenizer, run)
-            self.subspace.save(saved, overwrite=True)
+            self.subspace = self.estimate(model, tokenizer, run)  # every process: the same weights, the same subspace
+            if is_main_process():
+                self.subspace.save(saved, overwrite=True)
         freeze_unguarded(model, self.subspace)  # norm weights under full fine-tuning: nothing would guard them
 
     def callbacks(self, model, tokenizer, run: RunContext) -> list:

@@ -13,6 +13,7 @@ from safeft.config import DataConfig, TrainConfig
 from safeft.data.examples import ChatExample
 from safeft.data.mixing import mix_harmful, user_turns
 from safeft.data.tasks import Task, load_task
+from safeft.distributed import barrier, is_main_process, world_size
 from safeft.methods import Method, RunContext
 from safeft.models import dir_fingerprint
 from safeft.recipes.outputs import write_json
@@ -56,9 +57,10 @@ def finetune(model_dir: str | Path, data: DataConfig, method: Method, train_conf
               "model_fingerprint": dir_fingerprint(source) if source.is_dir() else None, "method": method.name,
               "method_options": method.options(), "data": asdict(data), "train": train_config.to_dict(),
               "global_batch_size": train_config.batch_size * train_config.gradient_accumulation * world_size()}
+    main = is_main_process()  # launched as several processes, only the main one writes
     if resume:
         _check_resumable(out, record)
-    else:
+    elif main:
         write_json(out / "config.json", record)
     model, tokenizer = load_model(str(model_dir), chat_template=chat_template)
     task = task_of(data)
@@ -72,24 +74,20 @@ def finetune(model_dir: str | Path, data: DataConfig, method: Method, train_conf
     prepare_seconds = time.perf_counter() - start
     log = train(model, tokenizer, examples, train_config, callbacks=method.callbacks(model, tokenizer, run),
                 output_dir=str(out / "trainer"), resume=resume)
-    if (out / "trainer" / "runs").is_dir():  # reporter logs (TensorBoard): kept, the checkpoints are not
+    barrier()
+    if main and (out / "trainer" / "runs").is_dir():  # reporter logs (TensorBoard): kept, the checkpoints are not
         shutil.move(out / "trainer" / "runs", out / "logs")
-    shutil.rmtree(out / "trainer", ignore_errors=True)
+    if main:
+        shutil.rmtree(out / "trainer", ignore_errors=True)
     model = method.after_training(model, tokenizer, run)
     log["prepare_seconds"] = prepare_seconds
-    if save_model:
-        model.save_pretrained(out / "model")
-        tokenizer.save_pretrained(out / "model")
-    write_json(out / "config.json", {**record, "examples": len(examples)})
-    write_json(out / "train_log.json", log)
+    if main:
+        if save_model:
+            model.save_pretrained(out / "model")
+            tokenizer.save_pretrained(out / "model")
+        write_json(out / "config.json", {**record, "examples": len(examples)})
+        write_json(out / "train_log.json", log)
     return model, tokenizer, log
-
-
-def world_size() -> int:
-    """Return the number of processes training together (``WORLD_SIZE`` of torchrun / accelerate; 1 alone)."""
-    import os
-
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _check_resumable(out: Path, record: dict) -> None:

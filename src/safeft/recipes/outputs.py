@@ -84,9 +84,10 @@ def writing(out: str | Path, *, overwrite: bool, inputs: Sequence[str | Path | N
     ``out`` is checked first (:func:`check_output`) and locked (``.<name>.lock``, holding the writer's pid) so a
     second writer is refused. The partial directory carries an ``INCOMPLETE`` file until the end; on success it
     gets ``safeft-output.json`` (the command, the safeft version, the time), and only then replaces ``out`` (an
-    old safeft output is removed after the rename). If the block raises, ``out`` is untouched and the partial
-    directory stays, marked, for inspection (or a resume) unless nothing was written into it; an earlier partial
-    is removed on entry unless ``keep_partial``.
+    old safeft output is removed after the rename). If the block raises, ``out`` is untouched; the partial
+    directory stays, marked, after an interruption (KeyboardInterrupt, a kill) or when it holds a checkpoint to
+    resume from, and is removed after any other error. An earlier partial is removed on entry unless
+    ``keep_partial``.
     """
     from safeft import __version__
 
@@ -102,8 +103,11 @@ def writing(out: str | Path, *, overwrite: bool, inputs: Sequence[str | Path | N
                                           "note": f"an unfinished safeft run; the finished output goes to {out}"})
         try:
             yield partial
-        except BaseException:
-            if [p.name for p in partial.iterdir()] == [INCOMPLETE]:  # failed before writing anything: leave no trace
+        except BaseException as error:
+            # an error (bad input, divergence) leaves no trace unless there is a checkpoint to resume from; an
+            # interruption (Ctrl-C, a kill) leaves the partial output, marked INCOMPLETE
+            resumable = any(partial.glob("trainer/checkpoint-*"))
+            if (isinstance(error, Exception) and not resumable) or [p.name for p in partial.iterdir()] == [INCOMPLETE]:
                 shutil.rmtree(partial)
             raise
         write_json(partial / MARKER, {"format": "safeft.output/1", "command": command, "safeft_version": __version__,
@@ -114,6 +118,40 @@ def writing(out: str | Path, *, overwrite: bool, inputs: Sequence[str | Path | N
             out.rename(old)
         partial.rename(out)
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def writing_together(out: str | Path, **kwargs) -> Iterator[Path]:
+    """:func:`writing` for a run launched as several processes (torchrun, accelerate): the main process checks,
+    locks and in the end renames the output; every process gets the same partial directory, any error of the main
+    process is raised in all of them, and the rename waits until all are done. In one process: :func:`writing`."""
+    from safeft import distributed
+
+    if distributed.world_size() <= 1:
+        with writing(out, **kwargs) as tmp:
+            yield tmp
+        return
+    distributed.init()
+    if not distributed.is_main_process():
+        distributed.share_error(None)
+        yield Path(out).with_name(Path(out).name + ".partial")
+        distributed.barrier()
+        return
+    context = writing(out, **kwargs)
+    try:
+        tmp = context.__enter__()
+    except Exception as error:  # bad --out and the like: every process stops with the same message
+        distributed.share_error(error)
+        raise
+    distributed.share_error(None)
+    try:
+        yield tmp
+        distributed.barrier()  # every process has finished writing before the output is renamed into place
+    except BaseException as error:
+        if not context.__exit__(type(error), error, error.__traceback__):
+            raise
+    else:
+        context.__exit__(None, None, None)
 
 
 @contextmanager
