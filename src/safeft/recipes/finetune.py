@@ -52,6 +52,7 @@ def finetune(model_dir: str | Path, data: DataConfig, method: Method, train_conf
     from safeft.models import load_model
     from safeft.train import prepare_model, train
 
+    model, tokenizer = load_model(str(model_dir), chat_template=chat_template)  # checks the path first
     source = Path(model_dir)
     record = {"model": str(source.resolve()) if source.exists() else str(model_dir),
               "model_fingerprint": dir_fingerprint(source) if source.is_dir() else None, "method": method.name,
@@ -62,7 +63,6 @@ def finetune(model_dir: str | Path, data: DataConfig, method: Method, train_conf
         _check_resumable(out, record)
     elif main:
         write_json(out / "config.json", record)
-    model, tokenizer = load_model(str(model_dir), chat_template=chat_template)
     task = task_of(data)
     examples = training_examples(task, data, train_config.seed, cache)
     run = RunContext(out=out, cache=cache, seed=train_config.seed, base_model=data.base_model or "default",
