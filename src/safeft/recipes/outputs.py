@@ -26,10 +26,7 @@ def check_output(out: str | Path, *, overwrite: bool, inputs: Sequence[str | Pat
     """
     out = Path(out)
     resolved = out.resolve()
-    for item in inputs:
-        if item is None or not Path(item).exists():
-            continue
-        source = Path(item).resolve()
+    for item, source in _existing(inputs):
         if resolved == source or source.is_relative_to(resolved) or resolved.is_relative_to(source):
             raise ValueError(f"--out {out} would overwrite the input {item}; choose an --out outside it")
     if out.exists() and not out.is_dir():
@@ -54,10 +51,7 @@ def check_output_file(out: str | Path, *, overwrite: bool, inputs: Sequence[str 
     """
     out = Path(out)
     resolved = out.resolve()
-    for item in inputs:
-        if item is None or not Path(item).exists():
-            continue
-        source = Path(item).resolve()
+    for item, source in _existing(inputs):
         if resolved == source or (out.exists() and resolved.is_relative_to(source)):
             raise ValueError(f"--out {out} would overwrite the input {item}; choose another --out")
     if out.is_dir():
@@ -68,6 +62,13 @@ def check_output_file(out: str | Path, *, overwrite: bool, inputs: Sequence[str 
     if not os.access(parent, os.W_OK):
         raise PermissionError(f"cannot write --out {out}: {parent} is not writable")
     return out
+
+
+def _existing(inputs: Sequence[str | Path | None]) -> Iterator[tuple[str | Path, Path]]:
+    """Yield ``(as given, resolved path)`` for each input path that exists (None and hub ids are skipped)."""
+    for item in inputs:
+        if item is not None and Path(item).exists():
+            yield item, Path(item).resolve()
 
 
 def _existing_parent(path: Path) -> Path:
