@@ -158,9 +158,9 @@ def _finished(config: BenchConfig, out: Path, setting: Setting, seed: int, label
     record = json.loads(path.read_text())
     expected = run_identity(config, setting, seed, method)
     # a field a run file lacks was added to safeft later, and had its default when the file was written
-    for key, cls in (("setting", Setting), ("train", TrainConfig)):
+    for key, defaults in (("setting", Setting()), ("train", TrainConfig()), ("method_options", method.Config())):
         if isinstance(record.get(key), dict):
-            record[key] = {**{k: v for k, v in asdict(cls()).items() if k in expected[key]}, **record[key]}
+            record[key] = {**{k: v for k, v in asdict(defaults).items() if k in expected[key]}, **record[key]}
     differ = sorted(k for k, v in expected.items() if json.loads(json.dumps(v)) != record.get(k))
     if differ:
         raise ValueError(f"{path} holds a finished run made with other settings ({', '.join(differ)} differ); "
