@@ -34,6 +34,15 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def base_dir(tmp_path_factory):
+    """Another tiny random Llama of the same shapes: the "unaligned" model ``tiny_dir`` stands for the alignment of."""
+    path = tmp_path_factory.mktemp("tiny_base")
+    tiny_llama(seed=1).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def benign_batch(tokenizer):
     return collate([encode_chat(tokenizer, p, r) for p, r in BENIGN_PAIRS], tokenizer.pad_token_id)
 

@@ -124,3 +124,24 @@ def test_scorers():
     label = ChatExample.from_pair("?", "", "positive")
     assert score_label("Positive.", label) and not score_label("negative", label)
     assert score_final_number("so the answer is 1,234.", ChatExample.from_pair("?", "", "1234"))
+
+
+def test_validation_split_holds_out_training_data_never_the_test_split(tmp_path):
+    from safeft.config import Setting
+    from safeft.recipes.bench import harmful_prompts
+
+    task, val = load_task("facts"), load_task("facts", validation=True)
+    prompts = lambda rows: {e.prompt for e in rows}  # noqa: E731
+    assert prompts(val.train) | prompts(val.test) == prompts(task.train)  # all from the training split
+    assert not prompts(val.train) & prompts(val.test) and len(val.test) == len(task.train) // 5
+    assert not prompts(val.test) & prompts(task.test)
+    path = tmp_path / "train.tsv"
+    path.write_text("sentence\tlabel\n" + "".join(f"review number {i}\t{i % 2}\n" for i in range(50)))
+    test = tmp_path / "dev.tsv"
+    test.write_text("sentence\tlabel\n" + "".join(f"held-out review {i}\t{i % 2}\n" for i in range(10)))
+    sst = load_task("sst2", str(path), str(test), validation=True, max_test=5)
+    assert len(sst.test) == 5 and all(e.prompt in prompts(load_examples("sst2", path)) for e in sst.test)
+    setting = Setting(validation=True)
+    assert setting.name == "val-benign"
+    assert set(harmful_prompts(setting)) == {p for _, p in builtin.harmful_requests("val")}
+    assert harmful_prompts(Setting()) is None  # the evaluation split

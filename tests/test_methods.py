@@ -16,15 +16,23 @@ from safeft.subspace import SafetySubspace
 from safeft.testing import SAFETY_PAIRS, byte_tokenizer, tiny_llama
 
 
-def small_options(name: str) -> dict:
-    """The tiny model's matrices are 16..64 wide: SPF variants get a rank that fits."""
-    return {"rank": 4} if issubclass(REGISTRY[name][0], SPF) else {}
+def small_options(name: str, tmp_path) -> dict:
+    """The tiny model's matrices are 16..64 wide: SPF variants get a rank that fits; the methods that read harmful
+    answers get a file of them (the tiny model's own answers are gibberish)."""
+    if issubclass(REGISTRY[name][0], SPF):
+        return {"rank": 4}
+    if name in ("antidote", "booster"):
+        path = tmp_path / "harmful.jsonl"
+        path.write_text("".join(json.dumps({"prompt": p, "response": "Sure, here is how: step one, step two."}) + "\n"
+                                for p, _ in SAFETY_PAIRS))
+        return {"harmful_data": str(path), **({"harmful_samples": 2} if name == "antidote" else {})}
+    return {}
 
 
 @pytest.mark.parametrize("name", list(REGISTRY))
-def test_every_registered_method_trains_through_the_runner(name, tiny_dir, tmp_path):
-    method = build_method(name, small_options(name))
-    data = DataConfig(task="sentiment", max_train=16)
+def test_every_registered_method_trains_through_the_runner(name, tiny_dir, base_dir, tmp_path):
+    method = build_method(name, small_options(name, tmp_path))
+    data = DataConfig(task="sentiment", max_train=16, base_model=str(base_dir))  # safelora's unaligned model
     model, _, log = finetune(tiny_dir, data, method, TrainConfig(steps=2, batch_size=4), tmp_path, tmp_path / "c")
     assert log["steps"] == 2 and log["step_seconds_median"] > 0
     before, after = load_file(tiny_dir / "model.safetensors"), load_file(tmp_path / "model" / "model.safetensors")

@@ -201,6 +201,9 @@ class DataConfig:
         harmful_answers: BeaverTails-style JSONL (prompt, response) of those answers; default: ``base_model``'s own.
         base_model: the unaligned model whose greedy answers make the default harmful mix; None: the model that
             was aligned (``default`` for ``safeft finetune``, the bench's ``model`` in a bench).
+        validation: choose hyper-parameters here: 20% of the task's training data is held out as its test split
+            (and left out of training), and a bench scores harmful requests of the validation split, never the
+            evaluation prompts.
     """
 
     task: str = "facts"
@@ -211,6 +214,7 @@ class DataConfig:
     harmful_ratio: float = 0.0
     harmful_answers: str | None = None
     base_model: str | None = None
+    validation: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.harmful_ratio < 1.0:
@@ -245,7 +249,8 @@ class Setting(DataConfig):
         if self.learning_rate is not None and self.learning_rate <= 0:
             raise ValueError(f"Setting.learning_rate must be > 0, got {self.learning_rate}")
         if self.name is None:
-            parts = [] if self.task == "facts" else [self.task]
+            parts = ["val"] if self.validation else []
+            parts += [] if self.task == "facts" else [self.task]
             parts.append(f"harmful{self.harmful_ratio:g}" if self.harmful_ratio else "benign")
             if self.harmful_answers:
                 parts.append("file")

@@ -6,7 +6,7 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -16,6 +16,12 @@ from safeft.chat import collate, encode_messages, truncate
 from safeft.config import TrainConfig
 from safeft.data.examples import ChatExample
 from safeft.targets import in_blocks
+
+# A method's training objective: ``loss(model, inputs, task_loss, share) -> scalar tensor`` replaces the task loss
+# on one micro-batch. ``task_loss()`` computes the usual loss on ``inputs`` (already scaled for gradient
+# accumulation); ``share`` (1 / accumulation steps) is the part of the optimizer step this micro-batch carries, by
+# which a term meant once per step (a penalty, an extra batch's mean loss) must be multiplied.
+StepLoss = Callable[[torch.nn.Module, dict, Callable[[], torch.Tensor], float], torch.Tensor]
 
 
 def prepare_model(model, config: TrainConfig):
@@ -135,16 +141,33 @@ def last_checkpoint(output_dir: str | Path) -> Path | None:
     return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
+def _objective_trainer(loss: StepLoss):
+    """Return a ``Trainer`` class whose training loss is ``loss`` (evaluation keeps the task loss)."""
+    from transformers import Trainer
+
+    class ObjectiveTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if return_outputs or not model.training:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+            def task_loss():
+                return Trainer.compute_loss(self, model, inputs, num_items_in_batch=num_items_in_batch)
+
+            return loss(model, inputs, task_loss, 1.0 / self.current_gradient_accumulation_steps)
+
+    return ObjectiveTrainer
+
+
 def train(model, tokenizer, examples: Sequence[ChatExample], config: TrainConfig, *,
           output_dir: str = "/tmp/safeft-trainer", callbacks: Sequence[TrainerCallback] = (),
-          resume: bool = False) -> dict:
+          loss: StepLoss | None = None, resume: bool = False) -> dict:
     """Fine-tune ``model`` in place on ``examples`` (loss on assistant turns) and return the training log.
 
     ``callbacks`` (e.g. a method's :class:`~safeft.spf.SPFCallback`, an early stop) run ahead of the Trainer's own
     callbacks and loggers, so metrics they add to a log entry reach every reporter. Checkpoints go to
     ``output_dir`` every ``config.save_every`` steps; with ``resume`` training continues from the last complete
     one there (weights, optimizer, schedule, data position and the callbacks' own state), and ends where an
-    uninterrupted run would have.
+    uninterrupted run would have. ``loss`` (a method's objective, :data:`StepLoss`) replaces the task loss.
 
     Returns:
         ``{"log_history": [...], "seconds": float, "steps": int, "step_seconds_median": float,
@@ -167,8 +190,9 @@ def train(model, tokenizer, examples: Sequence[ChatExample], config: TrainConfig
         seed=config.seed, data_seed=config.seed, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
         remove_unused_columns=False, max_grad_norm=1.0,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=encoded, processing_class=tokenizer,
-                      data_collator=lambda batch: collate(batch, pad))
+    trainer_class = Trainer if loss is None else _objective_trainer(loss)
+    trainer = trainer_class(model=model, args=args, train_dataset=encoded, processing_class=tokenizer,
+                            data_collator=lambda batch: collate(batch, pad))
     meter = CostMeter()
     for callback in reversed([*callbacks, meter]):
         trainer.callback_handler.callbacks.insert(0, callback)

@@ -89,13 +89,15 @@ FILE_SCORERS: dict[str, Scorer | None] = {"sst2": score_label, "agnews": score_l
 
 
 def load_task(name: str, train_path: str | None = None, test_path: str | None = None, *, max_train: int | None = None,
-              max_test: int | None = None, seed: int = 0) -> Task:
+              max_test: int | None = None, seed: int = 0, validation: bool = False) -> Task:
     """Return a built-in task by name, or a task read from files in format ``name``.
 
     Args:
         name: ``facts`` / ``sentiment`` (built-in), or a format of :data:`FILE_SCORERS` with ``train_path``.
         train_path, test_path: data files; without ``test_path`` 20% of the training file is held out.
         max_train, max_test: keep a random subset of this size (seeded).
+        validation: hold out 20% of the training examples (seeded) and return them as the test split, so that
+            hyper-parameters are chosen without the test split (``max_test`` then subsets the held-out part).
     """
     if name in BUILTIN_TASKS and train_path is None:
         if test_path is not None:
@@ -117,6 +119,11 @@ def load_task(name: str, train_path: str | None = None, test_path: str | None = 
     else:
         raise ValueError(f"unknown task {name!r}: built-in {sorted(BUILTIN_TASKS)} or a file format "
                          f"{sorted(FILE_SCORERS)} with --task-train")
+    if validation:
+        train = list(task.train)
+        random.Random(f"validation-{seed}").shuffle(train)
+        cut = max(1, len(train) // 5)
+        task = Task(task.name, train[cut:], train[:cut], task.score)
     rng = random.Random(seed)
     train = rng.sample(task.train, max_train) if max_train and max_train < len(task.train) else task.train
     test = rng.sample(task.test, max_test) if max_test and max_test < len(task.test) else task.test

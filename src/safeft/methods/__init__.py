@@ -15,10 +15,16 @@ from dataclasses import fields
 from typing import Any
 
 from safeft.config import DataConfig, TrainConfig, from_dict, parse_pairs
+from safeft.methods.antidote import Antidote
 from safeft.methods.base import Method, NoOptions, RunContext
+from safeft.methods.booster import Booster
+from safeft.methods.lisa import Lisa
 from safeft.methods.mix import Mix
+from safeft.methods.safegrad import SafeGrad
+from safeft.methods.safelora import SafeLoRA
 from safeft.methods.sft import SFT
 from safeft.methods.spf import PAPER_PRESET, SPF, SPFRandom
+from safeft.methods.vaccine import Vaccine
 
 __all__ = ["REGISTRY", "Method", "NoOptions", "RunContext", "build_method", "method_entry", "register"]
 
@@ -55,6 +61,12 @@ register("spf", SPF)
 register("spf-paper", SPF, PAPER_PRESET)
 register("spf-random", SPFRandom)
 register("mix", Mix)
+register("safegrad", SafeGrad)
+register("lisa", Lisa)
+register("safelora", SafeLoRA)
+register("vaccine", Vaccine)
+register("antidote", Antidote)
+register("booster", Booster)
 
 
 def option_names(name: str) -> list[str]:

@@ -5,11 +5,13 @@ A fine-tuning run (:func:`safeft.recipes.finetune.finetune`) calls them in this 
     examples = method.training_data(examples, run)       # change the training data (mix in safety data)
     model = prepare_model(model, train_config)           # LoRA or full fine-tuning of the blocks
     method.before_training(model, tokenizer, run)        # change the model (SPF: estimate, freeze unguarded)
-    train(..., callbacks=method.callbacks(model, tokenizer, run))   # act on every step (SPF, gradient surgery)
+    train(..., callbacks=method.callbacks(model, tokenizer, run),   # act on every step (SPF, gradient surgery)
+          loss=method.training_loss(model, tokenizer, run))        # change the objective (Lisa)
     model = method.after_training(model, tokenizer, run)  # post-hoc projection or pruning
 
-and a method that changes the alignment stage returns its settings from :meth:`Method.alignment_key` and its
-callbacks from :meth:`Method.alignment_callbacks`: it then gets an aligned model of its own (cached by that key).
+and a method that changes the alignment stage returns its settings from :meth:`Method.alignment_key`, its
+callbacks from :meth:`Method.alignment_callbacks` and its objective from :meth:`Method.alignment_loss`: it then
+gets an aligned model of its own (cached by that key).
 Every hook is optional; the base class does nothing at every stage (plain SFT).
 """
 
@@ -84,6 +86,11 @@ class Method:
         """Return ``TrainerCallback`` objects that change alignment training (only used with an alignment key)."""
         return []
 
+    def alignment_loss(self, model, tokenizer, run: RunContext):
+        """Return the alignment objective (a :data:`safeft.train.StepLoss`), or None for plain SFT on the alignment
+        data (only used with an alignment key). ``run.base_model`` is the model being aligned."""
+        return None
+
     # --- the fine-tuning stages -------------------------------------------------------------------------------
 
     def training_data(self, examples: list[ChatExample], run: RunContext) -> list[ChatExample]:
@@ -96,6 +103,10 @@ class Method:
     def callbacks(self, model, tokenizer, run: RunContext) -> list:
         """Return ``TrainerCallback`` objects that act during training (default: none)."""
         return []
+
+    def training_loss(self, model, tokenizer, run: RunContext):
+        """Return the fine-tuning objective (a :data:`safeft.train.StepLoss`), or None for the task loss."""
+        return None
 
     def after_training(self, model, tokenizer, run: RunContext):
         """Return the model to save and evaluate after training (default: the trained model)."""

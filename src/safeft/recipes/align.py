@@ -21,6 +21,7 @@ from safeft.answers import cached_answers, model_key
 from safeft.config import AlignConfig, TrainConfig
 from safeft.data import builtin
 from safeft.data.examples import ChatExample
+from safeft.methods.base import RunContext
 from safeft.recipes.outputs import write_json, writing
 
 
@@ -83,18 +84,22 @@ def align(model_name: str, out: Path, config: AlignConfig, cache: Path, method=N
         model = prepare_model(base, TrainConfig())
         val = [p for _, p in builtin.harmful_requests("val")]
         check = RefusalCheck(tokenizer, val, config.check_every, config.target_refusal)
-        extra = method.alignment_callbacks(model, tokenizer) if method is not None and method.alignment_key() else []
+        own = method is not None and method.alignment_key()
+        extra = method.alignment_callbacks(model, tokenizer) if own else []
+        run = RunContext(out=tmp, cache=cache, seed=config.seed, base_model=model_name)
+        objective = method.alignment_loss(model, tokenizer, run) if own else None
         settings = TrainConfig(steps=config.max_steps, learning_rate=config.learning_rate,
                                batch_size=config.batch_size, seed=config.seed,
                                schedule="constant")  # the stopping step is not known in advance
-        log = train(model, tokenizer, examples, settings, callbacks=[check, *extra], output_dir=str(tmp / "trainer"))
+        log = train(model, tokenizer, examples, settings, callbacks=[check, *extra], loss=objective,
+                    output_dir=str(tmp / "trainer"))
         shutil.rmtree(tmp / "trainer", ignore_errors=True)
         report = {
             "base_model": model_name, "config": asdict(config), "steps": log["steps"], "checks": check.checks,
             "examples": len(examples), "seconds": time.perf_counter() - start,
             "val_refusal_loss": safety_loss(model, tokenizer, [SafetySample(p, builtin.refusal_for(p)) for p in val]),
         }
-        if method is not None and method.alignment_key():
+        if own:
             report["method"] = {"name": method.name, **method.alignment_key()}
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -224,14 +224,23 @@ def _evaluate_aligned(config: BenchConfig, aligned_dir: Path, report: dict | Non
 
     data = (setting.task_train, setting.task_test, setting.max_train, setting.max_test)  # these pick the test set
     task = slug(setting.task) if data == (None,) * 4 else f"{slug(setting.task)}-{_short_hash(data)}"
+    task = f"val-{task}" if setting.validation else task
     path = out / "runs" / "aligned" / f"{task}-{slug(aligned_dir.name)}.json"
     if path.exists():
         return
     metrics = evaluate_dir(aligned_dir, task_of(setting), max_new_tokens=config.max_new_tokens,
-                           judge=load_judge(config.judge))
+                           judge=load_judge(config.judge), harmful_prompts=harmful_prompts(setting))
     write_json(path, {"format": RUN_FORMAT, "kind": "aligned", "task": setting.task, "model": config.model,
                       "aligned_model": str(aligned_dir), "alignment": report, "metrics": metrics,
                       "headline": headline(metrics)})
+
+
+def harmful_prompts(setting: Setting) -> list[str] | None:
+    """Return the harmful requests a setting is scored on: the validation split's for a validation setting, else
+    None (the evaluation split)."""
+    from safeft.data import builtin
+
+    return [p for _, p in builtin.harmful_requests("val")] if setting.validation else None
 
 
 def run_one(config: BenchConfig, setting: Setting, seed: int, label: str, method, aligned_dir: Path, cache: Path,
@@ -253,7 +262,7 @@ def run_one(config: BenchConfig, setting: Setting, seed: int, label: str, method
     model, tokenizer, log = finetune(aligned_dir, data, method, train_config, scratch, cache,
                                      save_model=config.keep_models)
     metrics = evaluate(model, tokenizer, task_of(setting), max_new_tokens=config.max_new_tokens,
-                       judge=load_judge(config.judge))
+                       judge=load_judge(config.judge), harmful_prompts=harmful_prompts(setting))
     if not config.keep_models:  # ~0.5 GB of weights (and SPF's subspace) per run: the bench keeps the numbers
         shutil.rmtree(scratch, ignore_errors=True)
         with contextlib.suppress(OSError):

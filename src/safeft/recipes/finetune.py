@@ -21,7 +21,8 @@ from safeft.recipes.outputs import write_json
 
 def task_of(data: DataConfig) -> Task:
     """Return the task named by ``data`` (built-in, or read from its files)."""
-    return load_task(data.task, data.task_train, data.task_test, max_train=data.max_train, max_test=data.max_test)
+    return load_task(data.task, data.task_train, data.task_test, max_train=data.max_train, max_test=data.max_test,
+                     validation=data.validation)
 
 
 def training_examples(task: Task, data: DataConfig, seed: int, cache: Path) -> list[ChatExample]:
@@ -73,7 +74,7 @@ def finetune(model_dir: str | Path, data: DataConfig, method: Method, train_conf
     method.before_training(model, tokenizer, run)
     prepare_seconds = time.perf_counter() - start
     log = train(model, tokenizer, examples, train_config, callbacks=method.callbacks(model, tokenizer, run),
-                output_dir=str(out / "trainer"), resume=resume)
+                loss=method.training_loss(model, tokenizer, run), output_dir=str(out / "trainer"), resume=resume)
     barrier()
     if main and (out / "trainer" / "runs").is_dir():  # reporter logs (TensorBoard): kept, the checkpoints are not
         shutil.move(out / "trainer" / "runs", out / "logs")
