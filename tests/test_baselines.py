@@ -261,3 +261,9 @@ def test_options_are_chosen_by_the_written_rule():
     assert chosen["lisa"]["label"] == "c" and "lowest validation harmful score" in chosen["lisa"]["why"]
     assert chosen["mix"]["label"] == "m2" and "no candidate" in chosen["mix"]["why"]
     assert "sft" not in chosen
+
+
+def test_fine_tuning_with_an_alignment_stage_method_on_another_model_warns(tiny_dir, tmp_path):
+    with pytest.warns(UserWarning, match="acts at the alignment stage"):
+        finetune(tiny_dir, DataConfig(task="sentiment", max_train=8), build_method("vaccine"),
+                 TrainConfig(steps=1, batch_size=4), tmp_path / "out", tmp_path / "c")

@@ -74,6 +74,31 @@ def _command_line() -> str:
 # --- align -----------------------------------------------------------------------------------------------------
 
 
+def method_options() -> dict[str, tuple]:
+    """Return ``{option: (type, default)}`` over every registered method (one flag per option name)."""
+    import typing
+
+    from safeft.methods import REGISTRY
+
+    options: dict[str, tuple] = {}
+    for cls, _ in REGISTRY.values():
+        hints = typing.get_type_hints(cls.Config)
+        for f in fields(cls.Config):
+            options.setdefault(f.name, (hints[f.name], f.default))
+    return options
+
+
+def method_help() -> dict[str, str]:
+    """Return the help of every method option, from the methods' option dataclasses."""
+    from safeft.methods import REGISTRY
+    from safeft.options import field_help
+
+    helps: dict[str, str] = {}
+    for cls, _ in REGISTRY.values():
+        helps = {**field_help(cls.Config), **helps}
+    return {k: f"(method option) {v}" for k, v in helps.items()}
+
+
 @dataclass
 class AlignCommand:
     """Args:
@@ -82,6 +107,7 @@ class AlignCommand:
     cache: cache directory (default $SAFEFT_CACHE or ~/.cache/safeft).
     overwrite: re-align even if the aligned model exists.
     chat_template: a Jinja chat template file, for a tokenizer that has none.
+    method: 'sft', or a method that changes the alignment stage ('vaccine', 'booster'); its options are flags.
     """
 
     model: str = "default"
@@ -89,21 +115,36 @@ class AlignCommand:
     cache: str | None = None
     overwrite: bool = False
     chat_template: str | None = None
+    method: str = "sft"
     align: AlignConfig = field(default_factory=AlignConfig)
 
 
-@command(app, "align", AlignCommand, help="Align a model: SFT on harmful -> varied refusals plus benign -> its own "
-                                          "answers (cached).")
-def align(c: AlignCommand, _: dict) -> None:
+def _build_method(name: str, options: dict):
+    from safeft.methods import build_method
+
+    try:
+        return build_method(name, options)
+    except ValueError as error:
+        raise UsageError(str(error).replace("unknown key(s)", "options not taken by this method:")) from None
+
+
+@command(app, "align", AlignCommand, extra=method_options(), extra_help=method_help(),
+         help="Align a model: SFT on harmful -> varied refusals plus benign -> its own answers (cached).")
+def align(c: AlignCommand, options: dict) -> None:
     from safeft.recipes.align import align as run_align
     from safeft.recipes.align import aligned_model_dir
 
-    target = Path(c.out) if c.out else aligned_model_dir(c.model, c.align, _cache(c.cache))
+    method = _build_method(c.method, options)
+    if c.method != "sft" and not method.alignment_key():
+        raise UsageError(f"method {c.method!r} does not change the alignment stage; align with the default "
+                         f"(--method sft) and fine-tune with --method {c.method}")
+    own = method if method.alignment_key() else None
+    target = Path(c.out) if c.out else aligned_model_dir(c.model, c.align, _cache(c.cache), own)
     if (target / "align.json").exists() and not c.overwrite:
         typer.echo(f"aligned model already at {target} (pass --overwrite to redo)")
         return
-    report = run_align(c.model, target, c.align, _cache(c.cache), overwrite=c.overwrite, command=_command_line(),
-                       chat_template=c.chat_template)
+    report = run_align(c.model, target, c.align, _cache(c.cache), own, overwrite=c.overwrite,
+                       command=_command_line(), chat_template=c.chat_template)
     typer.echo(f"aligned in {report['steps']} steps, {report['seconds']:.0f} s; validation refusal "
                f"{100 * report['checks'][-1]['val_refusal']:.0f}%, refusal loss {report['val_refusal_loss']:.3f} "
                f"-> {target}")
@@ -136,45 +177,16 @@ class FinetuneCommand:
     resume: bool = False
 
 
-def method_options() -> dict[str, tuple]:
-    """Return ``{option: (type, default)}`` over every registered method (one flag per option name)."""
-    import typing
-
-    from safeft.methods import REGISTRY
-
-    options: dict[str, tuple] = {}
-    for cls, _ in REGISTRY.values():
-        hints = typing.get_type_hints(cls.Config)
-        for f in fields(cls.Config):
-            options.setdefault(f.name, (hints[f.name], f.default))
-    return options
-
-
-def method_help() -> dict[str, str]:
-    """Return the help of every method option, from the methods' option dataclasses."""
-    from safeft.methods import REGISTRY
-    from safeft.options import field_help
-
-    helps: dict[str, str] = {}
-    for cls, _ in REGISTRY.values():
-        helps = {**field_help(cls.Config), **helps}
-    return {k: f"(method option) {v}" for k, v in helps.items()}
-
-
 @command(app, "finetune", FinetuneCommand, extra=method_options(), extra_help=method_help(),
          help="Fine-tune a model on a task (optionally with a harmful mix) with any registered method.")
 def finetune(c: FinetuneCommand, options: dict) -> None:
     from safeft.distributed import is_main_process
-    from safeft.methods import build_method
     from safeft.recipes.finetune import finetune as run_finetune
     from safeft.recipes.outputs import MARKER, writing_together
 
-    try:
-        method = build_method(c.method, options)
-    except ValueError as error:
-        raise UsageError(str(error).replace("unknown key(s)", "options not taken by this method:")) from None
+    method = _build_method(c.method, options)
     inputs = [c.model, c.data.task_train, c.data.task_test, c.data.harmful_answers, options.get("safety_data"),
-              c.chat_template]
+              options.get("harmful_data"), c.chat_template]
     if c.resume and (Path(c.out) / MARKER).exists():
         raise UsageError(f"{c.out} holds a finished run; there is nothing to resume")
     with writing_together(c.out, overwrite=c.overwrite, inputs=inputs, command=_command_line(),

@@ -81,8 +81,9 @@ class InputNorms:
 
 
 class Antidote(Method):
-    """After training, prune the fine-tuning update's weights with the highest Wanda score on harmful data; write
-    ``out/antidote.json`` (per matrix: entries pruned)."""
+    """After training, prune the update's weights that score highest (Wanda) on harmful data, row by row.
+
+    ``out/antidote.json`` gives the number of entries pruned per matrix."""
 
     Config = AntidoteOptions
 

@@ -56,8 +56,10 @@ def similarity(update: Tensor, projected: Tensor) -> float:
 
 
 class SafeLoRA(Method):
-    """After training, replace each layer's update by its projection onto the alignment direction where the two
-    are less similar than ``threshold``; write ``out/safelora.json`` (per layer: similarity, projected)."""
+    """After training, project the updates of the layers least similar to the alignment direction onto it.
+
+    A layer is projected when the cosine of its update and the update's projection is below ``threshold``;
+    ``out/safelora.json`` lists every layer's similarity and whether it was projected."""
 
     Config = SafeLoRAOptions
 

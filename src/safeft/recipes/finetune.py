@@ -55,6 +55,7 @@ def finetune(model_dir: str | Path, data: DataConfig, method: Method, train_conf
 
     model, tokenizer = load_model(str(model_dir), chat_template=chat_template)  # checks the path first
     source = Path(model_dir)
+    _check_alignment_stage(source, method)
     record = {"model": str(source.resolve()) if source.exists() else str(model_dir),
               "model_fingerprint": dir_fingerprint(source) if source.is_dir() else None, "method": method.name,
               "method_options": method.options(), "data": asdict(data), "train": train_config.to_dict(),
@@ -89,6 +90,20 @@ def finetune(model_dir: str | Path, data: DataConfig, method: Method, train_conf
         write_json(out / "config.json", {**record, "examples": len(examples)})
         write_json(out / "train_log.json", log)
     return model, tokenizer, log
+
+
+def _check_alignment_stage(model_dir: Path, method: Method) -> None:
+    """Warn when a method that acts at the alignment stage fine-tunes a model it did not align (that is plain SFT)."""
+    import warnings
+
+    if not method.alignment_key():
+        return
+    record = model_dir / "align.json"
+    aligned_by = json.loads(record.read_text()).get("method", {}).get("name") if record.exists() else None
+    if aligned_by != method.name:
+        warnings.warn(f"{method.name} acts at the alignment stage, so fine-tuning with it is plain SFT; fine-tune a "
+                      f"model aligned by `safeft align --method {method.name}` (safeft bench does this itself)",
+                      stacklevel=3)
 
 
 def _check_resumable(out: Path, record: dict) -> None:
