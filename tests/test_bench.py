@@ -29,6 +29,10 @@ def test_bench_runs_resumes_and_rebuilds_its_summary(tiny_dir, cache, tmp_path, 
     out = tmp_path / "bench"
     summary = bench(config(tiny_dir, cache, out, seeds=(0, 1)))
     assert len(summary["runs"]) == 4 and len(summary["aligned"]) == 1
+    for entry in summary["runs"]:  # the flat fields a reader of bench.json relies on
+        assert {"method", "setting", "task", "seed", "harmful_score", "accuracy", "over_refusal", "step_time_ratio",
+                "peak_memory_ratio"} <= entry.keys() and entry["task"] == "sentiment"
+        assert entry["step_time_ratio"] > 0 and (entry["method"] != "sft" or entry["step_time_ratio"] == 1.0)
     run = json.loads(run_path(out, Setting(task="sentiment", max_train=16, max_test=8), "spf rank=4", 1).read_text())
     assert run["method"] == "spf" and run["seed"] == 1 and run["train"]["seed"] == 1
     assert run["cost"]["step_seconds_median"] > 0 and run["cost"]["peak_memory_mb"] > 0

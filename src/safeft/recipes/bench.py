@@ -27,6 +27,8 @@ from safeft.evaluate.stats import rate
 
 RUN_FORMAT = "safeft.bench-run/1"
 RATES = ("harmful_score", "refusal_rate", "off_task_rate", "over_refusal", "accuracy")
+HEADLINE_KEYS = ("harmful_score", "harmful_score_ci", "accuracy", "accuracy_ci", "over_refusal", "over_refusal_ci",
+                 "safety_loss", "task_loss")
 
 
 @dataclass
@@ -292,15 +294,21 @@ def read_runs(out: str | Path) -> tuple[list[dict], list[dict]]:
     return aligned, runs
 
 
+def run_ratio_to_sft(runs: list[dict], run: dict, key: str) -> float | None:
+    """Return the run's ``cost[key]`` / SFT's in the same setting and seed, or None where there is no such SFT run."""
+    reference = next((r["cost"][key] for r in runs if r["method"] == "sft" and r["seed"] == run["seed"]
+                      and r["setting"]["name"] == run["setting"]["name"]), None)
+    return run["cost"][key] / reference if reference and run["cost"][key] else None
+
+
 def _ratio_to_sft(runs: list[dict], key: str) -> dict[tuple[str, str], float | None]:
-    """Return, per (setting, label), the median over seeds of (the run's ``cost[key]`` / SFT's in the same setting
-    and seed); None where no SFT run of that setting and seed exists."""
-    sft = {(r["setting"]["name"], r["seed"]): r["cost"][key] for r in runs if r["method"] == "sft"}
+    """Return, per (setting, label), the median over seeds of :func:`run_ratio_to_sft`; a (setting, label) without
+    any SFT run to compare with is absent."""
     ratios: dict[tuple[str, str], list[float]] = {}
     for r in runs:
-        reference = sft.get((r["setting"]["name"], r["seed"]))
-        if reference and r["cost"][key]:
-            ratios.setdefault((r["setting"]["name"], r["label"]), []).append(r["cost"][key] / reference)
+        ratio = run_ratio_to_sft(runs, r, key)
+        if ratio is not None:
+            ratios.setdefault((r["setting"]["name"], r["label"]), []).append(ratio)
     return {k: statistics.median(v) for k, v in ratios.items()}
 
 
@@ -345,8 +353,12 @@ def summarize(out: str | Path, title: str = "safeft bench", command: str | None 
         "aligned": [{"task": a["task"], "aligned_model": a["aligned_model"], **a["headline"],
                      "metrics": {k: a["metrics"][k] for k in RATES + ("safety_loss", "task_loss")}} for a in aligned],
         "rows": rows,
-        "runs": [{k: r[k] for k in ("setting", "method", "label", "seed", "method_options", "train", "headline",
-                                    "cost", "judge")} for r in runs],
+        "runs": [{"setting": r["setting"]["name"], "task": r["setting"]["task"], "method": r["method"],
+                  "label": r["label"], "seed": r["seed"], **{k: r["headline"][k] for k in HEADLINE_KEYS},
+                  "step_time_ratio": run_ratio_to_sft(runs, r, "step_seconds_median"),
+                  "peak_memory_ratio": run_ratio_to_sft(runs, r, "peak_memory_mb"),
+                  **{k: r[k] for k in ("method_options", "train", "headline", "cost", "judge")},
+                  "setting_config": r["setting"]} for r in runs],
     }
     write_json(out / "bench.json", summary)
     (out / "bench.md").write_text(bench_markdown(summary, aligned, runs))
