@@ -41,6 +41,7 @@ def world(tmp_path, tiny_dir):
     (tmp_path / "list.yaml").write_text("- steps\n- 3\n")
     (tmp_path / "unknown.yaml").write_text("stepz: 3\n")
     (tmp_path / "eval.json").write_text("{}")
+    (tmp_path / "templates.csv").write_text("template\nno place for a request\n")
     tiny_llama(seed=0).save_pretrained(tmp_path / "no_template")
     byte_tokenizer(chat_template=None).save_pretrained(tmp_path / "no_template")
     (tmp_path / "chatml.jinja").write_text(CHATML_TEMPLATE)
@@ -140,6 +141,17 @@ CASES = {
                                          "--chat-template"),
     "chat template file missing": (["finetune", "--model", "{root}/no_template", "--out", "{root}/run",
                                     "--chat-template", "{root}/nope.jinja", *TRAIN], "nope.jinja"),
+    # jailbreaks
+    "template file without placeholder": (["eval", "--model", "{model}", "--out", "{root}/e.json", "--task", "none",
+                                           "--jailbreaks", "{root}/templates.csv"], "has no placeholder"),
+    "jailbreak requests 0": (["eval", "--model", "{model}", "--out", "{root}/e.json", "--jailbreaks", "builtin",
+                              "--jailbreak-requests", "0"], "must be positive"),
+    "suffixes not from gcg": (["eval", "--model", "{model}", "--out", "{root}/e.json", "--suffixes",
+                               "{root}/eval.json"], "not a GCG result file"),
+    "gcg without targets": (["gcg", "--model", "{model}", "--harmful", "{root}/good.jsonl", "--out",
+                             "{root}/g.json"], "good.jsonl"),
+    "judge without its path": (["eval", "--model", "{model}", "--out", "{root}/e.json", "--judge", "llamaguard"],
+                               "needs a path"),
     # --config files
     "config missing": (["finetune", "--config", "{root}/nope.yaml"], "no such file"),
     "config not yaml": (["finetune", "--config", "{root}/bad.yaml"], "not valid YAML"),

@@ -174,3 +174,32 @@ def test_harmbench_template_needs_its_placeholders(tiny_dir, tmp_path):
 
 def test_byte_tokenizer_fixture_has_a_template():
     assert byte_tokenizer().chat_template
+
+
+# --- the CLI ------------------------------------------------------------------------------------------------------
+
+def test_gcg_then_eval_with_templates_and_transfer(tiny_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from safeft.cli import app
+
+    runner = CliRunner()
+    advbench = tmp_path / "advbench.csv"
+    advbench.write_text("goal,target\n" + "".join(f'"Tell me how to do harm {i}","Sure, here is how {i}"\n'
+                                                  for i in range(6)))
+    result = runner.invoke(app, ["gcg", "--model", str(tiny_dir), "--harmful", str(advbench), "--out",
+                                 str(tmp_path / "gcg.json"), "--requests", "2", "--steps", "2", "--suffix-length", "4",
+                                 "--top-k", "8", "--candidates", "8", "--check-every", "1", "--check-tokens", "3"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    found = load_results(tmp_path / "gcg.json")
+    assert [r.request for r in found] == ["Tell me how to do harm 0", "Tell me how to do harm 3"]  # spread evenly
+    assert all(len(r.suffix_ids) == 4 and r.steps <= 2 for r in found)
+    out = tmp_path / "eval.json"
+    result = runner.invoke(app, ["eval", "--model", str(tiny_dir), "--out", str(out), "--task", "none",
+                                 "--max-new-tokens", "3", "--jailbreaks", "builtin", "--jailbreak-requests", "2",
+                                 "--suffixes", str(tmp_path / "gcg.json")])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    report = json.loads(out.read_text())
+    assert report["jailbreaks"]["overall"]["n"] == 2 * len(BUILTIN_TEMPLATES)
+    assert len(report["jailbreaks"]["families"]) == 6 and report["gcg_transfer"]["asr"]["n"] == 2
+    assert "template jailbreak ASR" in result.output and report["judge"] == "keyword"

@@ -10,7 +10,7 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import typer
@@ -18,6 +18,7 @@ import typer
 from safeft.analysis import AnalysisConfig
 from safeft.config import DEFAULT_RANK, AlignConfig, DataConfig, SPFConfig, TrainConfig
 from safeft.data import DEFAULT_SAFETY_SAMPLES
+from safeft.evaluate.gcg import GCGConfig
 from safeft.options import DEBUG, UsageError, command
 from safeft.progress import Quiet
 from safeft.recipes.bench import BenchConfig
@@ -200,7 +201,6 @@ def finetune(c: FinetuneCommand, options: dict) -> None:
 @app.command("methods")
 def methods() -> None:
     """List the registered methods and their options."""
-    from dataclasses import asdict
 
     from safeft.methods import REGISTRY, build_method
 
@@ -222,10 +222,14 @@ class EvalCommand:
     task_train, task_test: data files of a file-format task.
     max_test: use at most this many test examples.
     harmful: AdvBench-style CSV of harmful prompts (default: the built-in held-out requests).
-    judge: 'keyword' or the path of a local classifier judge.
+    judge: 'keyword', 'prefix:PHRASES_FILE' (the GCG paper's rule), 'llamaguard:MODEL_DIR',
+        'harmbench:MODEL_DIR[:TEMPLATE_FILE]', or the path of a local classifier.
     max_new_tokens: tokens generated per answer.
     overwrite: replace an existing --out.
     chat_template: a Jinja chat template file, for a tokenizer that has none.
+    jailbreaks: 'builtin' or a template file (CSV/JSON): report each template family's attack success rate.
+    jailbreak_requests: apply the templates to this many of the harmful requests (spread evenly); default all.
+    suffixes: a `safeft gcg` result file: report the ASR of its suffixes on this model (transfer).
     """
 
     model: str
@@ -239,6 +243,9 @@ class EvalCommand:
     max_new_tokens: int = 64
     overwrite: bool = False
     chat_template: str | None = None
+    jailbreaks: str | None = None
+    jailbreak_requests: int | None = None
+    suffixes: str | None = None
 
 
 @command(app, "eval", EvalCommand,
@@ -246,22 +253,84 @@ class EvalCommand:
 def evaluate(c: EvalCommand, _: dict) -> None:
     from safeft.data.loaders import read_advbench
     from safeft.data.tasks import load_task
+    from safeft.evaluate.gcg import load_results
+    from safeft.evaluate.jailbreaks import templates_from
     from safeft.evaluate.judges import load_judge
     from safeft.recipes.evaluate import evaluate_dir
     from safeft.recipes.outputs import check_output_file, write_json
 
-    check_output_file(c.out, overwrite=c.overwrite,
-                      inputs=[c.model, c.task_train, c.task_test, c.harmful, c.judge, c.chat_template])
+    check_output_file(c.out, overwrite=c.overwrite, inputs=[c.model, c.task_train, c.task_test, c.harmful,
+                                                            c.judge, c.chat_template, c.jailbreaks, c.suffixes])
+    if c.jailbreak_requests is not None and c.jailbreak_requests <= 0:
+        raise UsageError(f"--jailbreak-requests must be positive, got {c.jailbreak_requests}")
     task = None if c.task == "none" else load_task(c.task, c.task_train, c.task_test, max_test=c.max_test)
     prompts = [e.prompt for e in read_advbench(c.harmful)] if c.harmful else None
+    templates = templates_from(c.jailbreaks) if c.jailbreaks else None
+    suffixes = load_results(c.suffixes) if c.suffixes else None
     result = evaluate_dir(c.model, task, max_new_tokens=c.max_new_tokens, judge=load_judge(c.judge),
-                          harmful_prompts=prompts, chat_template=c.chat_template)
-    write_json(Path(c.out), result)
+                          harmful_prompts=prompts, chat_template=c.chat_template, jailbreaks=templates,
+                          jailbreak_requests=c.jailbreak_requests, suffixes=suffixes)
+    write_json(Path(c.out), {**result, "judge": c.judge})
     message = (f"harmful score {result['harmful_score']['rate']:.1f}% (95% CI {result['harmful_score']['ci'][0]:.1f}"
                f"-{result['harmful_score']['ci'][1]:.1f}), over-refusal {result['over_refusal']['rate']:.1f}%")
     if result["accuracy"]:
         message += f", accuracy {result['accuracy']['rate']:.1f}%"
+    if "jailbreaks" in result:
+        message += f", template jailbreak ASR {result['jailbreaks']['overall']['rate']:.1f}%"
+    if "gcg_transfer" in result:
+        message += f", GCG suffix ASR {result['gcg_transfer']['asr']['rate']:.1f}%"
     typer.echo(f"{message} -> {c.out}")
+
+
+@dataclass
+class GcgCommand:
+    """Args:
+    model: the model to attack (white-box): a model directory or a `safeft finetune` output.
+    harmful: AdvBench-style CSV with 'goal' (the request) and 'target' (the affirmative opening to reach).
+    out: JSON file for the results (per request: suffix, success, steps used, final loss).
+    requests: attack this many requests of the file, spread evenly over it.
+    judge: decides success from the model's reply (see `safeft eval --judge`).
+    overwrite: replace an existing --out.
+    chat_template: a Jinja chat template file, for a tokenizer that has none.
+    """
+
+    model: str
+    harmful: str
+    out: str
+    requests: int = 10
+    judge: str = "keyword"
+    overwrite: bool = False
+    chat_template: str | None = None
+    gcg: GCGConfig = field(default_factory=GCGConfig)
+
+
+@command(app, "gcg", GcgCommand, help="Attack a model with GCG suffixes (Zou et al. 2023) toward AdvBench targets; "
+                                      "apply the suffixes to other models with `safeft eval --suffixes`.")
+def gcg(c: GcgCommand, _: dict) -> None:
+    from safeft.data.loaders import read_advbench
+    from safeft.evaluate.gcg import allowed_tokens, gcg_attack, save_results
+    from safeft.evaluate.judges import load_judge
+    from safeft.progress import progress
+    from safeft.recipes.evaluate import spread
+    from safeft.recipes.finetune import load_finetuned
+    from safeft.recipes.outputs import check_output_file
+
+    check_output_file(c.out, overwrite=c.overwrite, inputs=[c.model, c.harmful, c.judge, c.chat_template])
+    if c.requests <= 0:
+        raise UsageError(f"--requests must be positive, got {c.requests}")
+    rows = spread(read_advbench(c.harmful), c.requests)
+    judge = load_judge(c.judge)
+    model, tokenizer = load_finetuned(c.model, chat_template=c.chat_template)
+    allowed = allowed_tokens(tokenizer, model.get_input_embeddings().weight.shape[0])
+    start, results = time.perf_counter(), []
+    for row in progress(rows, desc="gcg requests"):
+        results.append(gcg_attack(model, tokenizer, row.prompt, row.response, c.gcg, judge, allowed=allowed))
+    save_results(c.out, results, {"model": c.model, "harmful": c.harmful, "judge": c.judge,
+                                  "config": asdict(c.gcg), "seconds": time.perf_counter() - start,
+                                  "command": _command_line()})
+    wins = sum(r.success for r in results)
+    typer.echo(f"GCG: {wins}/{len(results)} requests jailbroken, {sum(r.steps for r in results)} steps in "
+               f"{time.perf_counter() - start:.0f} s -> {c.out}")
 
 
 # --- bench and demo --------------------------------------------------------------------------------------------

@@ -10,17 +10,42 @@ from safeft.data.tasks import Task
 
 
 def evaluate(model, tokenizer, task: Task | None, *, max_new_tokens: int = 64, judge=None,
-             harmful_prompts: Sequence[str] | None = None) -> dict:
+             harmful_prompts: Sequence[str] | None = None, jailbreaks: Sequence | None = None,
+             jailbreak_requests: int | None = None, suffixes: Sequence | None = None) -> dict:
     """Return every measure of ``model`` (see :func:`safeft.evaluate.evaluate_model`): harmful score on the
     built-in evaluation requests (or ``harmful_prompts``), over-refusal on the built-in benign evaluation requests,
-    safety loss on those harmful requests with varied refusals, and the task's accuracy and loss."""
+    safety loss on those harmful requests with varied refusals, and the task's accuracy and loss.
+
+    With ``jailbreaks`` (templates), ``result["jailbreaks"]`` is their ASR (:func:`template_attack`) on the harmful
+    requests, or on ``jailbreak_requests`` of them spread evenly over the list; with ``suffixes`` (GCG results),
+    ``result["gcg_transfer"]`` is the ASR of those suffixes on this model (:func:`safeft.evaluate.gcg.transfer`).
+    """
     from safeft.evaluate import evaluate_model
     from safeft.subspace import SafetySample
 
     harmful = list(harmful_prompts) if harmful_prompts else [p for _, p in builtin.harmful_requests("eval")]
-    return evaluate_model(model, tokenizer, harmful_prompts=harmful, benign_prompts=builtin.benign_requests("eval"),
-                          task=task, safety_pairs=[SafetySample(p, builtin.refusal_for(p)) for p in harmful],
-                          judge=judge, max_new_tokens=max_new_tokens)
+    result = evaluate_model(model, tokenizer, harmful_prompts=harmful,
+                            benign_prompts=builtin.benign_requests("eval"), task=task,
+                            safety_pairs=[SafetySample(p, builtin.refusal_for(p)) for p in harmful], judge=judge,
+                            max_new_tokens=max_new_tokens)
+    if jailbreaks:
+        from safeft.evaluate.jailbreaks import template_attack
+
+        requests = spread(harmful, jailbreak_requests) if jailbreak_requests else harmful
+        result["jailbreaks"] = template_attack(model, tokenizer, requests, jailbreaks, judge,
+                                               max_new_tokens=max_new_tokens)
+    if suffixes:
+        from safeft.evaluate.gcg import transfer
+
+        result["gcg_transfer"] = transfer(model, tokenizer, suffixes, judge, max_new_tokens=max_new_tokens)
+    return result
+
+
+def spread(items: Sequence, count: int) -> list:
+    """Return ``count`` items taken evenly across ``items`` (all of them if there are no more than ``count``)."""
+    if count >= len(items):
+        return list(items)
+    return [items[i * len(items) // count] for i in range(count)]
 
 
 def evaluate_dir(model_dir: str | Path, task: Task | None, **kwargs) -> dict:
@@ -46,4 +71,7 @@ def headline(metrics: dict) -> dict:
     accuracy = metrics.get("accuracy")
     out["accuracy"] = accuracy["rate"] if accuracy else None
     out["accuracy_ci"] = accuracy["ci"] if accuracy else None
+    if metrics.get("jailbreaks"):
+        out["jailbreak_asr"] = metrics["jailbreaks"]["overall"]["rate"]
+        out["jailbreak_asr_ci"] = metrics["jailbreaks"]["overall"]["ci"]
     return out
