@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+from dataclasses import replace
 
 import pytest
 
@@ -175,13 +176,24 @@ def test_a_second_bench_on_the_same_directory_is_refused(tiny_dir, cache, tmp_pa
 def test_run_files_from_before_a_field_existed_still_count_as_finished(tmp_path):
     from safeft.recipes.bench import _finished, run_identity
 
-    grid = BenchConfig(out=str(tmp_path), methods=["sft"])
+    grid = BenchConfig(out=str(tmp_path), methods=["spf"])
     setting, (label, method) = grid.settings[0], grid.method_entries()[0]
     record = run_identity(grid, setting, 0, method)
-    del record["train"]["schedule"], record["setting"]["deep"]  # as if written before those fields were added
+    # as if written before those fields (of the run, the setting, the method's options) were added
+    del record["train"]["schedule"], record["setting"]["deep"], record["method_options"]["subspace"]
     write_json(run_path(tmp_path, setting, label, 0), record)
     assert _finished(grid, tmp_path, setting, 0, label, method)
     record["train"]["learning_rate"] = 1.0  # a value that differs still does not pass
     write_json(run_path(tmp_path, setting, label, 0), record)
     with pytest.raises(ValueError, match="train differ"):
         _finished(grid, tmp_path, setting, 0, label, method)
+
+
+def test_a_bench_with_jailbreaks_reports_their_asr(tiny_dir, cache, tmp_path):
+    grid = replace(config(tiny_dir, cache, tmp_path / "bench", methods=("sft",)), jailbreaks="builtin",
+                   jailbreak_requests=1)
+    summary = bench(grid)
+    (run,) = summary["runs"]
+    assert run["jailbreak_asr"] is not None and summary["rows"][0]["jailbreak_asr"]["n"] == 12  # 12 templates
+    assert "template jailbreak ASR" in (tmp_path / "bench" / "bench.md").read_text()
+    assert summary["aligned"] and summary["aligned"][0]["jailbreak_asr"] is not None

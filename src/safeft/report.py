@@ -51,23 +51,26 @@ def bench_markdown(summary: dict, aligned: list[dict], runs: list[dict]) -> str:
             "bench, on this machine).",
             "",
         ]
+    jailbreaks = any(r.get("jailbreak_asr") for r in summary["rows"])
     lines += ["| setting | method | seeds | harmful score % [95% CI] | refusal % | off-task % | "
               "over-refusal % [95% CI] | accuracy % [95% CI] | safety loss | task loss | step time vs SFT | "
-              "peak memory vs SFT |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "peak memory vs SFT |" + (" template jailbreak ASR % [95% CI] |" if jailbreaks else ""),
+              "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if jailbreaks else "")]
     for a in aligned:
         m = a["metrics"]
         name = "aligned" if len(aligned) == 1 else f"aligned ({a['task']}, {Path(a['aligned_model']).name})"
         lines.append(f"| - | {name} | - | {format_rate(m['harmful_score'])} | {_plain_rate(m['refusal_rate'])} | "
                      f"{_plain_rate(m['off_task_rate'])} | {format_rate(m['over_refusal'])} | "
                      f"{format_rate(m['accuracy'])} | {_number(m['safety_loss'])} | {_number(m['task_loss'])} "
-                     "| - | - |")
+                     "| - | - |" + (f" {format_rate((m.get('jailbreaks') or {}).get('overall'))} |" if jailbreaks
+                                   else ""))
     for r in summary["rows"]:
         lines.append(f"| {r['setting']} | {r['label']} | {','.join(map(str, r['seeds']))} | "
                      f"{format_rate(r['harmful_score'])} | {_plain_rate(r['refusal_rate'])} | "
                      f"{_plain_rate(r['off_task_rate'])} | {format_rate(r['over_refusal'])} | "
                      f"{format_rate(r['accuracy'])} | {_number(r['safety_loss'])} | {_number(r['task_loss'])} | "
-                     f"{_number(r['step_time_vs_sft'], 2, 'x')} | {_number(r['peak_memory_vs_sft'], 2, 'x')} |")
+                     f"{_number(r['step_time_vs_sft'], 2, 'x')} | {_number(r['peak_memory_vs_sft'], 2, 'x')} |"
+                     + (f" {format_rate(r.get('jailbreak_asr'))} |" if jailbreaks else ""))
     if any(len(r["seeds"]) > 1 for r in summary["rows"]):
         lines += ["", "Harmful score % per seed:", ""]
         for r in summary["rows"]:

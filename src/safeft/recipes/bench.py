@@ -50,6 +50,8 @@ class BenchConfig:
         title: the heading of ``bench.md``.
         cache: safeft's cache directory (default ``$SAFEFT_CACHE`` or ``~/.cache/safeft``).
         chat_template: a Jinja chat template file, for a base model whose tokenizer has none.
+        jailbreaks: ``builtin`` or a template file: every run also reports its template jailbreak ASR.
+        jailbreak_requests: how many of the harmful requests (spread evenly) the templates are applied to.
     """
 
     out: str = "runs/bench"
@@ -65,8 +67,12 @@ class BenchConfig:
     title: str = "safeft bench"
     cache: str | None = None
     chat_template: str | None = None
+    jailbreaks: str | None = None
+    jailbreak_requests: int = 20
 
     def __post_init__(self) -> None:
+        if self.jailbreak_requests <= 0:
+            raise ValueError(f"jailbreak_requests must be positive, got {self.jailbreak_requests}")
         if not self.methods or not self.settings or not self.seeds:
             raise ValueError("a bench needs at least one method, one setting and one seed")
         if self.train.lora_r or self.train.seed:
@@ -148,8 +154,20 @@ def bench(config: BenchConfig, *, command: str | None = None) -> dict:
 def run_identity(config: BenchConfig, setting: Setting, seed: int, method) -> dict:
     """Return what decides a run's numbers, as recorded in its run file (a finished run is reused only if equal)."""
     train = {k: v for k, v in config.run_train_config(setting, seed).to_dict().items() if k != "save_every"}
-    return {"setting": asdict(setting), "method": method.name, "method_options": method.options(), "seed": seed,
-            "model": config.model, "train": train, "judge": config.judge, "max_new_tokens": config.max_new_tokens}
+    identity = {"setting": asdict(setting), "method": method.name, "method_options": method.options(), "seed": seed,
+                "model": config.model, "train": train, "judge": config.judge, "max_new_tokens": config.max_new_tokens}
+    if config.jailbreaks:  # only then: run files written before jailbreaks existed stay valid
+        identity["jailbreaks"] = {"templates": config.jailbreaks, "requests": config.jailbreak_requests}
+    return identity
+
+
+def _jailbreak_options(config: BenchConfig) -> dict:
+    """Return the jailbreak keyword arguments of :func:`safeft.recipes.evaluate.evaluate` for this bench."""
+    from safeft.evaluate.jailbreaks import templates_from
+
+    if not config.jailbreaks:
+        return {}
+    return {"jailbreaks": templates_from(config.jailbreaks), "jailbreak_requests": config.jailbreak_requests}
 
 
 def _finished(config: BenchConfig, out: Path, setting: Setting, seed: int, label: str, method) -> bool:
@@ -227,11 +245,14 @@ def _evaluate_aligned(config: BenchConfig, aligned_dir: Path, report: dict | Non
     data = (setting.task_train, setting.task_test, setting.max_train, setting.max_test)  # these pick the test set
     task = slug(setting.task) if data == (None,) * 4 else f"{slug(setting.task)}-{_short_hash(data)}"
     task = f"val-{task}" if setting.validation else task
+    if config.jailbreaks:
+        task += f"-jailbreaks-{_short_hash([config.jailbreaks, config.jailbreak_requests])}"
     path = out / "runs" / "aligned" / f"{task}-{slug(aligned_dir.name)}.json"
     if path.exists():
         return
     metrics = evaluate_dir(aligned_dir, task_of(setting), max_new_tokens=config.max_new_tokens,
-                           judge=load_judge(config.judge), harmful_prompts=harmful_prompts(setting))
+                           judge=load_judge(config.judge), harmful_prompts=harmful_prompts(setting),
+                           **_jailbreak_options(config))
     write_json(path, {"format": RUN_FORMAT, "kind": "aligned", "task": setting.task, "model": config.model,
                       "aligned_model": str(aligned_dir), "alignment": report, "metrics": metrics,
                       "headline": headline(metrics)})
@@ -264,7 +285,8 @@ def run_one(config: BenchConfig, setting: Setting, seed: int, label: str, method
     model, tokenizer, log = finetune(aligned_dir, data, method, train_config, scratch, cache,
                                      save_model=config.keep_models)
     metrics = evaluate(model, tokenizer, task_of(setting), max_new_tokens=config.max_new_tokens,
-                       judge=load_judge(config.judge), harmful_prompts=harmful_prompts(setting))
+                       judge=load_judge(config.judge), harmful_prompts=harmful_prompts(setting),
+                       **_jailbreak_options(config))
     if not config.keep_models:  # ~0.5 GB of weights (and SPF's subspace) per run: the bench keeps the numbers
         shutil.rmtree(scratch, ignore_errors=True)
         with contextlib.suppress(OSError):
@@ -327,6 +349,9 @@ def pooled(runs: list[dict]) -> list[dict]:
         for key in RATES:
             entries = [r["metrics"][key] for r in group if r["metrics"].get(key)]
             row[key] = rate(sum(e["k"] for e in entries), sum(e["n"] for e in entries)) if entries else None
+        jailbreaks = [r["metrics"]["jailbreaks"]["overall"] for r in group if r["metrics"].get("jailbreaks")]
+        row["jailbreak_asr"] = rate(sum(e["k"] for e in jailbreaks), sum(e["n"] for e in jailbreaks)) \
+            if jailbreaks else None
         for key in ("safety_loss", "task_loss"):
             values = [r["metrics"][key] for r in group if r["metrics"].get(key) is not None]
             row[key] = statistics.mean(values) if values else None
@@ -355,6 +380,7 @@ def summarize(out: str | Path, title: str = "safeft bench", command: str | None 
         "rows": rows,
         "runs": [{"setting": r["setting"]["name"], "task": r["setting"]["task"], "method": r["method"],
                   "label": r["label"], "seed": r["seed"], **{k: r["headline"][k] for k in HEADLINE_KEYS},
+                  "jailbreak_asr": r["headline"].get("jailbreak_asr"),
                   "step_time_ratio": run_ratio_to_sft(runs, r, "step_seconds_median"),
                   "peak_memory_ratio": run_ratio_to_sft(runs, r, "peak_memory_mb"),
                   **{k: r[k] for k in ("method_options", "train", "headline", "cost", "judge")},
