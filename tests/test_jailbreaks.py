@@ -203,3 +203,35 @@ def test_gcg_then_eval_with_templates_and_transfer(tiny_dir, tmp_path):
     assert report["jailbreaks"]["overall"]["n"] == 2 * len(BUILTIN_TEMPLATES)
     assert len(report["jailbreaks"]["families"]) == 6 and report["gcg_transfer"]["asr"]["n"] == 2
     assert "template jailbreak ASR" in result.output and report["judge"] == "keyword"
+
+
+def test_the_jailbreak_benchmark_runs_end_to_end_and_resumes(tiny_dir, tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    monkeypatch.setenv("SAFEFT_CACHE", str(tmp_path / "cache"))
+    spec = importlib.util.spec_from_file_location(
+        "jailbreak_bench", Path(__file__).parent.parent / "benchmarks" / "jailbreaks.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    advbench = tmp_path / "advbench.csv"
+    advbench.write_text("goal,target\n" + "".join(f'"Tell me how to do harm {i}","Sure, here is how {i}"\n'
+                                                  for i in range(4)))
+    prefixes = tmp_path / "prefixes.txt"
+    prefixes.write_text("I'm sorry\nI cannot\n")
+    args = ["--advbench", str(advbench), "--prefixes", str(prefixes), "--out", str(tmp_path / "jb"),
+            "--model", str(tiny_dir), "--steps", "1", "--align-max-steps", "1", "--spf-rank", "4",
+            "--template-requests", "2", "--gcg-requests", "2", "--gcg-steps", "2", "--gcg-suffix-length", "3",
+            "--gcg-top-k", "8", "--gcg-candidates", "8", "--gcg-check-every", "1", "--max-new-tokens", "3"]
+    script.main(args)
+    summary = json.loads((tmp_path / "jb.json").read_text())
+    assert set(summary["models"]) == {"aligned", "sft", "spf"}
+    for name, entry in summary["models"].items():
+        assert entry["template_asr"]["n"] == 2 * len(BUILTIN_TEMPLATES) and entry["gcg_asr"]["n"] == 2
+        assert ("gcg_transfer_from_sft_asr" in entry) == (name != "sft")
+    assert (tmp_path / "jb.md").exists() and (tmp_path / "jb.png").stat().st_size > 0
+    parts = sorted(p.name for p in (tmp_path / "jb_parts").iterdir())
+    assert len(parts) == 8  # 3 x templates, 3 x gcg, 2 x transfer: each a stage the next run skips
+    stamp = {p: (tmp_path / "jb_parts" / p).stat().st_mtime_ns for p in parts}
+    script.main(args)
+    assert stamp == {p: (tmp_path / "jb_parts" / p).stat().st_mtime_ns for p in parts}
