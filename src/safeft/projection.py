@@ -171,9 +171,22 @@ def project_(G: Tensor, U: Tensor, S: Tensor, V: Tensor, *, side: Side = "left",
     """
     _check_shapes(G, U, S, V)
     sk = sketch(G, U, V, side)
+    return project_sketched_(G, sk, core_diagonal(sk, U, V, side), U, S, V, side=side, mode=mode)
+
+
+def project_sketched_(G: Tensor, sk: Tensor, diag: Tensor, U: Tensor, S: Tensor, V: Tensor, *, side: Side,
+                      mode: Mode) -> ProjectionStats:
+    """Project G in place given its sketch ``sk`` (:func:`sketch`) and core diagonal ``diag`` ``(r,)``.
+
+    The split lets a caller assemble ``sk`` and ``diag`` itself: under row sharding (FSDP), ``G`` and ``U`` are a
+    shard's rows, ``U^T G`` and ``U^T G V`` are sums over shards, while ``G V`` is per row (see
+    :mod:`safeft.spf`). ``removed_sq`` is then this shard's share for ``right`` and the whole for the other sides.
+
+    Raises:
+        FloatingPointError: if ``sk`` holds NaN or inf.
+    """
     if not torch.isfinite(sk).all():
         raise FloatingPointError("non-finite gradient (NaN/inf) given to the SPF projection")
-    diag = core_diagonal(sk, U, V, side)
     mask = removal_mask(diag, S, mode)
     fired = (mask.sum() > 0).float()
     # on the CPU skipping a no-op removal saves a pass over G; on an accelerator the check would cost a sync

@@ -15,6 +15,15 @@ too). With ``project="update"`` and ``mode="always"`` these hold for the merged 
 
 Under DDP the gradients are already all-reduced when the optimizer steps, so the projection runs locally on
 identical tensors and every rank makes the same update as one process with the global batch.
+
+Under FSDP2 (``fully_shard``: parameters and gradients are DTensors sharded on dim 0) each process projects the
+rows it holds, with ``U`` cut to those rows and ``V`` whole. ``G V`` is per row, so ``right`` needs no
+communication (``mode="always"``) or only the core diagonal ``(r,)`` per target (the conflict tests); ``U^T G``
+and ``U^T G V`` are sums over the row shards, summed for all targets in one flat all-reduce per optimizer step
+(:class:`safeft.distributed.Collectives`). Under LoRA the factors' sketches ``U^T B`` and ``A V`` (with their
+gradients' or updates') travel in the same single all-reduce: ``4 r k`` numbers per target. The monitor
+(:meth:`SPFProjector.metrics`) sums each process's share once more, on the steps it reports, so every process
+must call it.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from transformers import TrainerCallback
 
 from safeft import projection as P
 from safeft.config import SPFConfig
+from safeft.distributed import Collectives, local, shard_rows
 from safeft.subspace import Basis, SafetySubspace, safety_loss
 from safeft.targets import Target
 
@@ -51,11 +61,28 @@ class _Guard:
     before: tuple[Tensor, ...] = ()  # sketches taken before the optimizer step (update mode)
     corrected: tuple[Tensor, ...] = ()  # sketches right after the last correction (update mode)
     versions: tuple[int, ...] = ()  # the weights' in-place version counters at that moment
+    rows: slice | None = None  # under FSDP2: the rows of W (and lora_B) this process holds; U holds only those
+    rows_A: slice | None = None  # under FSDP2 with LoRA: the rows of lora_A this process holds
+
+    @property
+    def sharded(self) -> bool:
+        """Return True when this process holds only some rows of the target's trained tensors (FSDP2)."""
+        return self.rows is not None or self.rows_A is not None
 
     def weights(self) -> tuple[Tensor, ...]:
         """Return the tensors the optimizer changes for this target."""
         t = self.target
         return (t.lora_B, t.lora_A) if t.is_lora else (t.base.weight,)
+
+
+def _pad_rows(held: Tensor, rows: slice | None, total: int) -> Tensor:
+    """Return ``held`` (the rows ``rows`` of a ``(total, c)`` matrix) in a zero ``(total, c)`` matrix, so that a sum
+    over the processes assembles the whole matrix; ``held`` itself when it is whole."""
+    if rows is None:
+        return held
+    full = held.new_zeros(total, held.shape[1])
+    full[rows] = held
+    return full
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -101,6 +128,7 @@ class SPFProjector:
         self.drift_before_refresh = 0.0
         self.hook_seconds: list[float] = []  # wall time spent in before_step + after_step, per optimizer step
         self._before_seconds = 0.0
+        self.collectives = Collectives()  # SPF's own all-reduces under FSDP2, counted
         self._reset_counters()
         subspace.check_model(self.model, warn_other_weights=True)
         self._use(subspace)
@@ -128,13 +156,20 @@ class SPFProjector:
             trained = target.is_lora and target.lora_A.requires_grad or target.base.weight.requires_grad
             if basis.rank == 0 or not trained:
                 continue
-            device = target.base.weight.device
+            device = local(target.base.weight).device
             U, S, V = (t.to(device=device, dtype=torch.float32) for t in (basis.U, basis.S, basis.V))
-            self.guards.append(_Guard(target, U, S, V, start_core=torch.zeros(0)))
+            rows = shard_rows(target.lora_B if target.is_lora else target.base.weight)
+            rows_A = shard_rows(target.lora_A) if target.is_lora else None
+            if target.is_lora and shard_rows(target.base.weight) not in (None, rows):
+                raise ValueError(f"{name}: the base weight and lora_B are sharded over different rows")
+            self.guards.append(_Guard(target, U if rows is None else U[rows], S, V, start_core=torch.zeros(0),
+                                      rows=rows, rows_A=rows_A))
+        self.sharded = any(g.sharded for g in self.guards)
         for guard in self.guards:
             if guard.target.is_lora:
                 self._start_lora_side(guard)
-            guard.start_core = self._effective_core(guard)
+        for guard, core in zip(self.guards, self._effective_cores()):
+            guard.start_core = core
 
     @torch.no_grad()
     def _start_lora_side(self, guard: _Guard) -> None:
@@ -145,15 +180,23 @@ class SPFProjector:
         t, side = guard.target, self.config.side
         if side == "two_sided":
             return
+        A, B = local(t.lora_A), local(t.lora_B)
         if side == "right":
-            factor, sk = t.lora_A, t.lora_A.float() @ guard.V  # (k, r)
+            factor, sk = A, A.float() @ guard.V  # (k, r); under FSDP2 this process's rows of it
         else:
-            factor, sk = t.lora_B, guard.U.T @ t.lora_B.float()  # (r, k)
+            factor, sk = B, guard.U.T @ B.float()  # (r, k); under FSDP2 a sum over the row shards
         tolerance = torch.finfo(factor.dtype).eps ** 0.5
-        if float(sk.norm()) <= tolerance * float(factor.float().norm()):
+        if guard.sharded and side == "left":
+            sk = self.collectives.sum([sk])[0]
+        sketch_sq, factor_sq, b_nonzero = sk.pow(2).sum(), factor.float().pow(2).sum(), (B != 0).sum().float()
+        if guard.sharded:  # the norms and B's non-zeros of the whole tensors
+            right_sq, factor_sq, b_nonzero = self.collectives.sum(
+                [sketch_sq if side == "right" else torch.zeros_like(sketch_sq), factor_sq, b_nonzero])
+            sketch_sq = right_sq if side == "right" else sketch_sq
+        if float(sketch_sq) ** 0.5 <= tolerance * float(factor_sq) ** 0.5:
             return
-        if side == "right" and not t.lora_B.any():
-            P.subtract_(t.lora_A.data, sk, guard.U, guard.V, torch.ones_like(guard.S), "right")
+        if side == "right" and not float(b_nonzero):
+            P.subtract_(A.data, sk, guard.U, guard.V, torch.ones_like(guard.S), "right")
             return
         what = "rows of lora_A orthogonal to V" if side == "right" else "columns of lora_B orthogonal to U"
         raise ValueError(f"{t.name}: SPF side={side!r} under LoRA keeps the {what}, but this adapter's lora_B is "
@@ -162,13 +205,24 @@ class SPFProjector:
                          "(peft's default init, lora_B = 0) or use side='two_sided'.")
 
     @torch.no_grad()
-    def _effective_core(self, guard: _Guard) -> Tensor:
-        """Return ``U^T W_eff V`` (r, r), with ``W_eff = W + s B A`` under LoRA, never forming ``B A``."""
-        t = guard.target
-        c = P.core(t.base.weight, guard.U, guard.V)
-        if t.is_lora:
-            c = c + t.scaling * (guard.U.T @ t.lora_B.float()) @ (t.lora_A.float() @ guard.V)
-        return c
+    def _effective_cores(self) -> list[Tensor]:
+        """Return ``U^T W_eff V`` (r, r) per guard, with ``W_eff = W + s B A`` under LoRA, never forming ``B A``.
+
+        Under FSDP2 the shards' parts are summed in one all-reduce for all guards."""
+        parts = []
+        for g in self.guards:
+            t = g.target
+            core = P.core(local(t.base.weight), g.U, g.V)
+            if not t.is_lora:
+                parts.append([core])
+                continue
+            ub, av = g.U.T @ local(t.lora_B).float(), local(t.lora_A).float() @ g.V  # (r, k), (k, r)
+            parts.append([core, ub, _pad_rows(av, g.rows_A, t.lora_A.shape[0])])
+        sharded = [i for i, g in enumerate(self.guards) if g.sharded]
+        summed = iter(self.collectives.sum([x for i in sharded for x in parts[i]]))
+        for i in sharded:
+            parts[i] = [next(summed) for _ in parts[i]]
+        return [p[0] if len(p) == 1 else p[0] + g.target.scaling * p[1] @ p[2] for g, p in zip(self.guards, parts)]
 
     def _reset_counters(self) -> None:
         self._steps = 0
@@ -184,9 +238,15 @@ class SPFProjector:
         start = time.perf_counter()
         # the gradient norm costs a pass over every gradient: measure it only on the step the monitor reports
         measure = bool(self.config.monitor_every) and (self.step + 1) % self.config.monitor_every == 0
+        if self.config.project == "grad" and self.sharded:
+            self._project_gradients_sharded(measure)
+            self._before_seconds = time.perf_counter() - start
+            return
         for guard in self.guards:
             if self.config.project == "grad":
                 self._project_gradient(guard, measure)
+            elif guard.sharded:
+                guard.before = self._sketches(guard)  # this process's parts, summed after the step
             elif guard.corrected and guard.versions == tuple(w._version for w in guard.weights()):
                 guard.before = guard.corrected  # nothing wrote to the weights since the last correction
             else:
@@ -198,8 +258,11 @@ class SPFProjector:
         """Correct the weight change (``project="update"``); count the step; refresh the subspace when due."""
         start = time.perf_counter()
         if self.config.project == "update":
+            if self.sharded:
+                self._project_updates_sharded()
             for guard in self.guards:
-                self._project_update(guard)
+                if not guard.sharded:
+                    self._project_update(guard)
                 guard.before = ()
         self.step += 1
         self._steps += 1
@@ -224,10 +287,11 @@ class SPFProjector:
         self._count(stats.fired, stats.removed_sq, grad_sq)
 
     def _sketches(self, guard: _Guard) -> tuple[Tensor, ...]:
+        """Return the weights' sketches; under FSDP2 this process's part of them (summed over shards, or its rows)."""
         t = guard.target
         if t.is_lora:
-            return guard.U.T @ t.lora_B.float(), t.lora_A.float() @ guard.V  # (r, k), (k, r)
-        return (P.sketch(t.base.weight, guard.U, guard.V, self.config.side),)
+            return guard.U.T @ local(t.lora_B).float(), local(t.lora_A).float() @ guard.V  # (r, k), (k, r)
+        return (P.sketch(local(t.base.weight), guard.U, guard.V, self.config.side),)
 
     def _project_update(self, guard: _Guard) -> None:
         t, cfg = guard.target, self.config
@@ -252,13 +316,134 @@ class SPFProjector:
         guard.versions = tuple(w._version for w in guard.weights())
         self._count((mask.sum() > 0).float(), sum(r.pow(2).sum() for r in removed), None)
 
-    def _count(self, fired: Tensor, removed_sq: Tensor, grad_sq: Tensor | None) -> None:
+    # --- FSDP2: this process's rows, one all-reduce per step for every target ----------------------------------
+
+    def _project_gradients_sharded(self, measure: bool) -> None:
+        """Project every guard's gradient rows: local sketches, one all-reduce of the summed parts, then removal."""
+        cfg, plans, pieces = self.config, [], []
+        for g in self.guards:
+            t = g.target
+            grads = (t.lora_B.grad, t.lora_A.grad) if t.is_lora else (t.base.weight.grad,)
+            if any(x is None for x in grads):
+                continue
+            if not g.sharded:
+                self._project_gradient(g, measure)
+                continue
+            grads = tuple(local(x) for x in grads)
+            if t.is_lora:
+                sk_B, sk_A = g.U.T @ grads[0].float(), grads[1].float() @ g.V  # (r, k) summed, (k, r) by rows
+                ub, av = g.U.T @ local(t.lora_B).float(), local(t.lora_A).float() @ g.V
+                k = t.lora_A.shape[0]
+                own = [sk_B, ub, _pad_rows(sk_A, g.rows_A, k), _pad_rows(av, g.rows_A, k)]
+            else:
+                sk_A = P.sketch(grads[0], g.U, g.V, cfg.side)  # the rows' sketch (right) or their part of it
+                if cfg.side != "right":
+                    own = [sk_A]
+                else:  # G V is per row: only the conflict tests need the core diagonal, a sum over rows
+                    own = [P.core_diagonal(sk_A, g.U, g.V, "right")] if cfg.mode != "always" else []
+            plans.append((g, grads, len(own), sk_A))
+            pieces += own
+        summed = iter(self.collectives.sum(pieces))
+        for g, grads, count, held in plans:
+            parts = [next(summed) for _ in range(count)]
+            grad_sq = (sum(torch.linalg.vector_norm(x, dtype=torch.float32) ** 2 for x in grads)
+                       if measure else None)  # this process's rows
+            try:
+                if g.target.is_lora:
+                    fired, removed_sq = self._remove_lora_gradients(g, grads, parts, held)
+                else:
+                    if cfg.side == "right":
+                        sk, diag = held, parts[0] if parts else torch.zeros_like(g.S)
+                    else:
+                        sk = parts[0]
+                        diag = P.core_diagonal(sk, g.U, g.V, cfg.side)
+                    stats = P.project_sketched_(grads[0], sk, diag, g.U, g.S, g.V, side=cfg.side, mode=cfg.mode)
+                    fired, removed_sq = stats.fired, self._share(stats.removed_sq, cfg.side != "right")
+            except FloatingPointError:
+                raise FloatingPointError(self._non_finite_message(g.target.name)) from None
+            self._count(fired, removed_sq, grad_sq, shard=True)
+
+    def _remove_lora_gradients(self, g: _Guard, grads: tuple[Tensor, Tensor], parts: list[Tensor],
+                               sk_A_rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Remove the conflicting part of LoRA gradient rows; return ``(fired, this process's removed_sq share)``."""
+        sk_B, ub, sk_A, av = parts
+        if not (torch.isfinite(sk_B).all() and torch.isfinite(sk_A).all()):
+            raise FloatingPointError("non-finite LoRA gradient")
+        diag = (sk_B * av.T).sum(dim=1) + (ub * sk_A.T).sum(dim=1)  # diag(U^T (grad_B A + B grad_A) V)
+        mask = P.removal_mask(diag, g.S, self.config.mode)
+        on_B, on_A = P.lora_projected_factors(self.config.side)
+        removed = torch.zeros((), device=diag.device)
+        if on_B:
+            P.subtract_(grads[0], sk_B, g.U, g.V, mask, "left")
+            removed = removed + self._share(P.removed_energy(sk_B, mask, "left"), True)
+        if on_A:
+            P.subtract_(grads[1], sk_A_rows, g.U, g.V, mask, "right")
+            removed = removed + P.removed_energy(sk_A_rows, mask, "right")
+        return (mask.sum() > 0).float(), removed
+
+    def _project_updates_sharded(self) -> None:
+        """Correct every sharded guard's weight change from its sketches, with one all-reduce for all of them."""
+        cfg, plans, pieces = self.config, [], []
+        for g in self.guards:
+            if not g.sharded:
+                continue
+            after = self._sketches(g)
+            if g.target.is_lora:
+                (ub_old, av_old), (ub_new, av_new) = g.before, after
+                k = g.target.lora_A.shape[0]
+                own = [ub_old, ub_new, _pad_rows(av_old, g.rows_A, k), _pad_rows(av_new, g.rows_A, k)]
+                plans.append((g, len(own), av_new - av_old))
+            else:
+                delta = after[0] - g.before[0]  # this process's part of the change's sketch
+                if cfg.side != "right":
+                    own = [delta]
+                else:
+                    own = [P.core_diagonal(delta, g.U, g.V, "right")] if cfg.mode != "always" else []
+                plans.append((g, len(own), delta))
+            pieces += own
+        summed = iter(self.collectives.sum(pieces))
+        for g, count, held in plans:
+            parts = [next(summed) for _ in range(count)]
+            t = g.target
+            if t.is_lora:
+                ub_old, ub_new, av_old, av_new = parts
+                diag = t.scaling * torch.diagonal(ub_new @ av_new - ub_old @ av_old)
+                deltas, sides = (ub_new - ub_old, held), ("left", "right")
+                projected, whole = P.lora_projected_factors(cfg.side), (True, False)
+            else:
+                if cfg.side == "right":
+                    delta, diag = held, parts[0] if parts else torch.zeros_like(g.S)
+                else:
+                    delta = parts[0]
+                    diag = P.core_diagonal(delta, g.U, g.V, cfg.side)
+                deltas, sides, projected, whole = (delta,), (cfg.side,), (True,), (cfg.side != "right",)
+            if not all(torch.isfinite(d).all() for d in deltas):
+                raise FloatingPointError(self._non_finite_message(t.name))
+            mask = P.removal_mask(-diag, g.S, cfg.mode)  # a weight change dW acts like a step along -dW
+            removed = torch.zeros((), device=diag.device)
+            for weight, delta, side, on, is_whole in zip(g.weights(), deltas, sides, projected, whole):
+                if on:
+                    P.subtract_(local(weight).data, delta, g.U, g.V, mask, side)
+                    removed = removed + self._share(P.removed_energy(delta, mask, side), is_whole)
+            g.corrected = ()  # a shard's sketch after the correction is not its part of the corrected sketch
+            self._count((mask.sum() > 0).float(), removed, None, shard=True)
+
+    @staticmethod
+    def _share(value: Tensor, whole: bool) -> Tensor:
+        """Return this process's share of a metric: all of a per-row part, ``1 / world`` of a value every process
+        holds whole, so that summing the shares over the processes counts it once."""
+        import torch.distributed as dist
+
+        return value / dist.get_world_size() if whole and dist.is_initialized() else value
+
+    def _count(self, fired: Tensor, removed_sq: Tensor, grad_sq: Tensor | None, shard: bool = False) -> None:
+        suffix = "_share" if shard else ""  # shares are summed over the processes when the monitor reports
         self._checked += 1
         self._add("fired", fired)
-        self._add("removed_sq", removed_sq)
+        self._add("removed_sq" + suffix, removed_sq)
         if grad_sq is not None:  # sampled steps: the gradient norm was measured too
-            self._add("sampled_removed_sq", removed_sq)
-            self._add("sampled_grad_sq", grad_sq)
+            self._add("sampled_removed_sq" + suffix, removed_sq)
+            self._add("sampled_grad_sq" + suffix, grad_sq)
 
     def _add(self, metric: str, value: Tensor) -> None:
         key = (metric, value.device)
@@ -276,13 +461,17 @@ class SPFProjector:
 
     def safety_drift(self) -> float:
         """Return the predicted first-order change of the safety loss since SPF started: ``sum <U S V^T, W - W_0>``."""
-        drift = sum(float((g.S * torch.diagonal(self._effective_core(g) - g.start_core)).sum()) for g in self.guards)
+        cores = self._effective_cores()
+        drift = sum(float((g.S * torch.diagonal(c - g.start_core)).sum()) for g, c in zip(self.guards, cores))
         return self.drift_before_refresh + drift
 
     def refresh(self) -> None:
         """Re-estimate the subspace at the current weights from the same samples and rank policy."""
         if self.tokenizer is None:
             raise ValueError("refreshing the safety subspace needs the tokenizer: pass tokenizer= to attach_spf")
+        if self.sharded:
+            raise ValueError("refresh_every is not supported under FSDP2: estimate the subspace once before "
+                             "training (every process from the same samples) and set refresh_every to 0")
         self.drift_before_refresh = self.safety_drift()
         policy = self.subspace.config
         fresh = SafetySubspace.estimate(self.model, self.tokenizer, self.subspace.samples, policy, show_progress=False)
@@ -299,13 +488,17 @@ class SPFProjector:
         each refusal's first tokens), so that it is the loss whose change ``safety_drift`` predicts.
         """
         steps = max(self._steps, 1)
+        totals = {k: self._total(k) for k in ("removed_sq", "sampled_removed_sq", "sampled_grad_sq")}
+        if self.sharded:  # every process's shares, summed in one all-reduce: every process calls metrics()
+            shares = [torch.tensor(self._total(k + "_share")) for k in totals]
+            totals = {k: v + float(x) for (k, v), x in zip(totals.items(), self.collectives.sum(shares))}
         out = {
             f"{METRIC_PREFIX}conflict_rate": self._total("fired") / max(self._checked, 1),
-            f"{METRIC_PREFIX}removed_norm": (self._total("removed_sq") / steps) ** 0.5,
+            f"{METRIC_PREFIX}removed_norm": (totals["removed_sq"] / steps) ** 0.5,
             f"{METRIC_PREFIX}safety_drift": self.safety_drift(),
         }
-        if self.config.project == "grad" and self._total("sampled_grad_sq") > 0:
-            frac = self._total("sampled_removed_sq") / self._total("sampled_grad_sq")
+        if self.config.project == "grad" and totals["sampled_grad_sq"] > 0:
+            frac = totals["sampled_removed_sq"] / totals["sampled_grad_sq"]
             out[f"{METRIC_PREFIX}removed_norm_frac"] = frac ** 0.5
         if measure_loss and self.tokenizer is not None:
             out[f"{METRIC_PREFIX}safety_loss"] = safety_loss(self.model, self.tokenizer, self.subspace.samples,
@@ -331,8 +524,8 @@ class SPFProjector:
             self._use(SafetySubspace.load(folder / "spf_subspace", self.model))
         self.step = state["step"]
         self.drift_before_refresh = state["safety_drift"]
-        for guard in self.guards:  # the drift so far is carried over; measure what follows from here
-            guard.start_core = self._effective_core(guard)
+        for guard, core in zip(self.guards, self._effective_cores()):  # the drift so far is carried over
+            guard.start_core = core
 
     def monitor_due(self) -> bool:
         """Return True when ``monitor_every`` says the metrics should be logged after the current step."""

@@ -78,12 +78,30 @@ def weights_fingerprint(targets: dict[str, Target]) -> str:
     """Return a content fingerprint of the targets' base weights: a hash of each one's name, shape and a strided
     sample of 4096 of its values (fp32). Weights trained or swapped for another checkpoint's differ in it; it costs
     a few reads per matrix, not a pass over the model."""
+    from safeft.distributed import Collectives, local, shard_rows
+
+    samples, sharded = {}, []
+    for name, t in sorted(targets.items()):
+        weight = t.base.weight.detach()
+        step = max(1, weight.numel() // 4096)
+        rows = shard_rows(weight)
+        if rows is None:
+            samples[name] = weight.reshape(-1)[::step][:4096].float().cpu()
+            continue
+        # FSDP2: this process's rows fill in their sampled entries; the sum over the processes is the whole sample
+        index = torch.arange(0, weight.numel(), step)[:4096]
+        n = weight.shape[1]
+        held = (index // n >= rows.start) & (index // n < rows.stop)
+        values = torch.zeros(len(index))
+        values[held] = local(weight).reshape(-1)[(index[held] - rows.start * n).to(local(weight).device)].float().cpu()
+        samples[name] = values
+        sharded.append(name)
+    for name, whole in zip(sharded, Collectives().sum([samples[n] for n in sharded])):
+        samples[name] = whole
     digest = hashlib.sha256()
     for name, t in sorted(targets.items()):
-        flat = t.base.weight.detach().reshape(-1)
-        step = max(1, flat.numel() // 4096)
         digest.update(f"{name}:{tuple(t.shape)}".encode())
-        digest.update(flat[::step][:4096].float().cpu().numpy().tobytes())
+        digest.update(samples[name].numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
