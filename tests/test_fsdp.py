@@ -29,6 +29,8 @@ CONFIGS = [  # (name, LoRA?, SPF options)
     ("full-right-always", False, {"side": "right", "project": "grad", "mode": "always"}),
     *[(f"lora-{side}-{project}", True, {"side": side, "project": project, "mode": "always"})
       for side in ("left", "right", "two_sided") for project in ("grad", "update")],
+    ("lora-two_sided-grad-conflict", True, {"side": "two_sided", "project": "grad", "mode": "conflict"}),
+    ("lora-left-update-directional", True, {"side": "left", "project": "update", "mode": "directional"}),
 ]
 
 
@@ -119,13 +121,16 @@ def _worker(rank, world_size, workdir):
 
 def expected_elements(name: str, lora: bool, options: dict, subspace) -> int:
     """SPF's design: per target, left ``r n``, two_sided ``r^2``, right ``r`` (conflict tests) or 0 (always);
-    LoRA ``4 r k`` (U^T B, A V and the gradients' or updates' sketches)."""
+    LoRA: ``r k`` for B's sketch where the side projects B (always), ``4 r k`` for the conflict tests (U^T B, A V
+    and the gradients' or updates' sketches)."""
     total = 0
     for target, basis in subspace.bases.items():
         m, n = subspace.metadata["model"]["targets"][target]
         r = basis.rank
-        if lora:
+        if lora and options["mode"] != "always":
             total += 4 * r * LORA_R
+        elif lora:
+            total += r * LORA_R if options["side"] != "right" else 0
         elif options["side"] == "left":
             total += r * n
         elif options["side"] == "two_sided":

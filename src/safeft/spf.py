@@ -332,9 +332,12 @@ class SPFProjector:
             grads = tuple(local(x) for x in grads)
             if t.is_lora:
                 sk_B, sk_A = g.U.T @ grads[0].float(), grads[1].float() @ g.V  # (r, k) summed, (k, r) by rows
-                ub, av = g.U.T @ local(t.lora_B).float(), local(t.lora_A).float() @ g.V
-                k = t.lora_A.shape[0]
-                own = [sk_B, ub, _pad_rows(sk_A, g.rows_A, k), _pad_rows(av, g.rows_A, k)]
+                if cfg.mode == "always":  # no conflict test: only B's sketch (left, two_sided) is a sum over rows
+                    own = [sk_B] if P.lora_projected_factors(cfg.side)[0] else []
+                else:  # the test needs diag(U^T (grad_B A + B grad_A) V): the four r x k sketches, whole
+                    ub, av = g.U.T @ local(t.lora_B).float(), local(t.lora_A).float() @ g.V
+                    k = t.lora_A.shape[0]
+                    own = [sk_B, ub, _pad_rows(sk_A, g.rows_A, k), _pad_rows(av, g.rows_A, k)]
             else:
                 sk_A = P.sketch(grads[0], g.U, g.V, cfg.side)  # the rows' sketch (right) or their part of it
                 if cfg.side != "right":
@@ -366,13 +369,17 @@ class SPFProjector:
     def _remove_lora_gradients(self, g: _Guard, grads: tuple[Tensor, Tensor], parts: list[Tensor],
                                sk_A_rows: Tensor) -> tuple[Tensor, Tensor]:
         """Remove the conflicting part of LoRA gradient rows; return ``(fired, this process's removed_sq share)``."""
-        sk_B, ub, sk_A, av = parts
-        if not (torch.isfinite(sk_B).all() and torch.isfinite(sk_A).all()):
+        if self.config.mode == "always":
+            sk_B = parts[0] if parts else None
+            mask = torch.ones_like(g.S)
+        else:
+            sk_B, ub, sk_A, av = parts
+            diag = (sk_B * av.T).sum(dim=1) + (ub * sk_A.T).sum(dim=1)  # diag(U^T (grad_B A + B grad_A) V)
+            mask = P.removal_mask(diag, g.S, self.config.mode)
+        if not ((sk_B is None or torch.isfinite(sk_B).all()) and torch.isfinite(sk_A_rows).all()):
             raise FloatingPointError("non-finite LoRA gradient")
-        diag = (sk_B * av.T).sum(dim=1) + (ub * sk_A.T).sum(dim=1)  # diag(U^T (grad_B A + B grad_A) V)
-        mask = P.removal_mask(diag, g.S, self.config.mode)
         on_B, on_A = P.lora_projected_factors(self.config.side)
-        removed = torch.zeros((), device=diag.device)
+        removed = torch.zeros((), device=mask.device)
         if on_B:
             P.subtract_(grads[0], sk_B, g.U, g.V, mask, "left")
             removed = removed + self._share(P.removed_energy(sk_B, mask, "left"), True)
@@ -391,7 +398,10 @@ class SPFProjector:
             if g.target.is_lora:
                 (ub_old, av_old), (ub_new, av_new) = g.before, after
                 k = g.target.lora_A.shape[0]
-                own = [ub_old, ub_new, _pad_rows(av_old, g.rows_A, k), _pad_rows(av_new, g.rows_A, k)]
+                if cfg.mode == "always":  # B's change's sketch is a sum over rows; A's is per row
+                    own = [ub_new - ub_old] if P.lora_projected_factors(cfg.side)[0] else []
+                else:  # the test needs diag(U^T dW V) from the whole sketches before and after
+                    own = [ub_old, ub_new, _pad_rows(av_old, g.rows_A, k), _pad_rows(av_new, g.rows_A, k)]
                 plans.append((g, len(own), av_new - av_old))
             else:
                 delta = after[0] - g.before[0]  # this process's part of the change's sketch
@@ -405,7 +415,11 @@ class SPFProjector:
         for g, count, held in plans:
             parts = [next(summed) for _ in range(count)]
             t = g.target
-            if t.is_lora:
+            if t.is_lora and cfg.mode == "always":
+                diag = torch.zeros_like(g.S)  # every direction goes: the test is not needed
+                deltas, sides = (parts[0] if parts else None, held), ("left", "right")
+                projected, whole = P.lora_projected_factors(cfg.side), (True, False)
+            elif t.is_lora:
                 ub_old, ub_new, av_old, av_new = parts
                 diag = t.scaling * torch.diagonal(ub_new @ av_new - ub_old @ av_old)
                 deltas, sides = (ub_new - ub_old, held), ("left", "right")
@@ -417,7 +431,7 @@ class SPFProjector:
                     delta = parts[0]
                     diag = P.core_diagonal(delta, g.U, g.V, cfg.side)
                 deltas, sides, projected, whole = (delta,), (cfg.side,), (True,), (cfg.side != "right",)
-            if not all(torch.isfinite(d).all() for d in deltas):
+            if not all(torch.isfinite(d).all() for d in deltas if d is not None):
                 raise FloatingPointError(self._non_finite_message(t.name))
             mask = P.removal_mask(-diag, g.S, cfg.mode)  # a weight change dW acts like a step along -dW
             removed = torch.zeros((), device=diag.device)
