@@ -7,6 +7,7 @@ import datetime
 import json
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -46,7 +47,7 @@ def build(lora: bool):
 
 def train(model, batch, subspace, config, rows, world_size):
     """SPF-train ``model`` on ``rows`` of the global batch (loss scaled so the gradient mean is the global one);
-    return SPF's collectives per step: ``[(calls, elements)]``."""
+    return SPF's collectives per step ``[(calls, elements)]`` and its monitor metrics at the end."""
     global_tokens = int((batch["labels"][:, 1:] != -100).sum())
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     handle = attach_spf(optimizer, model, subspace, config)
@@ -61,7 +62,7 @@ def train(model, batch, subspace, config, rows, world_size):
         optimizer.step()
         optimizer.zero_grad()
         per_step.append((collectives.calls, list(collectives.elements)))
-    return per_step
+    return per_step, handle.projector.metrics(measure_loss=False)
 
 
 def full_state(model) -> dict[str, torch.Tensor]:
@@ -108,7 +109,8 @@ def _worker(rank, world_size, workdir):
             for layer in layers:
                 fully_shard(layer, mesh=mesh)
             fully_shard(model, mesh=mesh)
-            counts[name] = train(model, batch, subspace, SPFConfig(rank=RANK, **options), rows, world_size)
+            counts[name] = train(model, batch, subspace, SPFConfig(rank=RANK, monitor_every=STEPS, **options), rows,
+                                 world_size)
             state = full_state(model)
             if rank == 0:
                 save_file(state, os.path.join(workdir, f"{name}.st"))
@@ -149,14 +151,19 @@ def test_fsdp2_matches_single_process(tmp_path):
     for name, lora, options in CONFIGS:
         single = build(lora)
         start = full_state(single)
-        train(single, global_batch(), subspace, SPFConfig(rank=RANK, **options), slice(None), 1)
+        _, metrics = train(single, global_batch(), subspace, SPFConfig(rank=RANK, monitor_every=STEPS, **options),
+                           slice(None), 1)
         expected = full_state(single)
         got = load_file(str(tmp_path / f"{name}.st"))
         assert set(got) == set(expected), name
         for key, value in expected.items():
             torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
         assert any(not torch.equal(expected[k], start[k]) for k in start), name  # training moved the weights
+        per_step, sharded_metrics = counts[name]
+        assert sharded_metrics.keys() == metrics.keys(), name
+        for key, value in metrics.items():  # the monitor sums the processes' shares: the same numbers
+            assert sharded_metrics[key] == pytest.approx(value, rel=1e-3, abs=1e-6), (name, key)
         size = expected_elements(name, lora, options, subspace)
-        for calls, elements in counts[name]:
+        for calls, elements in per_step:
             assert calls == (1 if size else 0), (name, calls)
             assert elements == ([size] if size else []), (name, elements)
