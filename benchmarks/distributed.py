@@ -102,6 +102,7 @@ def _worker(rank: int, world: int, workdir: str, steps: int, samples: int, spf_r
     from safeft import SafetySubspace, SPFConfig, attach_spf
     from safeft.config import TrainConfig
     from safeft.data import builtin_safety_samples
+    from safeft.distributed import local
     from safeft.models import load_model
     from safeft.spf import freeze_unguarded
     from safeft.train import prepare_model
@@ -111,13 +112,13 @@ def _worker(rank: int, world: int, workdir: str, steps: int, samples: int, spf_r
     dist.init_process_group("gloo", init_method=f"file://{workdir}/rendezvous", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=1800))
     scattered: list[int] = []
-    original = dist.reduce_scatter_tensor
+    original = dist.reduce_scatter_single  # what FSDP2 reduce-scatters the gradients with
 
-    def counting(output, input, *args, **kwargs):
-        scattered.append(input.numel())
-        return original(output, input, *args, **kwargs)
+    def counting(*args, **kwargs):
+        scattered.append((kwargs["input"] if "input" in kwargs else args[1]).numel())
+        return original(*args, **kwargs)
 
-    dist.reduce_scatter_tensor = counting
+    dist.reduce_scatter_single = counting
     try:
         mesh = init_device_mesh("cpu", (world,))
         results = {}
@@ -129,10 +130,14 @@ def _worker(rank: int, world: int, workdir: str, steps: int, samples: int, spf_r
         subspace = SafetySubspace.estimate(base, tokenizer, builtin_safety_samples(samples), SPFConfig(rank=spf_rank),
                                            show_progress=False)
         freeze_unguarded(base, subspace)
+        start = [local(p).detach().clone() for p in base.parameters()]
         torch.manual_seed(0)
         ids = torch.randint(0, base.config.vocab_size, (2, 128))
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
         for side, mode in SIDES:
+            with torch.no_grad():  # every side starts from the weights the subspace was estimated at
+                for p, value in zip(base.parameters(), start):
+                    local(p).copy_(value)
             optimizer = torch.optim.AdamW([p for p in base.parameters() if p.requires_grad], lr=1e-6)
             handle = attach_spf(optimizer, base, subspace, SPFConfig(rank=spf_rank, side=side, mode=mode))
             spf_counts, scatter_counts = [], []
@@ -150,7 +155,7 @@ def _worker(rank: int, world: int, workdir: str, steps: int, samples: int, spf_r
         if rank == 0:
             Path(workdir, "measured.json").write_text(json.dumps({"targets": len(subspace), "results": results}))
     finally:
-        dist.reduce_scatter_tensor = original
+        dist.reduce_scatter_single = original
         dist.destroy_process_group()
 
 
@@ -168,11 +173,11 @@ def markdown(result: dict) -> str:
     m = result["measured"]
     lines = ["# SPF under FSDP2: communication and memory", "", f"Command: `{result['command']}`", "",
              f"## Measured: default model, 2 CPU processes (gloo), rank {result['rank']}, {m['targets']} targets", "",
-             "| side / mode | SPF numbers per step | FSDP2 reduce-scatter numbers per step | ratio (numbers) | "
-             "SPF all-reduces per step |", "|---|---|---|---|---|"]
+             "| side / mode | SPF numbers per step | FSDP2 reduce-scatter numbers per step | bytes on the wire, SPF / "
+             "reduce-scatter | SPF all-reduces per step |", "|---|---|---|---|---|"]
     for key, r in m["results"].items():
         spf, scatter = r["spf_numbers_per_step"][-1], r["reduce_scatter_numbers_per_step"][-1]
-        lines.append(f"| {key} | {spf:,} | {scatter:,} | {spf / scatter:.2e} | {r['spf_calls_last_step']} |")
+        lines.append(f"| {key} | {spf:,} | {scatter:,} | {2 * spf / scatter:.2e} | {r['spf_calls_last_step']} |")
     lines += ["", f"## Computed: every block linear guarded at rank {result['rank']}, full fine-tuning "
               f"(state at {result['world']} processes)", "",
               "| model | side / mode | SPF numbers per step | gradient numbers | bytes on the wire, SPF / "
