@@ -1,9 +1,9 @@
-"""Under DDP (gloo, 2 CPU processes) SPF makes the same update as one process with the same global batch."""
+"""Under DDP (gloo, 2 CPU processes) SPF makes the same update as one process with the same global batch, for every
+side and both project modes."""
 
 import datetime
 import os
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -26,7 +26,7 @@ def train(model, batch, subspace, config, rows, world_size):
     """SPF-train ``model`` on ``rows`` of the global batch; the loss is scaled so DDP's mean gives the global mean."""
     global_tokens = int((batch["labels"][:, 1:] != -100).sum())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    attach_spf(optimizer, model, subspace, config)
+    handle = attach_spf(optimizer, model, subspace, config)
     local = {k: v[rows] for k, v in batch.items()}
     for _ in range(STEPS):
         logits = model(input_ids=local["input_ids"], attention_mask=local["attention_mask"]).logits
@@ -34,42 +34,47 @@ def train(model, batch, subspace, config, rows, world_size):
         (loss_sum * world_size / global_tokens).backward()
         optimizer.step()
         optimizer.zero_grad()
+    return handle.projector.collectives.calls
 
 
-def _worker(rank, world_size, workdir, config_kwargs):
+CONFIGS = {f"{side}-{project}": {"rank": 4, "side": side, "project": project,
+                                  "mode": "conflict" if project == "grad" else "directional"}
+           for side in ("left", "right", "two_sided") for project in ("grad", "update")}
+
+
+def _worker(rank, world_size, workdir):
     torch.set_num_threads(1)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback: no hostname lookup that can stall the rendezvous
     dist.init_process_group("gloo", init_method=f"file://{workdir}/rendezvous", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=120))  # a stuck peer fails the test, not the CI run
     try:
-        model = tiny_llama(seed=0)
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        subspace = SafetySubspace.load(os.path.join(workdir, "subspace"), model=model)
-        batch = global_batch()
-        per_rank = batch["input_ids"].shape[0] // world_size
-        rows = slice(rank * per_rank, (rank + 1) * per_rank)
-        train(ddp, batch, subspace, SPFConfig(**config_kwargs), rows, world_size)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(workdir, f"rank{rank}.st"))
+        for name, config_kwargs in CONFIGS.items():
+            model = tiny_llama(seed=0)
+            ddp = torch.nn.parallel.DistributedDataParallel(model)
+            subspace = SafetySubspace.load(os.path.join(workdir, "subspace"), model=model)
+            batch = global_batch()
+            per_rank = batch["input_ids"].shape[0] // world_size
+            rows = slice(rank * per_rank, (rank + 1) * per_rank)
+            calls = train(ddp, batch, subspace, SPFConfig(**config_kwargs), rows, world_size)
+            assert calls == 0  # DDP all-reduced the gradients already: SPF needs no collective of its own
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                      os.path.join(workdir, f"{name}-rank{rank}.st"))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("config_kwargs", [
-    {"rank": 4, "mode": "conflict", "project": "grad"},
-    {"rank": 4, "mode": "directional", "project": "update", "side": "two_sided"},
-], ids=["grad-conflict", "update-directional"])
-def test_ddp_matches_single_process(tmp_path, config_kwargs):
+def test_ddp_matches_single_process_for_every_side_and_project_mode(tmp_path):
     subspace = SafetySubspace.estimate(tiny_llama(seed=0), byte_tokenizer(), SAFETY_PAIRS[:1], SPFConfig(rank=4),
                                        show_progress=False)
     subspace.save(tmp_path / "subspace")
-    mp.spawn(_worker, args=(2, str(tmp_path), config_kwargs), nprocs=2, join=True)
-
-    single = tiny_llama(seed=0)
-    start = {k: v.clone() for k, v in single.state_dict().items()}
-    train(single, global_batch(), subspace, SPFConfig(**config_kwargs), slice(None), 1)
-    expected = single.state_dict()
-    for rank in range(2):
-        got = load_file(str(tmp_path / f"rank{rank}.st"))
-        for name, value in expected.items():
-            torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5, msg=f"rank {rank}: {name}")
-    assert any(not torch.equal(expected[k], start[k]) for k in start)  # training did move the weights
+    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    for name, config_kwargs in CONFIGS.items():
+        single = tiny_llama(seed=0)
+        start = {k: v.clone() for k, v in single.state_dict().items()}
+        train(single, global_batch(), subspace, SPFConfig(**config_kwargs), slice(None), 1)
+        expected = single.state_dict()
+        for rank in range(2):
+            got = load_file(str(tmp_path / f"{name}-rank{rank}.st"))
+            for key, value in expected.items():
+                torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-5, msg=f"{name}, rank {rank}: {key}")
+        assert any(not torch.equal(expected[k], start[k]) for k in start), name  # training did move the weights
