@@ -239,3 +239,23 @@ def test_hub_style_save_load_card_and_push(model, tokenizer, safety_pairs, tmp_p
     subspace.push_to_hub("me/smollm-safety-subspace")
     assert uploaded["me/smollm-safety-subspace"] == ["README.md", "config.json", "subspace.json",
                                                     "subspace.safetensors"]
+
+
+def test_an_onset_estimate_ignores_the_tokens_after_the_onset(tokenizer):
+    """The cut after the last labelled token is exact: the same gradient factors as the whole sequences give."""
+    from safeft.chat import encode_chat, first_response_tokens, through_last_label
+    from safeft.subspace import gradient_factors
+    from safeft.targets import find_targets
+
+    model = tiny_llama(seed=0)
+    from safeft.testing import SAFETY_PAIRS
+
+    whole = [first_response_tokens(encode_chat(tokenizer, p, r), 4) for p, r in SAFETY_PAIRS]
+    cut = [through_last_label(e) for e in whole]
+    assert all(len(c.input_ids) < len(w.input_ids) and c.labels == w.labels[:len(c.labels)]
+               for c, w in zip(cut, whole))
+    targets = find_targets(model)
+    full, short = (gradient_factors(model, targets, encoded, tokenizer, width=64) for encoded in (whole, cut))
+    for name in targets:
+        torch.testing.assert_close(full[name].left @ full[name].right.T, short[name].left @ short[name].right.T,
+                                   rtol=1e-4, atol=1e-6)

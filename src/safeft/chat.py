@@ -78,6 +78,13 @@ def truncate(example: EncodedChat, max_length: int) -> EncodedChat:
     return EncodedChat(example.input_ids[:max_length], example.labels[:max_length])
 
 
+def through_last_label(example: EncodedChat) -> EncodedChat:
+    """Return ``example`` cut after its last labelled token: a causal model's loss on the labelled tokens does not
+    depend on what follows them, so the cut changes no logit that counts and saves computing the rest."""
+    last = max((i for i, label in enumerate(example.labels) if label != IGNORE_INDEX), default=len(example.labels) - 1)
+    return EncodedChat(example.input_ids[:last + 1], example.labels[:last + 1])
+
+
 def first_response_tokens(example: EncodedChat, count: int) -> EncodedChat:
     """Return ``example`` with labels kept on only its first ``count`` labelled tokens (the response's onset)."""
     labels, kept = [], 0

@@ -21,7 +21,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from safeft.chat import EncodedChat, collate, encode_chat, first_response_tokens, response_token_loss_sum
+from safeft.chat import (
+    EncodedChat,
+    collate,
+    encode_chat,
+    first_response_tokens,
+    response_token_loss_sum,
+    through_last_label,
+)
 from safeft.config import SPFConfig
 from safeft.lowrank import LowRankSum, energy_rank
 from safeft.progress import progress
@@ -167,9 +174,10 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def encode_response(tokenizer, prompt: str, response: str, onset_tokens: int | None = None) -> EncodedChat:
-    """Return the templated exchange with labels on the response, or on only its first ``onset_tokens`` tokens."""
+    """Return the templated exchange with labels on the response, or on only its first ``onset_tokens`` tokens
+    (and then cut after them: the tokens that follow change no loss that counts)."""
     chat = encode_chat(tokenizer, prompt, response)
-    return first_response_tokens(chat, onset_tokens) if onset_tokens else chat
+    return through_last_label(first_response_tokens(chat, onset_tokens)) if onset_tokens else chat
 
 
 def safety_loss(model: nn.Module, tokenizer, samples: Sequence[SafetySample], batch_size: int = 8, *,
