@@ -47,10 +47,10 @@ class GCGConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "suffix_length", "top_k", "candidates", "candidate_batch", "check_every",
-                     "check_tokens"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"GCG {name} must be positive, got {getattr(self, name)}")
+        from safeft.config import check_positive
+
+        check_positive(self, "steps", "suffix_length", "top_k", "candidates", "candidate_batch", "check_every",
+                       "check_tokens")
 
 
 @dataclass

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from safeft.methods.base import Method, RunContext
+from safeft.methods.base import RunContext
+from safeft.methods.common import PostHocMethod
 
 
 @dataclass
@@ -80,7 +81,7 @@ class InputNorms:
             h.remove()
 
 
-class Antidote(Method):
+class Antidote(PostHocMethod):
     """After training, prune the update's weights that score highest (Wanda) on harmful data, row by row.
 
     ``out/antidote.json`` gives the number of entries pruned per matrix."""
@@ -89,13 +90,6 @@ class Antidote(Method):
 
     def __init__(self, config=None, name: str | None = None):
         super().__init__(config, name or "antidote")
-        self.aligned: dict[str, Tensor] = {}
-
-    def before_training(self, model, tokenizer, run: RunContext) -> None:
-        from safeft.targets import find_targets
-
-        self.aligned = {name: t.base.weight.detach().clone() for name, t in find_targets(model).items()
-                        if not t.is_lora and t.base.weight.requires_grad}
 
     def pruned_matrices(self, model) -> dict[str, tuple[nn.Linear, Tensor | None]]:
         """Return ``name -> (linear module, aligned weight or None)``: the adapter's factors under LoRA (pruned

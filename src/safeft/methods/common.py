@@ -14,7 +14,7 @@ from torch import nn
 
 from safeft.chat import EncodedChat, collate, encode_messages
 from safeft.data.examples import ChatExample
-from safeft.methods.base import RunContext
+from safeft.methods.base import Method, RunContext
 
 
 def refusal_examples(run: RunContext, safety_data: str | None = None, count: int | None = None
@@ -118,6 +118,22 @@ def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor
 def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """Return ``(name, parameter)`` for every parameter that trains."""
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+class PostHocMethod(Method):
+    """A method that acts on the fine-tuning update after training: it keeps the aligned weights of the trained
+    block matrices (``self.aligned``, by target name) before training, since full fine-tuning overwrites them
+    (LoRA keeps them in its base layers, so nothing is copied for LoRA targets)."""
+
+    def __init__(self, config=None, name: str | None = None):
+        super().__init__(config, name)
+        self.aligned: dict[str, torch.Tensor] = {}
+
+    def before_training(self, model, tokenizer, run: RunContext) -> None:
+        from safeft.targets import find_targets
+
+        self.aligned = {name: t.base.weight.detach().clone() for name, t in find_targets(model).items()
+                        if not t.is_lora and t.base.weight.requires_grad}
 
 
 def load_base_linears(base_model: str, names: Sequence[str]) -> dict[str, torch.Tensor]:

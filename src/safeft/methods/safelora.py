@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from safeft.methods.base import Method, RunContext
+from safeft.methods.base import RunContext
+from safeft.methods.common import PostHocMethod
 
 
 @dataclass
@@ -55,7 +56,7 @@ def similarity(update: Tensor, projected: Tensor) -> float:
     return float(a @ b / (a.norm() * b.norm()))
 
 
-class SafeLoRA(Method):
+class SafeLoRA(PostHocMethod):
     """After training, project the updates of the layers least similar to the alignment direction onto it.
 
     A layer is projected when the cosine of its update and the update's projection is below ``threshold``;
@@ -65,14 +66,6 @@ class SafeLoRA(Method):
 
     def __init__(self, config=None, name: str | None = None):
         super().__init__(config, name or "safelora")
-        self.aligned: dict[str, Tensor] = {}
-
-    def before_training(self, model, tokenizer, run: RunContext) -> None:
-        from safeft.targets import find_targets
-
-        # full fine-tuning changes the weights in place: keep the aligned ones (LoRA keeps them in its base layer)
-        self.aligned = {name: t.base.weight.detach().clone() for name, t in find_targets(model).items()
-                        if not t.is_lora and t.base.weight.requires_grad}
 
     def after_training(self, model, tokenizer, run: RunContext):
         from safeft.distributed import is_main_process
