@@ -49,3 +49,12 @@ def test_evaluate_model_shapes(model, tokenizer, safety_pairs):
     total = sum(result[k]["k"] for k in ("harmful_score", "refusal_rate", "off_task_rate"))
     assert total == 2
     assert result["safety_loss"] > 0 and result["task_loss"] > 0
+
+
+def test_tradeoff_plot_takes_rates_at_the_ends_of_the_scale(tmp_path):
+    from safeft.evaluate.stats import rate
+    from safeft.report import plot_tradeoff
+
+    edge = {"accuracy": rate(0, 300), "harmful_score": rate(80, 80)}
+    edge["accuracy"]["ci"][0] = 1e-13  # a lower bound rounding just above the rate
+    assert plot_tradeoff([{"metrics": edge}], [], tmp_path / "p.png").stat().st_size > 0

@@ -111,8 +111,10 @@ def plot_tradeoff(aligned: list[dict], rows: list[dict], path: str | Path) -> Pa
         colour = "black" if setting == "-" else colours.setdefault(setting, f"C{len(colours)}")
         marker = markers.setdefault(label, marker_cycle[len(markers) % len(marker_cycle)])
         x, y = m["accuracy"]["rate"], m["harmful_score"]["rate"]
-        ax.errorbar(x, y, xerr=[[x - m["accuracy"]["ci"][0]], [m["accuracy"]["ci"][1] - x]],
-                    yerr=[[y - m["harmful_score"]["ci"][0]], [m["harmful_score"]["ci"][1] - y]],
+        (x_lo, x_hi), (y_lo, y_hi) = m["accuracy"]["ci"], m["harmful_score"]["ci"]
+        # a Wilson bound at a rate of 0 or 100 can miss the rate by rounding: never a negative bar
+        ax.errorbar(x, y, xerr=[[max(0.0, x - x_lo)], [max(0.0, x_hi - x)]],
+                    yerr=[[max(0.0, y - y_lo)], [max(0.0, y_hi - y)]],
                     fmt=marker, color=colour, capsize=3, markersize=8,
                     label=label if setting == "-" else f"{label}, {setting}")
     ax.set_xlabel("task accuracy (%)")
