@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from safeft.config import check_positive
 from safeft.methods.base import RunContext
 from safeft.methods.common import PostHocMethod
 
@@ -39,8 +40,7 @@ class AntidoteOptions:
     def __post_init__(self) -> None:
         if not 0.0 < self.prune_ratio < 1.0:
             raise ValueError(f"prune_ratio must be in (0, 1), got {self.prune_ratio}")
-        if self.harmful_samples <= 0:
-            raise ValueError(f"harmful_samples must be positive, got {self.harmful_samples}")
+        check_positive(self, "harmful_samples")
 
 
 def wanda_scores(weight: Tensor, input_sq_norms: Tensor) -> Tensor:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from safeft.config import check_positive
 from safeft.methods.base import Method, RunContext
 
 
@@ -35,9 +36,9 @@ class BoosterOptions:
     harmful_data: str | None = None
 
     def __post_init__(self) -> None:
-        if self.harmful_weight < 0 or self.harmful_step <= 0 or self.harmful_batch_size <= 0:
-            raise ValueError("harmful_weight must be >= 0, harmful_step and harmful_batch_size > 0; got "
-                             f"{self.harmful_weight}, {self.harmful_step}, {self.harmful_batch_size}")
+        check_positive(self, "harmful_step", "harmful_batch_size")
+        if self.harmful_weight < 0:
+            raise ValueError(f"harmful_weight must be >= 0, got {self.harmful_weight}")
 
 
 class BoosterLoss:

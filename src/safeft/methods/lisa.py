@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from transformers import TrainerCallback
 
+from safeft.config import check_positive
 from safeft.methods.base import Method, RunContext
 
 PROXIMAL_OFF_SHARE = 0.1  # the authors' code leaves the proximal term out for the first 10% of the steps
@@ -46,8 +47,7 @@ class LisaOptions:
                              f"{self.task_steps}")
         if self.rho < 0:
             raise ValueError(f"rho must be >= 0, got {self.rho}")
-        if self.safety_batch_size <= 0:
-            raise ValueError(f"safety_batch_size must be positive, got {self.safety_batch_size}")
+        check_positive(self, "safety_batch_size")
 
 
 def in_alignment(step: int, alignment_steps: int, task_steps: int) -> bool:

@@ -22,6 +22,7 @@ import torch
 from transformers import TrainerCallback
 
 from safeft.chat import IGNORE_INDEX
+from safeft.config import check_positive
 from safeft.data import DEFAULT_SAFETY_SAMPLES
 from safeft.methods.base import Method, RunContext
 
@@ -41,9 +42,7 @@ class SafeGradOptions:
     kl_weight: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.safety_samples <= 0 or self.safety_batch_size <= 0:
-            raise ValueError("safety_samples and safety_batch_size must be positive, got "
-                             f"{self.safety_samples} and {self.safety_batch_size}")
+        check_positive(self, "safety_samples", "safety_batch_size")
         if self.kl_weight < 0:
             raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
 

@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from safeft.config import AlignConfig, Setting, TrainConfig
+from safeft.config import AlignConfig, Setting, TrainConfig, check_positive
 from safeft.evaluate.stats import rate
 
 RUN_FORMAT = "safeft.bench-run/1"
@@ -71,8 +71,7 @@ class BenchConfig:
     jailbreak_requests: int = 20
 
     def __post_init__(self) -> None:
-        if self.jailbreak_requests <= 0:
-            raise ValueError(f"jailbreak_requests must be positive, got {self.jailbreak_requests}")
+        check_positive(self, "jailbreak_requests")
         if not self.methods or not self.settings or not self.seeds:
             raise ValueError("a bench needs at least one method, one setting and one seed")
         if self.train.lora_r or self.train.seed:
