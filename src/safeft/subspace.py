@@ -141,7 +141,8 @@ def _as_samples(samples: Sequence[SafetySample | tuple[str, str] | dict]) -> lis
     return out
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id(tokenizer) -> int:
+    """Return the tokenizer's padding id (its EOS id where it has no pad token)."""
     for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if token_id is not None:
             return token_id
@@ -150,7 +151,7 @@ def _pad_id(tokenizer) -> int:
 
 def _batches(encoded: list[EncodedChat], batch_size: int, tokenizer):
     for start in range(0, len(encoded), batch_size):
-        yield collate(encoded[start:start + batch_size], _pad_id(tokenizer))
+        yield collate(encoded[start:start + batch_size], pad_id(tokenizer))
 
 
 @contextmanager
@@ -169,7 +170,8 @@ def _eval_without_param_grads(model: nn.Module):
         model.train(was_training)
 
 
-def _device(model: nn.Module) -> torch.device:
+def device_of(model: nn.Module) -> torch.device:
+    """Return the device of the model's first parameter."""
     return next(model.parameters()).device
 
 
@@ -190,8 +192,8 @@ def safety_loss(model: nn.Module, tokenizer, samples: Sequence[SafetySample], ba
     total, count = 0.0, 0
     with _eval_without_param_grads(model), torch.no_grad():
         for batch in _batches(encoded, batch_size, tokenizer):
-            logits = model(input_ids=batch["input_ids"].to(_device(model)),
-                           attention_mask=batch["attention_mask"].to(_device(model))).logits
+            logits = model(input_ids=batch["input_ids"].to(device_of(model)),
+                           attention_mask=batch["attention_mask"].to(device_of(model))).logits
             loss, n = response_token_loss_sum(logits, batch["labels"])
             total, count = total + float(loss), count + n
     return total / max(count, 1)
@@ -237,8 +239,8 @@ def gradient_factors(model: nn.Module, targets: dict[str, Target], encoded: list
         with _eval_without_param_grads(model), torch.enable_grad():  # may run inside optimizer.step() (refresh)
             for batch in progress(list(_batches(encoded, batch_size, tokenizer)), desc="gradient",
                                   show=show_progress):
-                logits = model(input_ids=batch["input_ids"].to(_device(model)),
-                               attention_mask=batch["attention_mask"].to(_device(model))).logits
+                logits = model(input_ids=batch["input_ids"].to(device_of(model)),
+                               attention_mask=batch["attention_mask"].to(device_of(model))).logits
                 loss, _ = response_token_loss_sum(logits, batch["labels"])
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"safety loss is {float(loss.detach())}: the model produces NaN/inf on "

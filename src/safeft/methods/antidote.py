@@ -106,8 +106,9 @@ class Antidote(PostHocMethod):
 
     def after_training(self, model, tokenizer, run: RunContext):
         from safeft.distributed import is_main_process
-        from safeft.methods.common import device_of, encode_all, harmful_examples, pad_id
+        from safeft.methods.common import encode_all, harmful_examples
         from safeft.recipes.outputs import write_json
+        from safeft.subspace import device_of, pad_id
 
         matrices = self.pruned_matrices(model)
         if not matrices:

@@ -100,24 +100,9 @@ class BatchStream:
         return self.collate(self.next_indices(), device)
 
 
-def pad_id(tokenizer) -> int:
-    """Return the tokenizer's padding id (its EOS id where it has no pad token)."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def device_of(model: nn.Module) -> torch.device:
-    """Return the device of the model's first parameter."""
-    return next(model.parameters()).device
-
-
 def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Return the mean next-token cross-entropy over the labelled (response) tokens of ``batch`` (a scalar)."""
     return model(**batch).loss
-
-
-def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """Return ``(name, parameter)`` for every parameter that trains."""
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
 class PostHocMethod(Method):

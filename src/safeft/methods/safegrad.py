@@ -90,7 +90,7 @@ class SafeGradCallback(TrainerCallback):
         return loss
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        from safeft.methods.common import device_of
+        from safeft.subspace import device_of
 
         params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
         if not params:
@@ -121,7 +121,8 @@ class SafeGrad(Method):
     Config = SafeGradOptions
 
     def callbacks(self, model, tokenizer, run: RunContext) -> list:
-        from safeft.methods.common import BatchStream, device_of, encode_all, pad_id, refusal_examples
+        from safeft.methods.common import BatchStream, encode_all, refusal_examples
+        from safeft.subspace import device_of, pad_id
 
         examples = refusal_examples(run, self.config.safety_data, None if self.config.safety_data
                                     else self.config.safety_samples)
