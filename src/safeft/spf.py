@@ -44,6 +44,7 @@ from safeft.config import SPFConfig
 from safeft.distributed import Collectives, local, shard_rows
 from safeft.subspace import Basis, SafetySubspace, safety_loss
 from safeft.targets import Target
+from safeft.train import add_to_log
 
 METRIC_PREFIX = "spf/"
 STATE_FILE = "spf_state.json"  # SPF's part of a Trainer checkpoint
@@ -652,7 +653,5 @@ class SPFCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self._pending and logs is not None:
-            logs.update(self._pending)
-            if state.log_history:
-                state.log_history[-1].update(self._pending)
+            add_to_log(state, logs, self._pending)
             self._pending = {}

@@ -98,6 +98,15 @@ class FiniteCheck(TrainerCallback):
                     f"(it is {args.learning_rate:g}), or train in float32/bfloat16 instead of float16.")
 
 
+def add_to_log(state, logs: dict | None, metrics: dict) -> None:
+    """Add ``metrics`` to a Trainer log entry (``on_log``'s ``logs``, which reporters read) and to the kept history."""
+    if logs is None:
+        return
+    logs.update(metrics)
+    if state.log_history:
+        state.log_history[-1].update(metrics)
+
+
 def first_non_finite(model) -> str | None:
     """Return the name of the first parameter of ``model`` that holds NaN or inf, or None if all are finite."""
     return next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)

@@ -137,12 +137,3 @@ def load_base_linears(base_model: str, names: Sequence[str]) -> dict[str, torch.
         raise ValueError(f"the base model {base_model} has no layer {missing[0]}: it is not the model this one was "
                          "aligned from; pass the unaligned model of the same architecture (base_model)")
     return {n: modules[n].weight.detach().clone() for n in names}
-
-
-def add_to_log(state, logs: dict | None, metrics: dict) -> None:
-    """Add ``metrics`` to a Trainer log entry (``on_log``'s ``logs``, which reporters read) and to the kept history."""
-    if logs is None:
-        return
-    logs.update(metrics)
-    if state.log_history:
-        state.log_history[-1].update(metrics)

@@ -93,7 +93,7 @@ class LisaState(TrainerCallback):
         return loss
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        from safeft.methods.common import add_to_log
+        from safeft.train import add_to_log
 
         if self.states:
             add_to_log(state, logs, {"lisa/alignment_share": self.states.count("alignment") / len(self.states)})

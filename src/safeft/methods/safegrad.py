@@ -108,7 +108,7 @@ class SafeGradCallback(TrainerCallback):
             p.grad.copy_(g)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        from safeft.methods.common import add_to_log
+        from safeft.train import add_to_log
 
         if self.cosines:
             add_to_log(state, logs, {"safegrad/cosine": self.cosines[-1],
