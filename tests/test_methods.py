@@ -39,10 +39,11 @@ def test_every_registered_method_trains_through_the_runner(name, tiny_dir, base_
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed and all(".layers." in k for k in changed)  # the blocks trained, embeddings and head did not
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["method"] == name and config["method_options"] == method.options()
+    assert config["method"] == name and config["method_options"] == method.options(TrainConfig(steps=2, batch_size=4))
     assert config["examples"] == (18 if name == "mix" else 16)  # mix adds round(0.1 * 16) = 2 refusal pairs
     if isinstance(method, SPF):
         assert not any("norm" in k for k in changed)  # what SPF cannot project stays frozen
+        assert config["method_options"]["side"] == ("left" if name == "spf-paper" else "right")  # in force, not None
         saved = SafetySubspace.load(tmp_path / "subspace").metadata
         assert ("random_bases" in saved) == (name == "spf-random")
 
@@ -154,3 +155,10 @@ def test_a_method_with_its_own_alignment_stage_gets_its_own_aligned_model(tiny_d
         assert ensure_aligned(str(tiny_dir), config, tmp_path, method)[2]  # cached by its key
     finally:
         del REGISTRY["counting"]
+
+
+def test_spf_records_the_side_in_force_for_the_training():
+    spf = build_method("spf")
+    assert spf.options(TrainConfig())["side"] == "right"
+    assert spf.options(TrainConfig(lora_r=8))["side"] == "two_sided"
+    assert build_method("spf", {"side": "left"}).options(TrainConfig(lora_r=8))["side"] == "left"  # a set side is kept

@@ -91,11 +91,33 @@ def test_one_sided_rule_refuses_an_adapter_it_cannot_enforce_without_changing_th
     attach_spf(torch.optim.SGD(params, lr=0.1), model, subspace, SPFConfig(rank=8, side="two_sided"))
 
 
-def test_refresh_under_lora_needs_the_two_sided_rule(tokenizer, subspace):
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_refresh_under_lora_needs_the_two_sided_rule(tokenizer, subspace, side):
     model = lora_model()
     params = [p for p in model.parameters() if p.requires_grad]
     with pytest.raises(ValueError, match="refresh_every under LoRA needs side='two_sided'"):
-        attach_spf(torch.optim.SGD(params, lr=0.1), model, subspace, SPFConfig(rank=8, refresh_every=2), tokenizer)
+        attach_spf(torch.optim.SGD(params, lr=0.1), model, subspace, SPFConfig(rank=8, side=side, refresh_every=2),
+                   tokenizer)
+
+
+def test_the_default_side_is_two_sided_under_lora_and_right_for_full_fine_tuning(tokenizer, benign_batch, subspace):
+    """No side given: LoRA keeps the core ``U^T dW V`` at zero (and the right side visibly moves, so the default is
+    not `right`); full fine-tuning keeps ``dW V`` at zero."""
+    model = lora_model()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    handle = attach_spf(optimizer, model, subspace, SPFConfig(rank=8))
+    assert handle.projector.config.side == "two_sided"
+    train_steps(model, optimizer, benign_batch, 4)
+    residual = side_residuals(subspace, model.merge_and_unload())
+    assert residual["two_sided"] < 1e-5 and residual["right"] > 1e-2
+
+    full = tiny_llama(seed=0)
+    optimizer = torch.optim.AdamW(full.parameters(), lr=1e-3)
+    handle = attach_spf(optimizer, full, subspace, SPFConfig(rank=8))
+    assert handle.projector.config.side == "right"
+    train_steps(full, optimizer, benign_batch, 2)
+    residual = side_residuals(subspace, full)
+    assert residual["right"] < 1e-5 and residual["left"] > 1e-2
 
 
 def test_peft_variants_spf_cannot_guard_are_refused_by_name():

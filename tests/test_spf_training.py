@@ -148,7 +148,7 @@ def test_default_config_keeps_refusal_loss_where_sft_erodes_it(tokenizer, safety
     from safeft.subspace import safety_loss
 
     defaults = SPFConfig()
-    assert (defaults.side, defaults.mode, defaults.project) == ("right", "always", "update")
+    assert (defaults.side_for(lora=False), defaults.mode, defaults.project) == ("right", "always", "update")
     config = dataclasses.replace(defaults, rank=16)  # the tiny model's matrices are 16..64 wide
     if onset is None:
         config = dataclasses.replace(config, onset_tokens=None)

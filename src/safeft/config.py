@@ -26,7 +26,8 @@ class SPFConfig:
     The defaults are the variant measured best on the testbed (README, benchmarks/results/spf_ablation*): remove
     every update's action on the top-64 input directions of the refusal-onset gradient (the first 4 tokens of each
     refusal; ``side="right"``, ``mode="always"``, ``onset_tokens=4``), applied to the weight change the optimizer
-    made (``project="update"``). The paper's reading is
+    made (``project="update"``); under LoRA the default side is ``"two_sided"`` (benchmarks/results/lora_sides).
+    The paper's reading is
     ``SPFConfig(rank=8, side="left", mode="conflict", project="grad", onset_tokens=None)``.
 
     Args:
@@ -39,7 +40,8 @@ class SPFConfig:
         side: ``"left"`` (keep the weight change out of U: ``U^T dW = 0``), ``"right"`` (out of V: ``dW V = 0``) or
             ``"two_sided"`` (only the core ``U^T dW V = 0``). Under LoRA the side picks the factor kept orthogonal:
             right = the rows of lora_A to V (its initial value is projected), left = the columns of lora_B to U,
-            two_sided = both factors' changes.
+            two_sided = both factors' changes. ``None`` (default): the side measured best for the kind of training,
+            ``"right"`` for full fine-tuning and ``"two_sided"`` under LoRA (:meth:`side_for`; README, "LoRA").
         mode: ``"conflict"`` (remove only when the step raises the safety loss), ``"always"`` or ``"directional"``.
         project: ``"grad"`` projects the gradient before the optimizer step; ``"update"`` projects the weight change
             the optimizer made, so the guarantee holds for Adam and any other optimizer.
@@ -54,7 +56,7 @@ class SPFConfig:
     energy: float | None = None
     max_rank: int = 64
     target_modules: list[str] | None = None
-    side: str = "right"
+    side: str | None = None
     mode: str = "always"
     project: str = "update"
     refresh_every: int = 0
@@ -72,7 +74,8 @@ class SPFConfig:
         if self.energy is not None and not 0.0 < self.energy <= 1.0:
             raise ValueError(f"SPFConfig.energy must be in (0, 1], got {self.energy}")
         check_positive(self, "max_rank", "estimate_batch_size")
-        check_choice(self, "side", SIDES)
+        if self.side is not None:
+            check_choice(self, "side", SIDES)
         check_choice(self, "mode", MODES)
         check_choice(self, "project", PROJECT_ON)
         for name in ("refresh_every", "monitor_every"):
@@ -83,6 +86,14 @@ class SPFConfig:
                              f"{self.onset_tokens}")
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
+
+    def side_for(self, lora: bool) -> str:
+        """Return the side SPF projects on: ``side`` if set, else ``"two_sided"`` under LoRA and ``"right"`` for full
+        fine-tuning (on the testbed two_sided kept the harmful score at the aligned model's under LoRA with the
+        smallest utility cost; right did so under full fine-tuning, where two_sided did not protect)."""
+        if self.side is not None:
+            return self.side
+        return "two_sided" if lora else "right"
 
     def rank_policy(self) -> dict[str, Any]:
         """Return the estimation settings that decide the subspace, as stored in a saved subspace's metadata."""

@@ -32,7 +32,7 @@ import json
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -117,13 +117,16 @@ class SPFProjector:
     Args:
         model: the model being trained (plain, peft LoRA or DDP-wrapped).
         subspace: its safety subspace; checked against the model's targets and shapes.
-        config: side, mode, project, refresh and monitor settings; defaults to ``SPFConfig()``.
+        config: side, mode, project, refresh and monitor settings; defaults to ``SPFConfig()``. ``self.config`` is
+            a copy with the side in force (``config.side_for(lora)`` when the side is left to the default).
         tokenizer: needed only to refresh the subspace or measure the safety loss on its samples.
     """
 
     def __init__(self, model: nn.Module, subspace: SafetySubspace, config: SPFConfig | None = None, tokenizer=None):
         self.model = _unwrap(model)
-        self.config = config or SPFConfig()
+        config = config or SPFConfig()
+        lora = any(t.is_lora for t in subspace.check_model(self.model, warn_other_weights=True).values())
+        self.config = replace(config, side=config.side_for(lora))  # the side in force, never None
         self.tokenizer = tokenizer
         self.step = 0
         self.drift_before_refresh = 0.0
@@ -131,9 +134,7 @@ class SPFProjector:
         self._before_seconds = 0.0
         self.collectives = Collectives()  # SPF's own all-reduces under FSDP2, counted
         self._reset_counters()
-        subspace.check_model(self.model, warn_other_weights=True)
         self._use(subspace)
-        lora = any(g.target.is_lora for g in self.guards)
         if self.config.refresh_every and self.config.side != "two_sided" and lora:
             raise ValueError(f"refresh_every under LoRA needs side='two_sided': side={self.config.side!r} keeps one "
                              "LoRA factor orthogonal to the basis, and a new basis would break that without changing "

@@ -418,7 +418,7 @@ part that acts on these directions.
 | base model | `{meta['model'].get('name_or_path')}` (weights fingerprint `{meta['model'].get('fingerprint')}`) |
 | targets | {len(ranks)} matrices, rank {rank_range}, {self.numel():,} numbers |
 | rank policy | {json.dumps(meta['rank_policy'])} |
-| made for | side `{config.side}`, mode `{config.mode}`, project `{config.project}` |
+| made for | side `{config.side or 'right (two_sided under LoRA)'}`, mode `{config.mode}`, project `{config.project}` |
 | safety samples | {meta.get('num_samples')} (sha256 `{meta.get('samples_sha256')}`) |
 
 First samples:

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from safeft.config import TrainConfig
 from safeft.data.examples import ChatExample
 
 
@@ -71,8 +72,9 @@ class Method:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, {self.config!r})"
 
-    def options(self) -> dict:
-        """Return the method's options as a plain dict (for JSON)."""
+    def options(self, train: TrainConfig) -> dict:
+        """Return the method's options as a plain dict (for JSON), as they apply to training with ``train`` (an
+        option left to a default that depends on the training, like SPF's side, is given its value)."""
         return asdict(self.config)
 
     # --- the alignment stage ----------------------------------------------------------------------------------

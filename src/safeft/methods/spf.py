@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from safeft.config import SPFConfig
+from safeft.config import SPFConfig, TrainConfig
 from safeft.data import DEFAULT_SAFETY_SAMPLES
 from safeft.distributed import is_main_process
 from safeft.methods.base import Method, RunContext
@@ -73,6 +73,11 @@ class SPF(Method):
         super().__init__(config, name or "spf")
         self.subspace = None
 
+    def options(self, train: TrainConfig) -> dict:
+        """Return the options with the side in force for ``train`` (``right``, or ``two_sided`` under LoRA, when the
+        side is left to the default), so a run records the rule that guarded it."""
+        return {**super().options(train), "side": self.config.side_for(lora=train.lora_r > 0)}
+
     def safety_samples(self, run: RunContext) -> list:
         """Return the samples to estimate from: the file's, or built-in ones outside the fine-tuning data."""
         from safeft.data import builtin_safety_samples, load_safety_samples
@@ -117,7 +122,7 @@ class SPF(Method):
     def callbacks(self, model, tokenizer, run: RunContext) -> list:
         from safeft.spf import SPFCallback
 
-        return [SPFCallback(self.subspace, self.config, tokenizer)]
+        return [SPFCallback(self.subspace, self.config, tokenizer)]  # the callback resolves a default side
 
 
 class SPFRandom(SPF):

@@ -152,8 +152,10 @@ def bench(config: BenchConfig, *, command: str | None = None) -> dict:
 
 def run_identity(config: BenchConfig, setting: Setting, seed: int, method) -> dict:
     """Return what decides a run's numbers, as recorded in its run file (a finished run is reused only if equal)."""
-    train = {k: v for k, v in config.run_train_config(setting, seed).to_dict().items() if k != "save_every"}
-    identity = {"setting": asdict(setting), "method": method.name, "method_options": method.options(), "seed": seed,
+    train_config = config.run_train_config(setting, seed)
+    train = {k: v for k, v in train_config.to_dict().items() if k != "save_every"}
+    identity = {"setting": asdict(setting), "method": method.name, "method_options": method.options(train_config),
+                "seed": seed,
                 "model": config.model, "train": train, "judge": config.judge, "max_new_tokens": config.max_new_tokens}
     if config.jailbreaks:  # only then: run files written before jailbreaks existed stay valid
         identity["jailbreaks"] = {"templates": config.jailbreaks, "requests": config.jailbreak_requests}

@@ -58,7 +58,7 @@ def finetune(model_dir: str | Path, data: DataConfig, method: Method, train_conf
     _check_alignment_stage(source, method)
     record = {"model": str(source.resolve()) if source.exists() else str(model_dir),
               "model_fingerprint": dir_fingerprint(source) if source.is_dir() else None, "method": method.name,
-              "method_options": method.options(), "data": asdict(data), "train": train_config.to_dict(),
+              "method_options": method.options(train_config), "data": asdict(data), "train": train_config.to_dict(),
               "global_batch_size": train_config.batch_size * train_config.gradient_accumulation * world_size()}
     main = is_main_process()  # launched as several processes, only the main one writes
     if resume:
