@@ -100,3 +100,40 @@ def test_cli_writes_json_plot_and_summary(tmp_path):
     assert {"safety", "utility"} <= data["effective_rank"].keys()
     assert (out / "analysis.png").stat().st_size > 1000
     assert "one sample is enough" in (out / "analysis.md").read_text()
+
+
+def test_a_running_sum_is_exact_as_factors_and_as_a_matrix():
+    """Batches of factors add up exactly, before and after the sum is held as the matrix; only factors that grow
+    past 2 x width while thinner than the matrix are cut to their top directions."""
+    from safeft.lowrank import LowRankSum
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(40, 6, generator=g), torch.randn(30, 6, generator=g)) for _ in range(5)]
+    running, dense = LowRankSum(width=100), torch.zeros(40, 30)
+    for left, right in batches:
+        running.add(left, right)
+        dense += left @ right.T
+        L, R = running.factors()
+        torch.testing.assert_close(L @ R.T, dense, rtol=1e-5, atol=1e-5)
+    assert L.shape[1] == 30  # 30 directions held as factors would exceed the 40 x 30 matrix: it is the matrix
+    cut = LowRankSum(width=2)  # a 400 x 300 sum whose factors pass 2 x width = 4 while much thinner than it
+    for _ in range(2):
+        cut.add(torch.randn(400, 3, generator=g), torch.randn(300, 3, generator=g))
+    assert cut.factors()[0].shape[1] == 2
+
+
+def test_dense_svd_matches_lapack_on_a_decaying_spectrum():
+    from safeft.lowrank import dense_svd
+
+    m, n, q = 300, 200, 20
+    S = torch.logspace(0, -3, n)  # 1 down to 1e-3, like the safety gradients' spectra
+    G = (orthonormal(m, n, 1) * S) @ orthonormal(n, n, 2).T
+    state = torch.random.get_rng_state()
+    U, s, V = dense_svd(G, q)
+    assert torch.equal(torch.random.get_rng_state(), state)  # a fixed seed of its own: deterministic, RNG untouched
+    assert torch.equal(dense_svd(G, q)[2], V)
+    Ue, Se, Vh = torch.linalg.svd(G, full_matrices=False)
+    assert s.shape == (q,) and U.shape == (m, q) and V.shape == (n, q)
+    torch.testing.assert_close(s, Se[:q], rtol=1e-4, atol=1e-6)
+    assert subspace_overlap(U, Ue[:, :q]) > 0.9999 and subspace_overlap(V, Vh[:q].T) > 0.9999
+    assert torch.allclose(V.T @ V, torch.eye(q), atol=1e-5)

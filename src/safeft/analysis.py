@@ -86,7 +86,7 @@ def per_sample_gradients(model, tokenizer, pairs: Sequence[tuple[str, str]], tar
                                                        tokenizer, batch_size=1)
         for name, s in sums.items():
             m, n = targets[name].shape
-            out[name].append((s.left, s.right) if s.left is not None else (torch.zeros(m, 0), torch.zeros(n, 0)))
+            out[name].append(s.factors() if not s.empty else (torch.zeros(m, 0), torch.zeros(n, 0)))
     return out
 
 

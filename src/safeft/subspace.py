@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from safeft.chat import (
+    IGNORE_INDEX,
     EncodedChat,
     collate,
     encode_chat,
@@ -149,6 +150,25 @@ def pad_id(tokenizer) -> int:
     return 0
 
 
+def response_loss_sum(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+    """Return the summed cross-entropy of ``batch``'s labelled tokens and their count (see
+    :func:`~safeft.chat.response_token_loss_sum`), computing logits only from the first position that predicts a
+    label on: the LM head and the loss over a 49k vocabulary cost as much as several blocks, and onset samples
+    label only their last few tokens. Models whose forward takes no ``logits_to_keep`` get every position."""
+    labels = batch["labels"]
+    labelled = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()
+    keep = labels.shape[1] - int(labelled[0]) if len(labelled) else 0  # predictions from position `first - 1` on
+    inputs = {"input_ids": batch["input_ids"].to(device_of(model)),
+              "attention_mask": batch["attention_mask"].to(device_of(model))}
+    try:
+        logits = model(**inputs, logits_to_keep=keep).logits
+    except TypeError as error:  # an architecture without logits_to_keep
+        if "logits_to_keep" not in str(error):
+            raise
+        logits, keep = model(**inputs).logits, labels.shape[1]
+    return response_token_loss_sum(logits, labels[:, labels.shape[1] - keep:] if keep else labels)
+
+
 def _batches(encoded: list[EncodedChat], batch_size: int, tokenizer):
     for start in range(0, len(encoded), batch_size):
         yield collate(encoded[start:start + batch_size], pad_id(tokenizer))
@@ -192,9 +212,7 @@ def safety_loss(model: nn.Module, tokenizer, samples: Sequence[SafetySample], ba
     total, count = 0.0, 0
     with _eval_without_param_grads(model), torch.no_grad():
         for batch in _batches(encoded, batch_size, tokenizer):
-            logits = model(input_ids=batch["input_ids"].to(device_of(model)),
-                           attention_mask=batch["attention_mask"].to(device_of(model))).logits
-            loss, n = response_token_loss_sum(logits, batch["labels"])
+            loss, n = response_loss_sum(model, batch)
             total, count = total + float(loss), count + n
     return total / max(count, 1)
 
@@ -205,10 +223,10 @@ def gradient_factors(model: nn.Module, targets: dict[str, Target], encoded: list
                      ) -> dict[str, LowRankSum]:
     """Return each target's gradient of ``scale`` x the mean response-token loss over ``encoded``, as thin factors.
 
-    ``sums[name].left @ sums[name].right.T`` is the ``(m, n)`` weight gradient. Factors are exact unless their width
-    exceeds ``width`` (default: the smaller matrix dimension, where exact compression loses nothing), in which case
-    the top ``width`` directions of the running sum are kept. Given ``sums``, the gradient is added to them (and they
-    are returned). Weights, ``requires_grad`` and ``.grad`` are untouched.
+    ``L @ R.T`` for ``L, R = sums[name].factors()`` is the ``(m, n)`` weight gradient. Each sum is exact unless its
+    factors grow wider than ``2 * width`` while still thinner than the matrix (see :class:`LowRankSum`), in which
+    case the top ``width`` directions of the running sum are kept. Given ``sums``, the gradient is added to them
+    (and they are returned). Weights, ``requires_grad`` and ``.grad`` are untouched.
     """
     if sums is None:
         sums = {name: LowRankSum(width or min(t.shape)) for name, t in targets.items()}
@@ -226,7 +244,7 @@ def gradient_factors(model: nn.Module, targets: dict[str, Target], encoded: list
     def on_backward(name, grad):
         grad_out = grad.reshape(-1, grad.shape[-1]).float()  # (tokens, m)
         x = inputs.pop(name).float()  # (tokens, n)
-        if not torch.isfinite(grad_out).all() or not torch.isfinite(x).all():
+        if not torch.isfinite(grad_out.sum() + x.sum()):  # a NaN or inf anywhere makes the sum non-finite
             raise FloatingPointError(
                 f"non-finite gradient at target {name!r}: the model produces NaN/inf on these samples. "
                 "Check the model loads correctly, estimate in float32 (not float16), and check the samples."
@@ -239,9 +257,7 @@ def gradient_factors(model: nn.Module, targets: dict[str, Target], encoded: list
         with _eval_without_param_grads(model), torch.enable_grad():  # may run inside optimizer.step() (refresh)
             for batch in progress(list(_batches(encoded, batch_size, tokenizer)), desc="gradient",
                                   show=show_progress):
-                logits = model(input_ids=batch["input_ids"].to(device_of(model)),
-                               attention_mask=batch["attention_mask"].to(device_of(model))).logits
-                loss, _ = response_token_loss_sum(logits, batch["labels"])
+                loss, _ = response_loss_sum(model, batch)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"safety loss is {float(loss.detach())}: the model produces NaN/inf on "
                                              "the safety samples; estimate in float32 and check the weights")
@@ -340,7 +356,7 @@ class SafetySubspace(ModelHubMixin, library_name="safeft", tags=["safeft", "safe
         bases = {}
         for name, target in targets.items():
             m, n = target.shape
-            if sums[name].left is None:  # the target never saw a gradient
+            if sums[name].empty:  # the target never saw a gradient
                 U, S, V = torch.zeros(m, 0), torch.zeros(0), torch.zeros(n, 0)
             else:
                 U, S, V = sums[name].svd(config.rank or config.max_rank)
