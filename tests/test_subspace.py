@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from safeft import SafetySubspace, SPFConfig
 from safeft.chat import IGNORE_INDEX, collate, encode_chat, first_response_tokens, response_token_loss_sum
-from safeft.subspace import SafetySample, samples_sha256, select_rank
+from safeft.subspace import SafetySample, allocate_ranks, samples_sha256, select_rank
 from safeft.testing import byte_tokenizer, tiny_llama
 
 
@@ -95,6 +95,23 @@ def test_target_patterns_and_energy_policy(model, tokenizer, safety_pairs):
                                             for m in ("self_attn.q_proj", "mlp.down_proj"))
     for b in subspace.bases.values():
         assert 1 <= b.rank <= 6
+
+
+def test_a_budget_goes_to_the_largest_singular_values_of_all_targets(model, tokenizer, safety_pairs):
+    spectra = {"a": torch.tensor([9.0, 5.0, 1.0]), "b": torch.tensor([8.0, 7.0, 6.0, 0.0]), "c": torch.tensor([])}
+    assert allocate_ranks(spectra, SPFConfig(budget=4)) == {"a": 1, "b": 3, "c": 0}  # 9, 8, 7, 6
+    assert allocate_ranks(spectra, SPFConfig(budget=4, max_rank=2)) == {"a": 2, "b": 2, "c": 0}  # 9, 8, 7, 5
+    assert allocate_ranks(spectra, SPFConfig(budget=100)) == {"a": 3, "b": 3, "c": 0}  # never a numerical zero
+
+    full = SafetySubspace.estimate(model, tokenizer, safety_pairs, SPFConfig(rank=8), show_progress=False)
+    budget = SafetySubspace.estimate(model, tokenizer, safety_pairs, SPFConfig(budget=20, max_rank=8),
+                                     show_progress=False)
+    ranks = {name: b.rank for name, b in budget.bases.items()}
+    assert sum(ranks.values()) == 20 and len(set(ranks.values())) > 1  # spread unevenly over the 14 targets
+    kept = min(float(b.S.min()) for b in budget.bases.values() if b.rank)
+    dropped = max(float(full[name].S[ranks[name]]) for name in ranks if ranks[name] < full[name].rank)
+    assert kept >= dropped
+    assert budget.config.budget == 20 and budget.metadata["rank_policy"]["budget"] == 20
 
 
 def test_select_rank():
@@ -196,7 +213,9 @@ def test_bad_inputs_give_clear_errors(model, tokenizer, safety_pairs, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, field", [
-    ({"rank": 0}, "rank"), ({"rank": None, "energy": 1.5}, "energy"), ({"rank": 4, "energy": 0.9}, "not both"),
+    ({"rank": 0}, "rank"), ({"rank": None, "energy": 1.5}, "energy"),
+    ({"rank": 4, "energy": 0.9}, "not rank and energy"), ({"budget": 0}, "budget"),
+    ({"energy": 0.9, "budget": 8}, "not energy and budget"),
     ({"side": "up"}, "side"), ({"mode": "sometimes"}, "mode"), ({"project": "weights"}, "project"),
     ({"refresh_every": -1}, "refresh_every"), ({"max_rank": 0}, "max_rank"), ({"onset_tokens": 0}, "onset_tokens"),
 ])

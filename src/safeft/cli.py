@@ -394,9 +394,10 @@ class EstimateCommand:
     model: 'default' (SmolLM2-135M-Instruct), a local directory or an HF id in the local cache.
     samples: JSONL of {prompt, refusal[, compliance]}; default: built-in samples.
     num_samples: built-in samples to use without --samples.
-    rank: fixed rank per target (default 64 unless --energy is set).
+    rank: fixed rank per target (default 64 unless --energy or --budget is set).
     energy: keep this fraction of the squared spectrum instead of a fixed rank.
-    max_rank: cap on the rank chosen by --energy.
+    budget: keep this many directions over all targets, where the safety gradients' singular values are largest.
+    max_rank: cap on a target's rank under --energy or --budget.
     onset_tokens: estimate from the first N tokens of each refusal, where the model decides to refuse ('none':
         every token).
     target_modules: names or regexes of the linear layers to guard (default: every linear inside the blocks).
@@ -410,6 +411,7 @@ class EstimateCommand:
     num_samples: int = DEFAULT_SAFETY_SAMPLES
     rank: int | None = None
     energy: float | None = None
+    budget: int | None = None
     max_rank: int = DEFAULT_RANK
     onset_tokens: int | None = 4
     target_modules: list[str] | None = None
@@ -425,8 +427,8 @@ def estimate(c: EstimateCommand, _: dict) -> None:
     from safeft.recipes.outputs import writing
     from safeft.subspace import SafetySubspace
 
-    config = SPFConfig(rank=c.rank, energy=c.energy, max_rank=c.max_rank, target_modules=c.target_modules,
-                       onset_tokens=c.onset_tokens)
+    config = SPFConfig(rank=c.rank, energy=c.energy, budget=c.budget, max_rank=c.max_rank,
+                       target_modules=c.target_modules, onset_tokens=c.onset_tokens)
     pairs = load_safety_samples(c.samples) if c.samples else builtin_safety_samples(c.num_samples)
     inputs = [c.model, c.samples, c.chat_template]
     with writing(c.out, overwrite=c.overwrite, inputs=inputs, command=_command_line()) as out:

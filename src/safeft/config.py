@@ -31,9 +31,12 @@ class SPFConfig:
     ``SPFConfig(rank=8, side="left", mode="conflict", project="grad", onset_tokens=None)``.
 
     Args:
-        rank: fixed rank r per target; default 64 unless ``energy`` is set (set one of the two).
+        rank: fixed rank r per target; default 64 unless ``energy`` or ``budget`` is set (set one of the three).
         energy: keep the smallest r whose singular values hold this fraction of the squared spectrum, in (0, 1].
-        max_rank: cap on r when ``energy`` is set (a fixed ``rank`` needs no cap).
+        budget: directions to keep over all targets together, given to the largest singular values of all the
+            targets' safety gradients (a singular value is how fast the safety loss changes along its direction
+            per unit of weight change, the same unit for every matrix), each target at most ``max_rank``.
+        max_rank: cap on r when ``energy`` or ``budget`` is set (a fixed ``rank`` needs no cap).
         target_modules: names or regexes of the ``nn.Linear`` modules to guard (peft-style: a name matches when it
             equals a pattern, ends with ``"." + pattern`` or fully matches it as a regex). ``None``: every linear
             layer inside the transformer blocks (a numbered module list), embeddings and LM head excluded.
@@ -54,6 +57,7 @@ class SPFConfig:
 
     rank: int | None = None
     energy: float | None = None
+    budget: int | None = None
     max_rank: int = 64
     target_modules: list[str] | None = None
     side: str | None = None
@@ -65,10 +69,14 @@ class SPFConfig:
     estimate_batch_size: int = 8
 
     def __post_init__(self) -> None:
-        if self.rank is not None and self.energy is not None:
-            raise ValueError("SPFConfig: set one of `rank` (fixed rank) or `energy` (fraction of spectrum), not both")
-        if self.rank is None and self.energy is None:
+        policies = [name for name in ("rank", "energy", "budget") if getattr(self, name) is not None]
+        if len(policies) > 1:
+            raise ValueError(f"SPFConfig: set one of `rank` (fixed rank), `energy` (fraction of spectrum) or `budget` "
+                             f"(directions over all targets), not {' and '.join(policies)}")
+        if not policies:
             self.rank = DEFAULT_RANK
+        if self.budget is not None and self.budget <= 0:
+            raise ValueError(f"SPFConfig.budget must be a positive number of directions, got {self.budget}")
         if self.rank is not None and self.rank <= 0:
             raise ValueError(f"SPFConfig.rank must be a positive integer, got {self.rank}")
         if self.energy is not None and not 0.0 < self.energy <= 1.0:
@@ -97,7 +105,7 @@ class SPFConfig:
 
     def rank_policy(self) -> dict[str, Any]:
         """Return the estimation settings that decide the subspace, as stored in a saved subspace's metadata."""
-        return {"rank": self.rank, "energy": self.energy, "max_rank": self.max_rank,
+        return {"rank": self.rank, "energy": self.energy, "budget": self.budget, "max_rank": self.max_rank,
                 "target_modules": self.target_modules, "onset_tokens": self.onset_tokens}
 
     def to_dict(self) -> dict[str, Any]:

@@ -69,13 +69,33 @@ class Basis:
 
 
 def select_rank(S: Tensor, config: SPFConfig) -> int:
-    """Return how many leading singular values to keep under the config's rank policy (never numerical zeros)."""
+    """Return how many leading singular values of one target to keep under a fixed-rank or energy policy, or the
+    most a budget may give it (``max_rank``); never numerical zeros."""
     if S.numel() == 0 or S[0] <= 0:
         return 0
     numerical = int((S > S[0] * 1e-6).sum())
     if config.rank is not None:
         return min(config.rank, numerical)
+    if config.budget is not None:
+        return min(config.max_rank, numerical)
     return min(energy_rank(S, config.energy), config.max_rank, numerical)
+
+
+def allocate_ranks(spectra: dict[str, Tensor], config: SPFConfig) -> dict[str, int]:
+    """Return the rank of each target (``spectra``: name -> its singular values, descending).
+
+    Without a ``budget``, each target's own :func:`select_rank`. With one, the ``budget`` largest singular values
+    over all targets (each target's eligible ones: at most ``max_rank``, no numerical zeros) decide: a target keeps
+    as many directions as it has among them (ties go to the earlier target)."""
+    ranks = {name: select_rank(S, config) for name, S in spectra.items()}
+    if config.budget is None:
+        return ranks
+    pool = sorted(((float(S[i]), order, name) for order, (name, S) in enumerate(spectra.items())
+                   for i in range(ranks[name])), key=lambda x: (-x[0], x[1]))
+    kept = dict.fromkeys(spectra, 0)
+    for _, _, name in pool[:config.budget]:
+        kept[name] += 1
+    return kept
 
 
 def _sample_dict(sample: SafetySample) -> dict:
@@ -307,7 +327,8 @@ class SafetySubspace(ModelHubMixin, library_name="safeft", tags=["safeft", "safe
             known = {f.name for f in fields(SPFConfig)}
             return SPFConfig(**{k: v for k, v in self.metadata["spf_config"].items() if k in known})
         policy = self.metadata["rank_policy"]
-        return SPFConfig(rank=policy["rank"], energy=policy["energy"], max_rank=policy["max_rank"],
+        return SPFConfig(rank=policy["rank"], energy=policy["energy"], budget=policy.get("budget"),
+                         max_rank=policy["max_rank"],
                          target_modules=policy["target_modules"], onset_tokens=policy.get("onset_tokens"))
 
     def numel(self) -> int:
@@ -363,6 +384,9 @@ class SafetySubspace(ModelHubMixin, library_name="safeft", tags=["safeft", "safe
             r = select_rank(S, config)
             bases[name] = Basis(U[:, :r].contiguous().cpu(), S[:r].contiguous().cpu(), V[:, :r].contiguous().cpu())
             sums[name] = None  # free the factors as we go
+        ranks = allocate_ranks({name: b.S for name, b in bases.items()}, config)
+        bases = {name: Basis(b.U[:, :ranks[name]].contiguous(), b.S[:ranks[name]].contiguous(),
+                             b.V[:, :ranks[name]].contiguous()) for name, b in bases.items()}
         from safeft import __version__
 
         metadata = {
