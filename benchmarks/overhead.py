@@ -6,8 +6,15 @@ For full fine-tuning and for LoRA r=8, three trainers (SFT, SPF project="grad", 
 one timed step each per round, so the machine's noise hits all three alike; the medians and their ratios go to
 ``overhead.json`` and ``overhead.md``. Each SPF trainer is set up by the `spf` method's own ``before_training``
 (estimation from the safety samples, then freezing what SPF cannot project), as a fine-tuning run does it. Also:
-the estimation time (as SFT steps), the subspace's size as a share of the model's weights, and the time spent
-inside SPF's own hooks (``SPFProjector.hook_seconds``).
+the estimation time (as SFT steps, split into the gradient pass and the factorisation), the subspace's size as a
+share of the model's weights (and of what each side needs), and the time spent inside SPF's own hooks
+(``SPFProjector.hook_seconds``).
+
+Cost where users train (``--tokens``): SFT against SPF with the library defaults at several tokens per optimizer
+step (sequences of ``--sweep-seq-len`` tokens, micro-batches of at most ``--micro-batch`` sequences, gradient
+accumulation beyond), paired per round like the above, with the ``1 + 2r/(3T)`` floor beside each ratio: right-side
+SPF adds about ``4 r m n`` flops per matrix (two sketches and a removal) to a step's ``6 T m n``. ``--dtype
+bfloat16`` and a CUDA device, when present, measure the same on an accelerator; the JSON names the device.
 """
 
 from __future__ import annotations
@@ -55,12 +62,73 @@ def make_trainer(base, tokenizer, method: str, lora: bool, spf_options: dict, sc
     return model, optimizer, projector, seconds
 
 
-def step(model, optimizer, batch) -> float:
+def step(model, optimizer, batch, accumulation: int = 1) -> float:
+    """Time one optimizer step over ``accumulation`` micro-batches (each ``batch``), synchronised on CUDA."""
+    sync()
     start = time.perf_counter()
-    model(**batch).loss.backward()
+    for _ in range(accumulation):
+        (model(**batch).loss / accumulation).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    sync()
     return time.perf_counter() - start
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def random_batch(vocab_size: int, sequences: int, length: int, device) -> dict:
+    ids = torch.randint(0, vocab_size, (sequences, length), device=device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def state_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def measure_tokens(base, tokenizer, tokens: int, lora: bool, rounds: int, warmup: int, args, scratch: Path) -> dict:
+    """SFT against SPF with the library defaults (estimated as a run does it) at ``tokens`` per optimizer step."""
+    per_step = max(tokens // args.sweep_seq_len, 1)
+    micro = min(per_step, args.micro_batch)
+    if per_step % micro:
+        raise SystemExit(f"--tokens {tokens}: {per_step} sequences per step are not a multiple of --micro-batch "
+                         f"{micro}")
+    batch = random_batch(base.config.vocab_size, micro, args.sweep_seq_len, base.device)
+    spf_options = {"safety_samples": args.samples}
+    trainers = {m: make_trainer(base, tokenizer, m, lora, spf_options, scratch) for m in ("sft", "spf_update")}
+    times = {m: [] for m in trainers}
+    memory = {m: [] for m in trainers}
+    for r in tqdm(range(warmup + rounds), desc=f"{'lora' if lora else 'full'} {tokens} tokens/step"):
+        for m, (model, optimizer, _, _) in trainers.items():
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            seconds = step(model, optimizer, batch, per_step // micro)
+            if r >= warmup:
+                times[m].append(seconds)
+                if torch.cuda.is_available():
+                    memory[m].append(torch.cuda.max_memory_allocated())
+    ratios = [a / b for a, b in zip(times["spf_update"], times["sft"])]
+    q = statistics.quantiles(ratios, n=4)
+    model, optimizer, projector, _ = trainers["spf_update"]
+    rank = max(g.S.numel() for g in projector.guards)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    spf_state = state_bytes(t for g in projector.guards for t in (g.U, g.S, g.V))
+    out = {"sequences_per_step": per_step, "micro_batch": micro, "accumulation": per_step // micro,
+           "sft_step_s": statistics.median(times["sft"]), "spf_step_s": statistics.median(times["spf_update"]),
+           "step_ratio": q[1], "step_ratio_iqr": [q[0], q[2]],
+           "hooks_s": statistics.median(projector.hook_seconds[warmup:]),
+           "model_floor": None if lora else 1 + 2 * rank / (3 * tokens),  # LoRA projects only the small factors
+           # SPF's state (bases held for the projection) against the training state it sits beside: weights,
+           # gradients and AdamW's two moments of what trains, plus the frozen weights
+           "spf_state_bytes": spf_state,
+           "training_state_bytes": state_bytes(model.parameters()) + 3 * state_bytes(trained)}
+    out["hooks_share"] = out["hooks_s"] / out["sft_step_s"]
+    out["memory_ratio"] = 1 + spf_state / out["training_state_bytes"]
+    if torch.cuda.is_available():
+        out["peak_memory_bytes"] = {m: max(v) for m, v in memory.items()}
+    return out
 
 
 def profile_projection(model, subspace, side: str, repeats: int = 5) -> dict:
@@ -108,9 +176,29 @@ def measure_setting(base, tokenizer, batch, lora: bool, rounds: int, warmup: int
     if not lora:
         model, _, projector, _ = trainers["spf_grad"]
         model(**batch).loss.backward()  # leave real gradients in place to time the passes on
-        out["profile"] = profile_projection(model, projector.subspace, spf_options["side"])
+        out["profile"] = profile_projection(model, projector.subspace, projector.config.side)
+        out["side"] = projector.config.side
         out["subspace"] = projector.subspace
     return out
+
+
+def time_estimation_parts(base, tokenizer, samples: int) -> dict:
+    """Return the estimation's split: seconds in the gradient pass (forward, backward, the gradient sums) and in
+    the factorisation (everything else ``SafetySubspace.estimate`` does), each measured once."""
+    from safeft.data import builtin_safety_samples
+    from safeft.subspace import SafetySubspace, encode_response, gradient_factors
+    from safeft.targets import find_targets
+
+    config, pairs = SPFConfig(), builtin_safety_samples(samples)
+    start = time.perf_counter()
+    SafetySubspace.estimate(base, tokenizer, pairs, config, show_progress=False)
+    total = time.perf_counter() - start
+    encoded = [encode_response(tokenizer, s.prompt, s.refusal, config.onset_tokens) for s in pairs]
+    start = time.perf_counter()
+    gradient_factors(base, find_targets(base), encoded, tokenizer, batch_size=config.estimate_batch_size)
+    gradient = time.perf_counter() - start
+    return {"gradient_pass_s": gradient, "factorisation_s": max(total - gradient, 0.0),
+            "tokens": sum(len(e.input_ids) for e in encoded)}
 
 
 def to_markdown(result: dict) -> str:
@@ -135,7 +223,7 @@ def to_markdown(result: dict) -> str:
     lines += [
         "",
         f"Where SPF's time goes (full fine-tuning, all {p['gradient_elements'] / 1e6:.0f}M target gradient "
-        f"entries): the {result['spf']['side']} sketch takes {p['sketch_s']:.3f} s "
+        f"entries): the {result['full']['side']} sketch takes {p['sketch_s']:.3f} s "
         f"({per_element['sketch_s']:.2f} ns per entry), the in-place removal {p['subtract_addmm_s']:.3f} s "
         f"({per_element['subtract_addmm_s']:.2f} ns), against {p['plain_read_pass_s']:.3f} s "
         f"({per_element['plain_read_pass_s']:.2f} ns) for one plain read of the same gradients.",
@@ -148,6 +236,28 @@ def to_markdown(result: dict) -> str:
         f"{e['targets']} targets): {e['percent_of_model_weights']:.2f}% of the "
         "model's weights.",
     ]
+    if "gradient_pass_s" in e:
+        lines += ["", f"Where the estimation's time goes ({e['tokens']} tokens of safety samples): the gradient pass "
+                  f"(forward, backward, the per-target gradient sums) {e['gradient_pass_s']:.2f} s, the "
+                  f"factorisation {e['factorisation_s']:.2f} s."]
+    if "subspace_fraction_by_side" in result:
+        shares = ", ".join(f"{side} {100 * v:.2f}%" for side, v in result["subspace_fraction_by_side"].items())
+        lines += ["", f"What each side reads of the subspace, as a share of the model's weights: {shares}."]
+    for setting in ("full", "lora"):
+        sweep = result[setting].get("by_tokens")
+        if not sweep:
+            continue
+        lines += ["", f"Cost by tokens per optimizer step ({setting}, the defaults, SPF project=update):", "",
+                  "| tokens/step | sequences x length (accumulation) | SFT step (s) | SPF step (s) | ratio [IQR] | "
+                  "floor 1 + 2r/(3T) | SPF hooks | SPF state vs training state |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for tokens, r in sweep.items():
+            lo, hi = r["step_ratio_iqr"]
+            lines.append(f"| {tokens} | {r['sequences_per_step']} x {result['sweep_seq_len']} ({r['accumulation']}) "
+                         f"| {r['sft_step_s']:.2f} | {r['spf_step_s']:.2f} | {r['step_ratio']:.3f}x [{lo:.3f}, "
+                         f"{hi:.3f}] | {'-' if r['model_floor'] is None else format(r['model_floor'], '.3f') + 'x'} | "
+                         f"{100 * r['hooks_share']:.1f}% | "
+                         f"{r['memory_ratio']:.3f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -165,38 +275,66 @@ def main() -> None:
     parser.add_argument("--side", default=defaults.side)
     parser.add_argument("--mode", default=defaults.mode)
     parser.add_argument("--samples", type=int, default=DEFAULT_SAFETY_SAMPLES)
+    parser.add_argument("--tokens", default="512,2048,8192",
+                        help="tokens per optimizer step for the defaults' sweep (comma-separated; '' skips it)")
+    parser.add_argument("--sweep-seq-len", type=int, default=512)
+    parser.add_argument("--micro-batch", type=int, default=4, help="sequences per forward pass in the sweep")
+    parser.add_argument("--sweep-rounds", type=int, default=5)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
     spf_options = {"rank": args.rank, "side": args.side, "mode": args.mode, "safety_samples": args.samples}
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    base, tokenizer = load_model(args.model)
-    ids = torch.randint(0, base.config.vocab_size, (args.batch_size, args.seq_len))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    base, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base.to(device)
+    batch = random_batch(base.config.vocab_size, args.batch_size, args.seq_len, device)
+    sweep = [int(t) for t in args.tokens.split(",") if t.strip()]
 
     with tempfile.TemporaryDirectory() as scratch:
         full = measure_setting(base, tokenizer, batch, False, args.rounds, args.warmup, spf_options, Path(scratch))
         lora = measure_setting(base, tokenizer, batch, True, args.rounds, args.warmup, spf_options, Path(scratch))
+        estimation_split = time_estimation_parts(base, tokenizer, args.samples)
+        for key, lora_on in (("full", False), ("lora", True)):
+            by_tokens = {t: measure_tokens(base, tokenizer, t, lora_on, args.sweep_rounds, 1, args, Path(scratch))
+                         for t in sweep}
+            result_part = full if key == "full" else lora
+            result_part["by_tokens"] = by_tokens
+            result_part["step_ratio_by_tokens"] = {t: r["step_ratio"] for t, r in by_tokens.items()}
     subspace = full.pop("subspace")
     estimates = full.pop("estimation_s") + lora.pop("estimation_s")
     result = {
         "command": "python " + shlex.join(sys.argv),
         "model": (f"{args.model} (SmolLM2-135M-Instruct, real weights, fp32)" if args.model == "default"
                   else args.model),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU",
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+                   + (torch.cuda.get_device_name() if device == "cuda" else "CPU"),
+        "device": device,
+        "dtype": args.dtype,
         "batch": [args.batch_size, args.seq_len],
         "rounds": args.rounds,
+        "sweep_seq_len": args.sweep_seq_len,
+        "sweep_rounds": args.sweep_rounds,
         "optimizer": "AdamW lr 1e-5",
         "spf": {"rank": args.rank, "side": args.side, "mode": args.mode, "samples": args.samples},
         "full": full,
         "lora": lora,
     }
+    weights = sum(p.numel() for p in base.parameters())
     result["estimation"] = {  # each SPF trainer's before_training: estimation (+ freezing), as a run does it
         "seconds": statistics.median(estimates),
         "over_full_sft_step_ratio": statistics.median(estimates) / result["full"]["sft_step_s"],
         "targets": len(subspace),
-        "percent_of_model_weights": 100 * subspace.numel() / sum(p.numel() for p in base.parameters()),
+        "percent_of_model_weights": 100 * subspace.numel() / weights,
+        **estimation_split,
     }
+    result["estimation_sft_steps"] = result["estimation"]["over_full_sft_step_ratio"]
+    result["subspace_fraction"] = subspace.numel() / weights
+    needs = {"right": ("V",), "left": ("U",), "two_sided": ("U", "V")}  # what each side's projection reads, with S
+    result["subspace_fraction_by_side"] = {
+        side: sum(b.S.numel() + sum(getattr(b, f).numel() for f in factors) for b in subspace.bases.values()) / weights
+        for side, factors in needs.items()}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overhead.json").write_text(json.dumps(result, indent=2) + "\n")
     table = to_markdown(result)
