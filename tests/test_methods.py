@@ -44,8 +44,11 @@ def test_every_registered_method_trains_through_the_runner(name, tiny_dir, base_
     if isinstance(method, SPF):
         assert not any("norm" in k for k in changed)  # what SPF cannot project stays frozen
         assert config["method_options"]["side"] == ("left" if name == "spf-paper" else "right")  # in force, not None
-        saved = SafetySubspace.load(tmp_path / "subspace").metadata
-        assert ("random_bases" in saved) == (name == "spf-random")
+        saved = SafetySubspace.load(tmp_path / "subspace")
+        assert ("random_bases" in saved.metadata) == (name == "spf-random")
+        facts = json.loads((tmp_path / "train_log.json").read_text())["method_facts"]
+        assert facts["subspace_directions"] == sum(b.rank for b in saved.bases.values()) > 0
+        assert 0 < facts["subspace_fraction"] < 1
 
 
 def test_presets_and_entries():

@@ -113,3 +113,7 @@ class Method:
     def after_training(self, model, tokenizer, run: RunContext):
         """Return the model to save and evaluate after training (default: the trained model)."""
         return model
+
+    def facts(self, model) -> dict:
+        """Return what this run's method built that a reader of the results needs (JSON-able; default: nothing)."""
+        return {}

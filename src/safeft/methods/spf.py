@@ -119,6 +119,14 @@ class SPF(Method):
                 self.subspace.save(saved, overwrite=True)
         freeze_unguarded(model, self.subspace)  # norm weights under full fine-tuning: nothing would guard them
 
+    def facts(self, model) -> dict:
+        """Return the guarded subspace's size: ``subspace_directions`` (ranks summed over targets) and
+        ``subspace_fraction`` (its stored numbers, U, S and V, as a share of the model's parameters)."""
+        if self.subspace is None:
+            return {}
+        return {"subspace_directions": sum(b.rank for b in self.subspace.bases.values()),
+                "subspace_fraction": self.subspace.numel() / sum(p.numel() for p in model.parameters())}
+
     def callbacks(self, model, tokenizer, run: RunContext) -> list:
         from safeft.spf import SPFCallback
 

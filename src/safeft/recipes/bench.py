@@ -298,7 +298,7 @@ def run_one(config: BenchConfig, setting: Setting, seed: int, label: str, method
         "aligned_model": str(aligned_dir), "headline": headline(metrics), "metrics": metrics,
         "cost": {"train_seconds": log["seconds"], "prepare_seconds": log["prepare_seconds"], "steps": log["steps"],
                  "step_seconds_median": log["step_seconds_median"], "peak_memory_mb": log["peak_memory_mb"]},
-        "monitor_last": monitor[-1] if monitor else None,
+        "monitor_last": monitor[-1] if monitor else None, "method_facts": log.get("method_facts", {}),
         "wall_seconds": time.perf_counter() - start, "safeft_version": __version__, "command": command,
     }
 

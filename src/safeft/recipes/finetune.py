@@ -83,6 +83,7 @@ def finetune(model_dir: str | Path, data: DataConfig, method: Method, train_conf
         shutil.rmtree(out / "trainer", ignore_errors=True)
     model = method.after_training(model, tokenizer, run)
     log["prepare_seconds"] = prepare_seconds
+    log["method_facts"] = method.facts(model)
     if main:
         if save_model:
             model.save_pretrained(out / "model")
