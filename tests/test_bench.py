@@ -4,6 +4,7 @@ import json
 import os
 import signal
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -45,6 +46,7 @@ def test_bench_runs_resumes_and_rebuilds_its_summary(tiny_dir, cache, tmp_path, 
     markdown = (out / "bench.md").read_text()
     assert "| sentiment-benign | spf rank=4 | 0,1 |" in markdown and "judged responses" in markdown
     assert (out / "bench.png").stat().st_size > 1000
+    assert_cost_curve(out)
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was run again")
@@ -59,6 +61,22 @@ def test_bench_runs_resumes_and_rebuilds_its_summary(tiny_dir, cache, tmp_path, 
     changed.train.steps = 2
     with pytest.raises(ValueError, match="other settings \\(train differ\\)"):
         bench(changed)  # a finished run made with other settings is never passed off as this grid's
+
+
+def assert_cost_curve(out):
+    """benchmarks/spf_cost_curve.py on a finished bench: SPF's point sits at its recorded number of directions."""
+    import importlib.util
+
+    path = Path(__file__).parent.parent / "benchmarks" / "spf_cost_curve.py"
+    spec = importlib.util.spec_from_file_location("spf_cost_curve", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.curve(out)
+    (point,) = result["settings"]["sentiment-benign"]["points"]
+    assert point["label"] == "spf rank=4" and point["directions"] == 4 * 14  # rank 4 on the tiny model's 14 targets
+    assert point["harmful_score"]["n"] == 160 and result["settings"]["sentiment-benign"]["sft"]
+    module.plot(result, out / "cost_curve.png")
+    assert (out / "cost_curve.png").stat().st_size > 1000 and "| spf rank=4 | 0,1 | 56 |" in module.to_markdown(result)
 
 
 class Killed(Method):

@@ -1,0 +1,111 @@
+"""Protection against cost: SPF's harmful score against the number of directions it guards, from a bench.
+
+    python benchmarks/spf_cost_curve.py benchmarks/results/spf_cost_validation
+
+Reads the bench's run files (``safeft bench``; SPF runs record ``method_facts.subspace_directions`` and
+``subspace_fraction``), pools each SPF candidate's seeds per setting (rates with 95% Wilson intervals) and writes
+``cost_curve.json``, ``cost_curve.md`` and ``cost_curve.png`` into the bench folder: harmful score (and accuracy)
+against guarded directions, one line per setting, with SFT and the aligned model as reference levels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from safeft.recipes.bench import pooled, read_runs
+
+
+def curve(bench_dir: str | Path) -> dict:
+    """Return ``{"settings": {name: {"sft": row, "aligned": rate, "points": [...]}}}`` from a bench's run files;
+    each point is an SPF label with its median directions and subspace share and its pooled rates."""
+    aligned, runs = read_runs(bench_dir)
+    rows = {(r["setting"], r["label"]): r for r in pooled(runs)}
+    facts: dict[tuple[str, str], list[dict]] = {}
+    for run in runs:
+        if run.get("method_facts", {}).get("subspace_directions") is not None:
+            facts.setdefault((run["setting"]["name"], run["label"]), []).append(run["method_facts"])
+    settings: dict[str, dict] = {}
+    for (setting, label), found in sorted(facts.items()):
+        row = rows[(setting, label)]
+        entry = settings.setdefault(setting, {"sft": None, "points": []})
+        entry["points"].append({
+            "label": label, "seeds": row["seeds"],
+            "directions": statistics.median(f["subspace_directions"] for f in found),
+            "subspace_fraction": statistics.median(f["subspace_fraction"] for f in found),
+            "harmful_score": row["harmful_score"], "accuracy": row["accuracy"], "task_loss": row["task_loss"]})
+    for setting, entry in settings.items():
+        entry["points"].sort(key=lambda p: p["directions"])
+        sft = rows.get((setting, "sft"))
+        entry["sft"] = {"harmful_score": sft["harmful_score"], "accuracy": sft["accuracy"]} if sft else None
+    aligned_scores = [a["metrics"]["harmful_score"] for a in aligned if a["metrics"].get("harmful_score")]
+    return {"bench": str(bench_dir), "settings": settings,
+            "aligned_harmful_score": aligned_scores[0] if aligned_scores else None}
+
+
+def to_markdown(result: dict) -> str:
+    lines = [f"Protection against subspace size, from `{result['bench']}` (keyword judge; rates pooled over seeds)."]
+    for setting, entry in result["settings"].items():
+        lines += ["", f"**{setting}**" + (f" (SFT: harmful {entry['sft']['harmful_score']['rate']:.1f}%)"
+                                          if entry["sft"] else ""), "",
+                  "| SPF candidate | seeds | directions | subspace share | harmful score % [95% CI] | accuracy % | "
+                  "task loss |", "|---|---|---|---|---|---|---|"]
+        for p in entry["points"]:
+            h, a = p["harmful_score"], p["accuracy"]
+            lines.append(f"| {p['label']} | {','.join(map(str, p['seeds']))} | {p['directions']:,.0f} | "
+                         f"{100 * p['subspace_fraction']:.2f}% | {h['rate']:.1f} [{h['ci'][0]:.0f}, {h['ci'][1]:.0f}] "
+                         f"| {'-' if a is None else format(a['rate'], '.1f')} | "
+                         f"{'-' if p['task_loss'] is None else format(p['task_loss'], '.3f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (setting, entry) in enumerate(result["settings"].items()):
+        color = f"C{i}"
+        xs = [p["directions"] for p in entry["points"]]
+        ys = [p["harmful_score"]["rate"] for p in entry["points"]]
+        low = [max(y - p["harmful_score"]["ci"][0], 0) for y, p in zip(ys, entry["points"])]
+        high = [max(p["harmful_score"]["ci"][1] - y, 0) for y, p in zip(ys, entry["points"])]
+        ax.errorbar(xs, ys, yerr=[low, high], fmt="o", color=color, capsize=3, label=f"SPF, {setting}")
+        for x, y, p in zip(xs, ys, entry["points"]):
+            ax.annotate(p["label"].removeprefix("spf").strip() or "default", (x, y), fontsize=7,
+                        textcoords="offset points", xytext=(4, 4))
+        if entry["sft"]:
+            ax.axhline(entry["sft"]["harmful_score"]["rate"], color=color, linestyle="--", linewidth=1,
+                       label=f"SFT, {setting}")
+    if result["aligned_harmful_score"]:
+        ax.axhline(result["aligned_harmful_score"]["rate"], color="gray", linestyle=":", label="aligned model")
+    ax.set_xscale("log")
+    ax.set_xlabel("guarded directions (ranks summed over matrices)")
+    ax.set_ylabel("harmful score % (95% CI)")
+    ax.set_title("SPF: protection against subspace size")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("bench_dir", type=Path)
+    args = parser.parse_args()
+    result = curve(args.bench_dir)
+    if not result["settings"]:
+        raise SystemExit(f"{args.bench_dir}: no SPF run records its subspace size (method_facts); rerun the bench "
+                         "with this safeft")
+    (args.bench_dir / "cost_curve.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.bench_dir / "cost_curve.md").write_text(to_markdown(result))
+    plot(result, args.bench_dir / "cost_curve.png")
+    print(to_markdown(result))
+
+
+if __name__ == "__main__":
+    main()
