@@ -66,6 +66,9 @@ def test_always_mode_keeps_weight_change_out_of_the_safety_gradient(model, token
     assert sft > 1e-4  # plain SFT moves along the safety gradient
     assert spf < 1e-4 * sft  # SPF does not (numerical noise)
     assert abs(handle.projector.safety_drift()) < 1e-4 * sft  # and its own monitor agrees
+    # the right side under full fine-tuning keeps dW V = 0 with V alone: no U is held (U is m x r per matrix)
+    no_U = side == "right" and not lora
+    assert all(g.U.shape[1] == (0 if no_U else g.S.shape[0]) for g in handle.projector.guards)
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])

@@ -55,15 +55,20 @@ class _Guard:
     """One target with its basis on the target's device (fp32) and the state of the current step."""
 
     target: Target
-    U: Tensor
+    U: Tensor  # (m, r), or (m, 0) where the rule never reads it (right side, always, full fine-tuning)
     S: Tensor
     V: Tensor
-    start_core: Tensor  # U^T W_eff V when SPF was attached or last refreshed, (r, r)
+    start_core: Tensor  # U^T W_eff V when SPF was attached or last refreshed, (r, r); (0, 0) without U
     before: tuple[Tensor, ...] = ()  # sketches taken before the optimizer step (update mode)
     corrected: tuple[Tensor, ...] = ()  # sketches right after the last correction (update mode)
     versions: tuple[int, ...] = ()  # the weights' in-place version counters at that moment
     rows: slice | None = None  # under FSDP2: the rows of W (and lora_B) this process holds; U holds only those
     rows_A: slice | None = None  # under FSDP2 with LoRA: the rows of lora_A this process holds
+
+    @property
+    def holds_U(self) -> bool:
+        """Return True unless the rule needs no U: ``dW V = 0`` is kept with V alone, and keeps the core fixed."""
+        return self.U.shape[1] == self.S.shape[0]
 
     @property
     def sharded(self) -> bool:
@@ -159,6 +164,8 @@ class SPFProjector:
             if basis.rank == 0 or not trained:
                 continue
             device = local(target.base.weight).device
+            if not target.is_lora and self.config.side == "right" and self.config.mode == "always":
+                basis = Basis(basis.U[:, :0], basis.S, basis.V)  # G - G V V^T and its metrics read no U
             U, S, V = (t.to(device=device, dtype=torch.float32) for t in (basis.U, basis.S, basis.V))
             rows = shard_rows(target.lora_B if target.is_lora else target.base.weight)
             rows_A = shard_rows(target.lora_A) if target.is_lora else None
@@ -214,13 +221,16 @@ class SPFProjector:
         parts = []
         for g in self.guards:
             t = g.target
+            if not g.holds_U:  # right side, always: dW V = 0 keeps U^T W V where it started; nothing to measure
+                parts.append([g.S.new_zeros(0, 0)])
+                continue
             core = P.core(local(t.base.weight), g.U, g.V)
             if not t.is_lora:
                 parts.append([core])
                 continue
             ub, av = g.U.T @ local(t.lora_B).float(), local(t.lora_A).float() @ g.V  # (r, k), (k, r)
             parts.append([core, ub, _pad_rows(av, g.rows_A, t.lora_A.shape[0])])
-        sharded = [i for i, g in enumerate(self.guards) if g.sharded]
+        sharded = [i for i, g in enumerate(self.guards) if g.sharded and g.holds_U]
         summed = iter(self.collectives.sum([x for i in sharded for x in parts[i]]))
         for i in sharded:
             parts[i] = [next(summed) for _ in parts[i]]
@@ -282,6 +292,10 @@ class SPFProjector:
             if t.is_lora:
                 stats = P.project_lora_(*grads, t.lora_B, t.lora_A, guard.U, guard.S, guard.V, side=cfg.side,
                                         mode=cfg.mode)
+            elif not guard.holds_U:  # right, always: the sketch G V is all the removal needs
+                stats = P.project_sketched_(grads[0], P.sketch(grads[0], guard.U, guard.V, "right"),
+                                            torch.zeros_like(guard.S), guard.U, guard.S, guard.V, side="right",
+                                            mode="always")
             else:
                 stats = P.project_(grads[0], guard.U, guard.S, guard.V, side=cfg.side, mode=cfg.mode)
         except FloatingPointError:
@@ -306,7 +320,8 @@ class SPFProjector:
             diag = t.scaling * torch.diagonal(ub_new @ av_new - ub_old @ av_old)  # diag(U^T dW V)
             sides, projected = ("left", "right"), P.lora_projected_factors(cfg.side)  # B is sketched left, A right
         else:
-            diag = P.core_diagonal(deltas[0], guard.U, guard.V, cfg.side)
+            diag = P.core_diagonal(deltas[0], guard.U, guard.V, cfg.side) if guard.holds_U else torch.zeros_like(
+                guard.S)  # right, always: every direction goes, no test to make
             sides, projected = (cfg.side,), (True,)
         mask = P.removal_mask(-diag, guard.S, cfg.mode)  # a weight change dW acts like a step along -dW
         removed = [P.masked_sketch(d, mask, side) if on else torch.zeros_like(d)
@@ -478,7 +493,8 @@ class SPFProjector:
     def safety_drift(self) -> float:
         """Return the predicted first-order change of the safety loss since SPF started: ``sum <U S V^T, W - W_0>``."""
         cores = self._effective_cores()
-        drift = sum(float((g.S * torch.diagonal(c - g.start_core)).sum()) for g, c in zip(self.guards, cores))
+        drift = sum(float((g.S * torch.diagonal(c - g.start_core)).sum())
+                    for g, c in zip(self.guards, cores) if g.holds_U)
         return self.drift_before_refresh + drift
 
     def refresh(self) -> None:
