@@ -275,7 +275,8 @@ def gradient_factors(model: nn.Module, targets: dict[str, Target], encoded: list
     handles = [t.base.register_forward_hook(on_forward(name)) for name, t in targets.items()]
     try:
         with _eval_without_param_grads(model), torch.enable_grad():  # may run inside optimizer.step() (refresh)
-            for batch in progress(list(_batches(encoded, batch_size, tokenizer)), desc="gradient",
+            by_length = sorted(encoded, key=lambda e: len(e.input_ids))  # less padding; the sum is order-free
+            for batch in progress(list(_batches(by_length, batch_size, tokenizer)), desc="gradient",
                                   show=show_progress):
                 loss, _ = response_loss_sum(model, batch)
                 if not torch.isfinite(loss):
