@@ -182,6 +182,23 @@ def measure_setting(base, tokenizer, batch, lora: bool, rounds: int, warmup: int
     return out
 
 
+def random_llama(spec: str, dtype):
+    """Return ``(model, tokenizer)``: a randomly initialised Llama of the shape ``random:HIDDEN,INTER,LAYERS,HEADS,
+    KV_HEADS[,VOCAB]`` (e.g. ``random:4096,11008,4,32,32,32000``: Llama-2-7B's matrices, 4 of its 32 blocks) and
+    the byte tokenizer, so that the cost at a large model's shapes is measured without its checkpoint."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from safeft.testing import byte_tokenizer
+
+    hidden, inter, layers, heads, kv, *rest = (int(x) for x in spec.removeprefix("random:").split(","))
+    config = LlamaConfig(vocab_size=rest[0] if rest else 32000, hidden_size=hidden, intermediate_size=inter,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                         max_position_embeddings=4096, tie_word_embeddings=False, pad_token_id=258,
+                         eos_token_id=257, bos_token_id=None)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(dtype), byte_tokenizer()
+
+
 def time_estimation_parts(base, tokenizer, samples: int) -> dict:
     """Return the estimation's split: seconds in the gradient pass (forward, backward, the gradient sums) and in
     the factorisation (everything else ``SafetySubspace.estimate`` does), each measured once."""
@@ -264,7 +281,8 @@ def to_markdown(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--model", default="default")
+    parser.add_argument("--model", default="default", help="default, a model directory, or random:HIDDEN,INTER,"
+                        "LAYERS,HEADS,KV_HEADS[,VOCAB] (random weights of that shape, byte tokenizer)")
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -286,7 +304,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    base, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
+    base, tokenizer = (random_llama(args.model, getattr(torch, args.dtype)) if args.model.startswith("random:")
+                       else load_model(args.model, dtype=getattr(torch, args.dtype)))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base.to(device)
     batch = random_batch(base.config.vocab_size, args.batch_size, args.seq_len, device)
@@ -306,8 +325,8 @@ def main() -> None:
     estimates = full.pop("estimation_s") + lora.pop("estimation_s")
     result = {
         "command": "python " + shlex.join(sys.argv),
-        "model": (f"{args.model} (SmolLM2-135M-Instruct, real weights, fp32)" if args.model == "default"
-                  else args.model),
+        "model": (f"{args.model} (SmolLM2-135M-Instruct, real weights, {args.dtype})" if args.model == "default"
+                  else f"{args.model} ({args.dtype})"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
                    + (torch.cuda.get_device_name() if device == "cuda" else "CPU"),
         "device": device,
