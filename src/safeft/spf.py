@@ -515,7 +515,9 @@ class SPFProjector:
         ``spf/conflict_rate``: fraction of (target, step) pairs where removal ran; ``spf/removed_norm``: norm of
         what was removed, per step; ``spf/removed_norm_frac`` (grad mode): that norm over the gradient norm, on the
         steps where the monitor reports (measuring it costs a pass over the gradients);
-        ``spf/safety_drift``: predicted first-order safety-loss change so far; ``spf/safety_loss``: measured on the
+        ``spf/safety_drift``: predicted first-order safety-loss change so far (0 by construction for the right side
+        with ``always`` under full fine-tuning, where ``dW V = 0`` fixes the core and no U is held);
+        ``spf/safety_loss``: measured on the
         safety samples (needs the tokenizer), on the tokens the subspace was estimated from (with ``onset_tokens``,
         each refusal's first tokens), so that it is the loss whose change ``safety_drift`` predicts.
         """
