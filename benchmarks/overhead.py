@@ -114,7 +114,8 @@ def measure_tokens(base, tokenizer, tokens: int, lora: bool, rounds: int, warmup
     model, optimizer, projector, _ = trainers["spf_update"]
     rank = max(g.S.numel() for g in projector.guards)
     trained = [p for p in model.parameters() if p.requires_grad]
-    spf_state = state_bytes(t for g in projector.guards for t in (g.U, g.S, g.V))
+    # the bases it holds, and the update mode's one sketch per target kept between steps
+    spf_state = state_bytes(t for g in projector.guards for t in (g.U, g.S, g.V, *g.corrected))
     out = {"sequences_per_step": per_step, "micro_batch": micro, "accumulation": per_step // micro,
            "sft_step_s": statistics.median(times["sft"]), "spf_step_s": statistics.median(times["spf_update"]),
            "step_ratio": q[1], "step_ratio_iqr": [q[0], q[2]],
