@@ -174,11 +174,11 @@ def measure_setting(base, tokenizer, batch, lora: bool, rounds: int, warmup: int
         out[f"{m}_step_ratio"] = quartiles[1]
         out[f"{m}_step_ratio_iqr"] = [quartiles[0], quartiles[2]]
         out[f"{m}_hooks_ratio"] = out[f"{m}_hooks_s"] / out["sft_step_s"]
+    out["side"] = trainers["spf_grad"][2].config.side  # the side in force (the default differs under LoRA)
     if not lora:
         model, _, projector, _ = trainers["spf_grad"]
         model(**batch).loss.backward()  # leave real gradients in place to time the passes on
         out["profile"] = profile_projection(model, projector.subspace, projector.config.side)
-        out["side"] = projector.config.side
         out["subspace"] = projector.subspace
     return out
 
@@ -208,12 +208,16 @@ def time_estimation_parts(base, tokenizer, samples: int) -> dict:
     from safeft.targets import find_targets
 
     config, pairs = SPFConfig(), builtin_safety_samples(samples)
+    sync()
     start = time.perf_counter()
     SafetySubspace.estimate(base, tokenizer, pairs, config, show_progress=False)
+    sync()
     total = time.perf_counter() - start
     encoded = [encode_response(tokenizer, s.prompt, s.refusal, config.onset_tokens) for s in pairs]
     start = time.perf_counter()
-    gradient_factors(base, find_targets(base), encoded, tokenizer, batch_size=config.estimate_batch_size)
+    gradient_factors(base, find_targets(base), encoded, tokenizer, batch_size=config.estimate_batch_size,
+                     width=max(4 * config.rank, 64))  # as estimate() sums them
+    sync()
     gradient = time.perf_counter() - start
     return {"gradient_pass_s": gradient, "factorisation_s": max(total - gradient, 0.0),
             "tokens": sum(len(e.input_ids) for e in encoded)}
@@ -337,7 +341,7 @@ def main() -> None:
         "sweep_seq_len": args.sweep_seq_len,
         "sweep_rounds": args.sweep_rounds,
         "optimizer": "AdamW lr 1e-5",
-        "spf": {"rank": args.rank, "side": args.side, "mode": args.mode, "samples": args.samples},
+        "spf": {"rank": args.rank, "side": args.side or "default", "mode": args.mode, "samples": args.samples},
         "full": full,
         "lora": lora,
     }

@@ -40,6 +40,7 @@ def curve(bench_dir: str | Path) -> dict:
         entry["points"].sort(key=lambda p: p["directions"])
         sft = rows.get((setting, "sft"))
         entry["sft"] = {"harmful_score": sft["harmful_score"], "accuracy": sft["accuracy"]} if sft else None
+    # the aligned model's harmful score does not depend on the task: its requests are the same in every setting
     aligned_scores = [a["metrics"]["harmful_score"] for a in aligned if a["metrics"].get("harmful_score")]
     return {"bench": str(bench_dir), "settings": settings,
             "aligned_harmful_score": aligned_scores[0] if aligned_scores else None}

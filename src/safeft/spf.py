@@ -55,7 +55,7 @@ class _Guard:
     """One target with its basis on the target's device (fp32) and the state of the current step."""
 
     target: Target
-    U: Tensor  # (m, r), or (m, 0) where the rule never reads it (right side, always, full fine-tuning)
+    U: Tensor  # (m, r), or (m, 0) where nothing reads it (right side, always, update, full fine-tuning)
     S: Tensor
     V: Tensor
     start_core: Tensor  # U^T W_eff V when SPF was attached or last refreshed, (r, r); (0, 0) without U
@@ -164,8 +164,9 @@ class SPFProjector:
             if basis.rank == 0 or not trained:
                 continue
             device = local(target.base.weight).device
-            if not target.is_lora and self.config.side == "right" and self.config.mode == "always":
-                basis = Basis(basis.U[:, :0], basis.S, basis.V)  # G - G V V^T and its metrics read no U
+            if (not target.is_lora and self.config.side == "right" and self.config.mode == "always"
+                    and self.config.project == "update"):  # dW V = 0 for the actual step: U is never read
+                basis = Basis(basis.U[:, :0], basis.S, basis.V)
             U, S, V = (t.to(device=device, dtype=torch.float32) for t in (basis.U, basis.S, basis.V))
             rows = shard_rows(target.lora_B if target.is_lora else target.base.weight)
             rows_A = shard_rows(target.lora_A) if target.is_lora else None
@@ -221,7 +222,7 @@ class SPFProjector:
         parts = []
         for g in self.guards:
             t = g.target
-            if not g.holds_U:  # right side, always: dW V = 0 keeps U^T W V where it started; nothing to measure
+            if not g.holds_U:  # right, always, update: dW V = 0 keeps U^T W V where it started; nothing to measure
                 parts.append([g.S.new_zeros(0, 0)])
                 continue
             core = P.core(local(t.base.weight), g.U, g.V)
@@ -292,7 +293,7 @@ class SPFProjector:
             if t.is_lora:
                 stats = P.project_lora_(*grads, t.lora_B, t.lora_A, guard.U, guard.S, guard.V, side=cfg.side,
                                         mode=cfg.mode)
-            elif not guard.holds_U:  # right, always: the sketch G V is all the removal needs
+            elif not guard.holds_U:  # (not reached in grad mode today) the sketch G V is all the removal needs
                 stats = P.project_sketched_(grads[0], P.sketch(grads[0], guard.U, guard.V, "right"),
                                             torch.zeros_like(guard.S), guard.U, guard.S, guard.V, side="right",
                                             mode="always")
@@ -516,7 +517,8 @@ class SPFProjector:
         what was removed, per step; ``spf/removed_norm_frac`` (grad mode): that norm over the gradient norm, on the
         steps where the monitor reports (measuring it costs a pass over the gradients);
         ``spf/safety_drift``: predicted first-order safety-loss change so far (0 by construction for the right side
-        with ``always`` under full fine-tuning, where ``dW V = 0`` fixes the core and no U is held);
+        with ``always`` and ``project="update"`` under full fine-tuning, where the step's ``dW V = 0`` fixes the
+        core and no U is held; rounding of low-precision weights is not seen there);
         ``spf/safety_loss``: measured on the
         safety samples (needs the tokenizer), on the tokens the subspace was estimated from (with ``onset_tokens``,
         each refusal's first tokens), so that it is the loss whose change ``safety_drift`` predicts.

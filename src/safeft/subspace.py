@@ -186,6 +186,8 @@ def response_loss_sum(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tenso
         if "logits_to_keep" not in str(error):
             raise
         logits, keep = model(**inputs).logits, labels.shape[1]
+    if keep and logits.shape[1] > keep:  # a forward that took the argument but not its meaning
+        logits = logits[:, -keep:]
     return response_token_loss_sum(logits, labels[:, labels.shape[1] - keep:] if keep else labels)
 
 
