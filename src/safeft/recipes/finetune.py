@@ -62,7 +62,7 @@ def finetune(model_dir: str | Path, data: DataConfig, method: Method, train_conf
               "global_batch_size": train_config.batch_size * train_config.gradient_accumulation * world_size()}
     main = is_main_process()  # launched as several processes, only the main one writes
     if resume:
-        _check_resumable(out, record)
+        _check_resumable(out, record, method)
     elif main:
         write_json(out / "config.json", record)
     task = task_of(data)
@@ -107,11 +107,15 @@ def _check_alignment_stage(model_dir: Path, method: Method) -> None:
                       stacklevel=3)
 
 
-def _check_resumable(out: Path, record: dict) -> None:
-    """Raise unless ``out`` holds an interrupted run whose recorded settings equal ``record``."""
+def _check_resumable(out: Path, record: dict, method: Method) -> None:
+    """Raise unless ``out`` holds an interrupted run whose recorded settings equal ``record`` (an option the record
+    lacks was added to safeft later, and had its default when the run started)."""
     if not (out / "config.json").exists():
         raise FileNotFoundError(f"nothing to resume in {out}: no config.json of an interrupted run")
     before = json.loads((out / "config.json").read_text())
+    for key, defaults in (("method_options", method.Config()), ("data", DataConfig()), ("train", TrainConfig())):
+        if isinstance(before.get(key), dict):
+            before[key] = {**json.loads(json.dumps(asdict(defaults))), **before[key]}
     differ = sorted(k for k, v in json.loads(json.dumps(record)).items() if before.get(k) != v)
     if differ:
         raise ValueError(f"the interrupted run in {out} was started with other settings ({', '.join(differ)} "
