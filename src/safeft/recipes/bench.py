@@ -155,8 +155,8 @@ def run_identity(config: BenchConfig, setting: Setting, seed: int, method) -> di
     train_config = config.run_train_config(setting, seed)
     train = {k: v for k, v in train_config.to_dict().items() if k != "save_every"}
     identity = {"setting": asdict(setting), "method": method.name, "method_options": method.options(train_config),
-                "seed": seed,
-                "model": config.model, "train": train, "judge": config.judge, "max_new_tokens": config.max_new_tokens}
+                "seed": seed, "model": config.model, "train": train, "judge": config.judge,
+                "max_new_tokens": config.max_new_tokens}
     if config.jailbreaks:  # only then: run files written before jailbreaks existed stay valid
         identity["jailbreaks"] = {"templates": config.jailbreaks, "requests": config.jailbreak_requests}
     return identity
@@ -176,12 +176,11 @@ def _finished(config: BenchConfig, out: Path, setting: Setting, seed: int, label
     path = run_path(out, setting, label, seed)
     if not path.exists():
         return False
+    from safeft.recipes.outputs import fill_defaults
+
     record = json.loads(path.read_text())
     expected = run_identity(config, setting, seed, method)
-    # a field a run file lacks was added to safeft later, and had its default when the file was written
-    for key, defaults in (("setting", Setting()), ("train", TrainConfig()), ("method_options", method.Config())):
-        if isinstance(record.get(key), dict):
-            record[key] = {**{k: v for k, v in asdict(defaults).items() if k in expected[key]}, **record[key]}
+    fill_defaults(record, expected, {"setting": Setting(), "train": TrainConfig(), "method_options": method.Config()})
     differ = sorted(k for k, v in expected.items() if json.loads(json.dumps(v)) != record.get(k))
     if differ:
         raise ValueError(f"{path} holds a finished run made with other settings ({', '.join(differ)} differ); "

@@ -16,7 +16,7 @@ from safeft.data.tasks import Task, load_task
 from safeft.distributed import barrier, is_main_process, world_size
 from safeft.methods import Method, RunContext
 from safeft.models import dir_fingerprint
-from safeft.recipes.outputs import write_json
+from safeft.recipes.outputs import fill_defaults, write_json
 
 
 def task_of(data: DataConfig) -> Task:
@@ -113,9 +113,7 @@ def _check_resumable(out: Path, record: dict, method: Method) -> None:
     if not (out / "config.json").exists():
         raise FileNotFoundError(f"nothing to resume in {out}: no config.json of an interrupted run")
     before = json.loads((out / "config.json").read_text())
-    for key, defaults in (("method_options", method.Config()), ("data", DataConfig()), ("train", TrainConfig())):
-        if isinstance(before.get(key), dict):
-            before[key] = {**json.loads(json.dumps(asdict(defaults))), **before[key]}
+    fill_defaults(before, record, {"method_options": method.Config(), "data": DataConfig(), "train": TrainConfig()})
     differ = sorted(k for k, v in json.loads(json.dumps(record)).items() if before.get(k) != v)
     if differ:
         raise ValueError(f"the interrupted run in {out} was started with other settings ({', '.join(differ)} "

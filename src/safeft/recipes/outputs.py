@@ -210,3 +210,17 @@ def write_json(path: str | Path, data) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def fill_defaults(recorded: dict, expected: dict, defaults: dict) -> None:
+    """Give ``recorded`` (a run's settings as a file holds them) the defaults of the options it lacks, in place.
+
+    An option a file lacks was added to safeft after it was written, and had its default then. ``defaults`` maps a
+    key of the record to the dataclass instance holding that part's defaults; only the options ``expected`` (the
+    record as this version writes it) has for that key are filled, as JSON values."""
+    from dataclasses import asdict
+
+    for key, instance in defaults.items():
+        if isinstance(recorded.get(key), dict) and isinstance(expected.get(key), dict):
+            filled = {k: v for k, v in json.loads(json.dumps(asdict(instance))).items() if k in expected[key]}
+            recorded[key] = {**filled, **recorded[key]}
