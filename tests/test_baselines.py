@@ -134,6 +134,9 @@ def test_safelora_projects_exactly_the_dissimilar_lora_layers(tmp_path):
             assert float(b.norm()) < 1e-4 * float(before[name].norm())
         else:
             assert torch.equal(b, before[name])
+    facts = method.facts(model)  # what a bench run records: the count against the threshold
+    assert facts["projected_layers"] == sum(expected.values()) and facts["layers"] == len(expected)
+    assert facts["similarity_min"] < 0.5 <= facts["similarity_max"]
     merged = model.merge_and_unload()  # what is saved: the projected update merged into the weights
     assert merged is not None
 

@@ -97,5 +97,14 @@ class SafeLoRA(PostHocMethod):
             write_json(run.out / "safelora.json", {"threshold": self.config.threshold, "base_model": run.base_model,
                                                   "projected": sum(v["projected"] for v in layers.values()),
                                                   "layers": layers})
-        self.aligned = {}
+        self.aligned, self.layers = {}, layers
         return model
+
+    def facts(self, model) -> dict:
+        """Return how many layers were projected (``projected_layers`` of ``layers``) and the layers' similarities
+        (``similarity_min``, ``similarity_median``, ``similarity_max``), to read a threshold against."""
+        if not getattr(self, "layers", None):
+            return {}
+        sims = sorted(v["similarity"] for v in self.layers.values())
+        return {"projected_layers": sum(v["projected"] for v in self.layers.values()), "layers": len(sims),
+                "similarity_min": sims[0], "similarity_median": sims[len(sims) // 2], "similarity_max": sims[-1]}
