@@ -143,9 +143,11 @@ def profile_projection(model, subspace, side: str, repeats: int = 5) -> dict:
 
     def seconds(fn) -> float:
         fn()
+        sync()
         start = time.perf_counter()
         for _ in range(repeats):
             fn()
+        sync()
         return (time.perf_counter() - start) / repeats
 
     return {
@@ -241,7 +243,9 @@ def to_markdown(result: dict) -> str:
                       f"{s[f'{m}_hooks_s']:.3f} s = {100 * s[f'{m}_hooks_ratio']:.1f}%"]
         lines.append(f"| {setting} | " + " | ".join(cells) + " |")
     lines += ["", "Ratios: median over rounds of (SPF step / SFT step in the same round), with the interquartile "
-              "range. SPF hooks: median time inside SPF's own pre/post-step hooks, as a share of the SFT step."]
+              "range. SPF hooks: median time inside SPF's own pre/post-step hooks, as a share of the SFT step"
+              + (" (host time: on CUDA the hooks only launch their kernels, so this is the launch cost)."
+                 if result["device"] == "cuda" else ".")]
     p = result["full"]["profile"]
     per_element = {k: 1e9 * p[k] / p["gradient_elements"] for k in ("sketch_s", "subtract_addmm_s",
                                                                        "plain_read_pass_s")}
@@ -249,9 +253,9 @@ def to_markdown(result: dict) -> str:
         "",
         f"Where SPF's time goes (full fine-tuning, all {p['gradient_elements'] / 1e6:.0f}M target gradient "
         f"entries): the {result['full']['side']} sketch takes {p['sketch_s']:.3f} s "
-        f"({per_element['sketch_s']:.2f} ns per entry), the in-place removal {p['subtract_addmm_s']:.3f} s "
-        f"({per_element['subtract_addmm_s']:.2f} ns), against {p['plain_read_pass_s']:.3f} s "
-        f"({per_element['plain_read_pass_s']:.2f} ns) for one plain read of the same gradients.",
+        f"({per_element['sketch_s']:.3g} ns per entry), the in-place removal {p['subtract_addmm_s']:.3f} s "
+        f"({per_element['subtract_addmm_s']:.3g} ns), against {p['plain_read_pass_s']:.3f} s "
+        f"({per_element['plain_read_pass_s']:.3g} ns) for one plain read of the same gradients.",
     ]
     e = result["estimation"]
     lines += [

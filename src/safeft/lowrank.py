@@ -115,8 +115,10 @@ def factor_svd(left: Tensor, right: Tensor, max_rank: int) -> tuple[Tensor, Tens
 
 def small_svd(M: Tensor, q: int) -> tuple[Tensor, Tensor, Tensor]:
     """Return the top ``q`` singular triplets ``u: (a, q)``, ``s: (q,)``, ``v: (b, q)`` of a small ``M: (a, b)``
-    (fp32): LAPACK's SVD on the CPU, :func:`gram_svd` on an accelerator."""
-    if M.device.type == "cpu":
+    (fp32), ``q <= min(a, b)``: :func:`gram_svd` on CUDA, LAPACK's SVD elsewhere."""
+    if q > min(M.shape):
+        raise ValueError(f"asked for {q} singular triplets of a {tuple(M.shape)} matrix")
+    if M.device.type != "cuda":
         u, s, vh = torch.linalg.svd(M, full_matrices=False)
         return u[:, :q], s[:q], vh[:q].T
     return gram_svd(M, q)

@@ -14,6 +14,7 @@ Departures from the paper, and why:
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +67,7 @@ class SafeLoRA(PostHocMethod):
 
     def __init__(self, config=None, name: str | None = None):
         super().__init__(config, name or "safelora")
+        self.layers: dict[str, dict] = {}  # after training: name -> {similarity, projected}
 
     def after_training(self, model, tokenizer, run: RunContext):
         from safeft.distributed import is_main_process
@@ -103,8 +105,9 @@ class SafeLoRA(PostHocMethod):
     def facts(self, model) -> dict:
         """Return how many layers were projected (``projected_layers`` of ``layers``) and the layers' similarities
         (``similarity_min``, ``similarity_median``, ``similarity_max``), to read a threshold against."""
-        if not getattr(self, "layers", None):
+        if not self.layers:
             return {}
-        sims = sorted(v["similarity"] for v in self.layers.values())
+        sims = [v["similarity"] for v in self.layers.values()]
         return {"projected_layers": sum(v["projected"] for v in self.layers.values()), "layers": len(sims),
-                "similarity_min": sims[0], "similarity_median": sims[len(sims) // 2], "similarity_max": sims[-1]}
+                "similarity_min": min(sims), "similarity_median": statistics.median(sims),
+                "similarity_max": max(sims)}
