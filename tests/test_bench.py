@@ -215,3 +215,23 @@ def test_a_bench_with_jailbreaks_reports_their_asr(tiny_dir, cache, tmp_path):
     assert run["jailbreak_asr"] is not None and summary["rows"][0]["jailbreak_asr"]["n"] == 12  # 12 templates
     assert "template jailbreak ASR" in (tmp_path / "bench" / "bench.md").read_text()
     assert summary["aligned"] and summary["aligned"][0]["jailbreak_asr"] is not None
+
+
+def test_the_best_defence_is_the_least_harmful_that_keeps_sft_accuracy():
+    from safeft.evaluate.stats import rate
+    from safeft.recipes.bench import best_per_setting
+
+    def row(setting, label, harmful, accuracy, n=80):
+        return {"setting": setting, "label": label, "method": label.split()[0], "task_loss": 0.1,
+                "harmful_score": rate(harmful, n), "accuracy": rate(accuracy, 100), "step_time_vs_sft": 1.0}
+
+    rows = [row("p", "sft", 70, 80), row("p", "spf", 8, 80), row("p", "mix", 10, 80), row("p", "prune", 0, 70),
+            row("p", "lisa", 40, 79),
+            row("benign", "sft", 5, 80), row("benign", "spf", 6, 60),  # spf loses 20 points: sft stays best
+            row("no-accuracy", "sft", 50, 0) | {"accuracy": None}]
+    best = {b["setting"]: b for b in best_per_setting(rows)}
+    assert set(best) == {"p", "benign"}  # a setting without an accuracy has no winner
+    assert best["p"]["best"] == "spf" and best["p"]["excluded"] == ["prune"]  # 0% harmful but 10 points lost
+    assert "lisa" in best["p"]["eligible"]  # exactly 1 point lost: still compared
+    assert best["p"]["tied"] == ["mix"]  # 10/80 lies in spf's interval for 8/80; lisa's 40/80 does not
+    assert best["benign"]["best"] == "sft" and best["benign"]["excluded"] == ["spf"]

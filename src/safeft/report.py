@@ -71,6 +71,15 @@ def bench_markdown(summary: dict, aligned: list[dict], runs: list[dict]) -> str:
                      f"{format_rate(r['accuracy'])} | {_number(r['safety_loss'])} | {_number(r['task_loss'])} | "
                      f"{_number(r['step_time_vs_sft'], 2, 'x')} | {_number(r['peak_memory_vs_sft'], 2, 'x')} |"
                      + (f" {format_rate(r.get('jailbreak_asr'))} |" if jailbreaks else ""))
+    if summary.get("best"):
+        lines += ["", "Best defence per setting: the lowest harmful score among the methods whose accuracy is within "
+                  "1 point of SFT's (SFT included); tied = a score inside the best's 95% interval.", "",
+                  "| setting | best | harmful % | accuracy % | step time vs SFT | tied | lost accuracy |",
+                  "|---|---|---|---|---|---|---|"]
+        for b in summary["best"]:
+            lines.append(f"| {b['setting']} | {b['best']} | {b['harmful_score']:.1f} | {b['accuracy']:.1f} | "
+                         f"{_number(b['step_time_vs_sft'], 2, 'x')} | {', '.join(b['tied']) or '-'} | "
+                         f"{', '.join(b['excluded']) or '-'} |")
     if any(len(r["seeds"]) > 1 for r in summary["rows"]):
         lines += ["", "Harmful score % per seed:", ""]
         for r in summary["rows"]:
