@@ -18,9 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-from safeft.recipes.bench import read_runs
-
-ACCURACY_SLACK = 1.0  # points of validation accuracy a candidate may lose against sft
+from safeft.recipes.bench import ACCURACY_SLACK, read_runs  # the points of accuracy a defence may lose against sft
 
 
 def candidates(bench_dirs: list[str]) -> list[dict]:

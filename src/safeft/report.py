@@ -73,7 +73,8 @@ def bench_markdown(summary: dict, aligned: list[dict], runs: list[dict]) -> str:
                      + (f" {format_rate(r.get('jailbreak_asr'))} |" if jailbreaks else ""))
     if summary.get("best"):
         lines += ["", "Best defence per setting: the lowest harmful score among the methods whose accuracy is within "
-                  "1 point of SFT's (SFT included); tied = a score inside the best's 95% interval.", "",
+                  f"{summary['best'][0]['accuracy_slack']:g} point of SFT's (SFT included); tied = a score inside "
+                  "the best's 95% interval.", "",
                   "| setting | best | harmful % | accuracy % | step time vs SFT | tied | lost accuracy |",
                   "|---|---|---|---|---|---|---|"]
         for b in summary["best"]:
