@@ -29,7 +29,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from tqdm.auto import tqdm
@@ -133,11 +132,11 @@ def measure_tokens(base, tokenizer, tokens: int, lora: bool, rounds: int, warmup
     return out
 
 
-def profile_projection(model, subspace, side: str, repeats: int = 5) -> dict:
-    """Split the cost of one grad-mode projection over all targets into its passes over the gradients."""
-    pieces = [(t.base.weight.grad, subspace[name]) for name, t in subspace.check_model(model).items()]
-    # the bases on the gradient's device, as the projector holds them
-    pieces = [(G, SimpleNamespace(**{f: getattr(b, f).to(G.device) for f in ("U", "S", "V")})) for G, b in pieces]
+def profile_projection(projector, repeats: int = 5) -> dict:
+    """Split the cost of one grad-mode projection over all targets into its passes over the gradients, with the
+    bases as the projector holds them (fp32, on each target's device)."""
+    side = projector.config.side
+    pieces = [(g.target.base.weight.grad, g) for g in projector.guards]
     zeros = [torch.zeros_like(P.sketch(G, b.U, b.V, side)) for G, b in pieces]
     ones = [torch.ones_like(b.S) for _, b in pieces]
 
@@ -183,7 +182,7 @@ def measure_setting(base, tokenizer, batch, lora: bool, rounds: int, warmup: int
     if not lora:
         model, _, projector, _ = trainers["spf_grad"]
         model(**batch).loss.backward()  # leave real gradients in place to time the passes on
-        out["profile"] = profile_projection(model, projector.subspace, projector.config.side)
+        out["profile"] = profile_projection(projector)
         out["subspace"] = projector.subspace
     return out
 
