@@ -213,3 +213,23 @@ def test_trainable_parameters_spf_cannot_project_are_named_in_a_warning(tokenize
             warnings.simplefilter("error")
             attach_spf(torch.optim.SGD([p for p in frozen_or_lora.parameters() if p.requires_grad], lr=0.1),
                        frozen_or_lora, subspace, SPFConfig(rank=8))
+
+
+@pytest.mark.parametrize("mode", ["always", "conflict"])
+def test_update_monitor_reports_what_the_correction_removed(tokenizer, benign_batch, subspace, mode):
+    """The step's removed norm (summed over targets in one pass) is the norm of what SPF took off the weights,
+    and the conflict rate counts the targets where it removed anything."""
+    plain, guarded = tiny_llama(seed=0), tiny_llama(seed=0)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (plain, guarded)]
+    handle = attach_spf(optimizers[1], guarded, subspace, SPFConfig(rank=8, mode=mode, project="update"))
+    for model, optimizer in zip((plain, guarded), optimizers):
+        train_steps(model, optimizer, benign_batch, 1)
+    targets = [(find_targets(plain)[n].base.weight, find_targets(guarded)[n].base.weight) for n in subspace.bases]
+    removed = [float((a - b).norm()) for a, b in targets]
+    metrics = handle.projector.metrics(measure_loss=False)
+    assert metrics["spf/removed_norm"] == pytest.approx(sum(r * r for r in removed) ** 0.5, rel=1e-3)
+    assert metrics["spf/removed_norm"] > 0
+    changed = sum(r > 1e-6 for r in removed) / len(removed)
+    assert metrics["spf/conflict_rate"] == pytest.approx(changed)
+    if mode == "always":
+        assert changed == 1.0

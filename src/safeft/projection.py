@@ -19,7 +19,8 @@ see, restricted to the directions the chosen mode selects:
     two_sided  G - U_D U_D^T G V_D V_D^T       only the r x r core
 
 with ``D`` every direction (``always``), every direction when the conflict test fires (``conflict``), or the
-directions with ``C_ii < 0`` (``directional``). All math runs in fp32; results are cast back to G's dtype.
+directions with ``C_ii < 0`` (``directional``). All math runs in fp32 (products with a bf16/fp16 G on CUDA run
+in its dtype with fp32 accumulation and output); results are cast back to G's dtype.
 
 Work is organised around a *sketch* of G, the only part of G the removal needs: ``U^T G`` (r, n) for ``left``,
 ``G V`` (m, r) for ``right``, ``U^T G V`` (r, r) for ``two_sided``. Sketches are linear in G, which is what lets
@@ -52,14 +53,28 @@ def safety_inner(G: Tensor, U: Tensor, S: Tensor, V: Tensor) -> Tensor:
 
 def sketch(G: Tensor, U: Tensor, V: Tensor, side: Side) -> Tensor:
     """Return the fp32 sketch of G that ``side`` needs: ``U^T G`` (r, n), ``G V`` (m, r) or ``U^T G V`` (r, r)."""
-    G = G.float()
     if side == "left":
-        return U.float().T @ G
+        return _mm_fp32(U.T, G)
     if side == "right":
-        return G @ V.float()
+        return _mm_fp32(G, V)
     if side == "two_sided":
-        return U.float().T @ G @ V.float()
+        return _mm_fp32(U.T, G) @ V.float()
     raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+
+
+def _fused_low_precision(X: Tensor) -> bool:
+    """Return True when products with ``X`` run in X's own dtype: a bf16/fp16 tensor on CUDA, where cuBLAS
+    accumulates in fp32, so the fp32 copy of X (a pass over the whole matrix) is not needed."""
+    return X.is_cuda and X.dtype in (torch.bfloat16, torch.float16)
+
+
+def _mm_fp32(A: Tensor, B: Tensor) -> Tensor:
+    """Return ``A @ B`` as fp32 for 2-D operands. When one is a low-precision CUDA matrix the other (the thin basis)
+    is rounded to its dtype and the product is accumulated and returned in fp32 (``torch.mm(..., out_dtype=)``)."""
+    big = A if A.numel() >= B.numel() else B
+    if _fused_low_precision(big):
+        return torch.mm(A.to(big.dtype), B.to(big.dtype), out_dtype=torch.float32)
+    return A.float() @ B.float()
 
 
 def core_diagonal(sk: Tensor, U: Tensor, V: Tensor, side: Side) -> Tensor:
@@ -87,18 +102,21 @@ def removal_mask(diag: Tensor, S: Tensor, mode: Mode) -> Tensor:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
-def removed_part(sk: Tensor, U: Tensor, V: Tensor, mask: Tensor, side: Side) -> Tensor:
+def removed_part(sk: Tensor, U: Tensor, V: Tensor, mask: Tensor | None, side: Side) -> Tensor:
     """Return the fp32 ``(m, n)`` component of G to subtract, from its sketch and a direction mask ``(r,)``."""
     left, right = _removal_factors(sk, U, V, mask, side)
     return left @ right
 
 
-def masked_sketch(sk: Tensor, mask: Tensor, side: Side) -> Tensor:
-    """Return the sketch of the part to remove: ``sk`` with the unselected directions zeroed (rows, columns or both).
+def masked_sketch(sk: Tensor, mask: Tensor | None, side: Side) -> Tensor:
+    """Return the sketch of the part to remove: ``sk`` with the unselected directions zeroed (rows, columns or both);
+    ``sk`` itself when ``mask`` is None (every direction, ``mode="always"``: no pass over the sketch).
 
     Because the bases are orthonormal this is also the removed part's own sketch, so after ``X -= removal``
     the sketch of X is ``sk - masked_sketch(sk, mask, side)``.
     """
+    if mask is None:
+        return sk
     if side == "left":
         return mask[:, None] * sk  # (r, n)
     if side == "right":
@@ -106,7 +124,7 @@ def masked_sketch(sk: Tensor, mask: Tensor, side: Side) -> Tensor:
     return mask[:, None] * sk * mask[None, :]  # (r, r)
 
 
-def _removal_factors(sk: Tensor, U: Tensor, V: Tensor, mask: Tensor, side: Side) -> tuple[Tensor, Tensor]:
+def _removal_factors(sk: Tensor, U: Tensor, V: Tensor, mask: Tensor | None, side: Side) -> tuple[Tensor, Tensor]:
     """Return thin fp32 factors ``(m, q) @ (q, n)`` of the part to remove."""
     kept = masked_sketch(sk, mask, side)
     if side == "left":
@@ -116,19 +134,23 @@ def _removal_factors(sk: Tensor, U: Tensor, V: Tensor, mask: Tensor, side: Side)
     return U.float() @ kept, V.float().T  # (m, r), (r, n)
 
 
-def removed_energy(sk: Tensor, mask: Tensor, side: Side) -> Tensor:
+def removed_energy(sk: Tensor, mask: Tensor | None, side: Side) -> Tensor:
     """Return ``||removed part||^2`` from the sketch alone (the bases are orthonormal), as an fp32 scalar."""
     return masked_sketch(sk, mask, side).pow(2).sum()
 
 
-def subtract_(X: Tensor, sk: Tensor, U: Tensor, V: Tensor, mask: Tensor, side: Side) -> None:
-    """Subtract the masked removal of sketch ``sk`` from ``X: (m, n)`` in place (fp32 math, cast back).
+def subtract_(X: Tensor, sk: Tensor, U: Tensor, V: Tensor, mask: Tensor | None, side: Side) -> None:
+    """Subtract the masked removal of sketch ``sk`` from ``X: (m, n)`` in place (``mask=None``: every direction).
 
-    Used on gradients and on weights (``project="update"``). One fused ``addmm`` pass for fp32 tensors.
+    Used on gradients and on weights (``project="update"``). One fused ``addmm`` pass for fp32 tensors and for
+    bf16/fp16 tensors on CUDA (thin factors rounded to X's dtype, fp32 accumulation, one rounding of the result, as
+    the cast back would do); elsewhere fp32 math, cast back.
     """
     left, right = _removal_factors(sk, U, V, mask, side)
     if X.dtype == torch.float32:
         X.addmm_(left, right, alpha=-1.0)
+    elif _fused_low_precision(X):
+        X.addmm_(left.to(X.dtype), right.to(X.dtype), alpha=-1.0)
     else:
         X.copy_((X.float() - left @ right).to(X.dtype))
 

@@ -273,9 +273,8 @@ class SPFProjector:
         if self.config.project == "update":
             if self.sharded:
                 self._project_updates_sharded()
+            self._project_updates([g for g in self.guards if not g.sharded])
             for guard in self.guards:
-                if not guard.sharded:
-                    self._project_update(guard)
                 guard.before = ()
         self.step += 1
         self._steps += 1
@@ -310,29 +309,56 @@ class SPFProjector:
             return guard.U.T @ local(t.lora_B).float(), local(t.lora_A).float() @ guard.V  # (r, k), (k, r)
         return (P.sketch(local(t.base.weight), guard.U, guard.V, self.config.side),)
 
-    def _project_update(self, guard: _Guard) -> None:
+    def _project_updates(self, guards: list[_Guard]) -> None:
+        """Correct the weight change of every (unsharded) guard from its sketches before and after the step.
+
+        The finiteness test and the removed energy are taken over all guards at once (one fused norm), so a step
+        costs one host sync, not one per target; on an accelerator the per-target work is then a few launches."""
+        if not guards:
+            return
+        deltas, removed, fired = [], [], []
+        for guard in guards:
+            d, r, f = self._project_update(guard)
+            deltas += d
+            removed += r
+            fired.append(f)
+        if not torch.isfinite(torch.nn.utils.get_total_norm(deltas)):
+            bad = (g.target.name for g in guards for a, b in zip(self._sketches(g), g.before)
+                   if not torch.isfinite(a - b).all())
+            raise FloatingPointError(self._non_finite_message(next(bad, "(one of them)")))
+        removed_sq = torch.nn.utils.get_total_norm(removed) ** 2 if removed else torch.zeros(())
+        self._count_many(sum(fired) if self.config.mode == "always" else torch.stack(fired).sum(), removed_sq,
+                         len(guards))
+
+    def _project_update(self, guard: _Guard) -> tuple[list[Tensor], list[Tensor], Tensor | float]:
+        """Remove the conflicting part of one guard's weight change; return the change's sketches, the removed
+        parts' sketches and whether any direction was removed (1.0, or a 0-d tensor when the mode tests)."""
         t, cfg = guard.target, self.config
         after = self._sketches(guard)
         deltas = [a - b for a, b in zip(after, guard.before)]  # sketches of the weight change the optimizer made
-        if not all(torch.isfinite(d).all() for d in deltas):
-            raise FloatingPointError(self._non_finite_message(t.name))
         if t.is_lora:
-            (ub_old, av_old), (ub_new, av_new) = guard.before, after
-            diag = t.scaling * torch.diagonal(ub_new @ av_new - ub_old @ av_old)  # diag(U^T dW V)
             sides, projected = ("left", "right"), P.lora_projected_factors(cfg.side)  # B is sketched left, A right
         else:
-            diag = P.core_diagonal(deltas[0], guard.U, guard.V, cfg.side) if guard.holds_U else torch.zeros_like(
-                guard.S)  # right, always: every direction goes, no test to make
             sides, projected = (cfg.side,), (True,)
-        mask = P.removal_mask(-diag, guard.S, cfg.mode)  # a weight change dW acts like a step along -dW
-        removed = [P.masked_sketch(d, mask, side) if on else torch.zeros_like(d)
-                   for d, side, on in zip(deltas, sides, projected)]
+        if cfg.mode == "always":  # every direction goes: no conflict test to make, no mask to apply
+            mask, fired = None, 1.0
+        else:
+            if t.is_lora:
+                (ub_old, av_old), (ub_new, av_new) = guard.before, after
+                diag = t.scaling * torch.diagonal(ub_new @ av_new - ub_old @ av_old)  # diag(U^T dW V)
+            else:
+                diag = P.core_diagonal(deltas[0], guard.U, guard.V, cfg.side)
+            mask = P.removal_mask(-diag, guard.S, cfg.mode)  # a weight change dW acts like a step along -dW
+            fired = (mask.sum() > 0).float()
+        removed = [P.masked_sketch(d, mask, side) if on else None for d, side, on in zip(deltas, sides, projected)]
         for weight, delta, side, on in zip(guard.weights(), deltas, sides, projected):
             if on:
                 P.subtract_(weight.data, delta, guard.U, guard.V, mask, side)  # .data: no version bump, no autograd
-        guard.corrected = tuple(a - r for a, r in zip(after, removed))
+        # the sketches now; a projected factor's whole change is removed under "always", so it is back where it was
+        guard.corrected = tuple(a if r is None else b if mask is None else a - r
+                                for a, b, r in zip(after, guard.before, removed))
         guard.versions = tuple(w._version for w in guard.weights())
-        self._count((mask.sum() > 0).float(), sum(r.pow(2).sum() for r in removed), None)
+        return deltas, [r for r in removed if r is not None], fired
 
     # --- FSDP2: this process's rows, one all-reduce per step for every target ----------------------------------
 
@@ -477,7 +503,15 @@ class SPFProjector:
             self._add("sampled_removed_sq" + suffix, removed_sq)
             self._add("sampled_grad_sq" + suffix, grad_sq)
 
-    def _add(self, metric: str, value: Tensor) -> None:
+    def _count_many(self, fired: Tensor | float, removed_sq: Tensor, checked: int) -> None:
+        """Count ``checked`` (target, step) pairs at once, ``fired`` of them with a removal."""
+        self._checked += checked
+        self._add("fired", fired)
+        self._add("removed_sq", removed_sq)
+
+    def _add(self, metric: str, value: Tensor | float) -> None:
+        if not isinstance(value, Tensor):
+            value = torch.tensor(float(value))
         key = (metric, value.device)
         self._sums[key] = self._sums[key] + value if key in self._sums else value.detach().clone()
 
