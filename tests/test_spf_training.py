@@ -110,14 +110,20 @@ def test_refresh_reestimates_at_current_weights(tokenizer, benign_batch, subspac
     assert handle.projector.step == 2  # detached: no more projection
 
 
-def test_nan_gradient_is_a_clear_error(tokenizer, benign_batch, subspace):
+@pytest.mark.parametrize("project, mode", [("update", "always"), ("update", "conflict"), ("grad", "always"),
+                                           ("grad", "conflict")])
+def test_nan_gradient_is_a_clear_error(tokenizer, benign_batch, subspace, project, mode):
+    """One finiteness test per step for all targets; it names the target that went non-finite, and it comes before
+    SPF writes anything: the weights hold only the optimizer's own NaN (update) or none (grad: no step taken)."""
     model = tiny_llama(seed=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    attach_spf(optimizer, model, subspace, SPFConfig(rank=8, mode="always"))
+    attach_spf(optimizer, model, subspace, SPFConfig(rank=8, mode=mode, project=project))
     model(**benign_batch).loss.backward()
-    model.model.layers[0].self_attn.q_proj.weight.grad[0, 0] = float("nan")
+    weight = model.model.layers[0].self_attn.q_proj.weight
+    weight.grad[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="non-finite gradient.*q_proj"):
         optimizer.step()
+    assert int((~torch.isfinite(weight)).sum()) == (1 if project == "update" else 0)
 
 
 def test_update_projection_notices_weights_written_between_steps(tokenizer, benign_batch, subspace):

@@ -62,18 +62,18 @@ def sketch(G: Tensor, U: Tensor, V: Tensor, side: Side) -> Tensor:
     raise ValueError(f"side must be one of {SIDES}, got {side!r}")
 
 
-def _fused_low_precision(X: Tensor) -> bool:
-    """Return True when products with ``X`` run in X's own dtype: a bf16/fp16 tensor on CUDA, where cuBLAS
-    accumulates in fp32, so the fp32 copy of X (a pass over the whole matrix) is not needed."""
+def _low_precision_cuda(X: Tensor) -> bool:
+    """Return True for a bf16/fp16 tensor on CUDA, where cuBLAS multiplies in that dtype with fp32 accumulation, so
+    the fp32 copy of X (a pass over the whole matrix) is not needed."""
     return X.is_cuda and X.dtype in (torch.bfloat16, torch.float16)
 
 
 def _mm_fp32(A: Tensor, B: Tensor) -> Tensor:
-    """Return ``A @ B`` as fp32 for 2-D operands. When one is a low-precision CUDA matrix the other (the thin basis)
+    """Return ``A @ B`` as fp32 for 2-D operands. When one is a low-precision CUDA matrix the other (the fp32 basis)
     is rounded to its dtype and the product is accumulated and returned in fp32 (``torch.mm(..., out_dtype=)``)."""
-    big = A if A.numel() >= B.numel() else B
-    if _fused_low_precision(big):
-        return torch.mm(A.to(big.dtype), B.to(big.dtype), out_dtype=torch.float32)
+    low = next((X for X in (A, B) if _low_precision_cuda(X)), None)
+    if low is not None:
+        return torch.mm(A.to(low.dtype), B.to(low.dtype), out_dtype=torch.float32)
     return A.float() @ B.float()
 
 
@@ -103,7 +103,8 @@ def removal_mask(diag: Tensor, S: Tensor, mode: Mode) -> Tensor:
 
 
 def removed_part(sk: Tensor, U: Tensor, V: Tensor, mask: Tensor | None, side: Side) -> Tensor:
-    """Return the fp32 ``(m, n)`` component of G to subtract, from its sketch and a direction mask ``(r,)``."""
+    """Return the fp32 ``(m, n)`` component of G to subtract, from its sketch and a direction mask ``(r,)`` (None:
+    every direction)."""
     left, right = _removal_factors(sk, U, V, mask, side)
     return left @ right
 
@@ -142,14 +143,15 @@ def removed_energy(sk: Tensor, mask: Tensor | None, side: Side) -> Tensor:
 def subtract_(X: Tensor, sk: Tensor, U: Tensor, V: Tensor, mask: Tensor | None, side: Side) -> None:
     """Subtract the masked removal of sketch ``sk`` from ``X: (m, n)`` in place (``mask=None``: every direction).
 
-    Used on gradients and on weights (``project="update"``). One fused ``addmm`` pass for fp32 tensors and for
-    bf16/fp16 tensors on CUDA (thin factors rounded to X's dtype, fp32 accumulation, one rounding of the result, as
-    the cast back would do); elsewhere fp32 math, cast back.
+    Used on gradients and on weights (``project="update"``). One fused ``addmm`` pass for fp32 tensors and for bf16
+    tensors on CUDA (the thin factors rounded to bf16, fp32 accumulation, the result rounded once: a few entries
+    land one bf16 step away from the fp32 path's); elsewhere (fp16 too, whose range the rounded factors could
+    exceed) fp32 math, cast back.
     """
     left, right = _removal_factors(sk, U, V, mask, side)
     if X.dtype == torch.float32:
         X.addmm_(left, right, alpha=-1.0)
-    elif _fused_low_precision(X):
+    elif X.is_cuda and X.dtype == torch.bfloat16:
         X.addmm_(left.to(X.dtype), right.to(X.dtype), alpha=-1.0)
     else:
         X.copy_((X.float() - left @ right).to(X.dtype))
@@ -184,30 +186,34 @@ class ProjectionStats:
     removed_sq: Tensor  # ||G - G'||^2
 
 
-def project_(G: Tensor, U: Tensor, S: Tensor, V: Tensor, *, side: Side = "left",
-             mode: Mode = "conflict") -> ProjectionStats:
+def project_(G: Tensor, U: Tensor, S: Tensor, V: Tensor, *, side: Side = "left", mode: Mode = "conflict",
+             check: bool = True) -> ProjectionStats:
     """Project G in place like :func:`project` and return the conflict inner product and what was removed.
+
+    ``check=False`` skips the finiteness test (a host sync on an accelerator): a caller projecting many matrices
+    tests the returned ``inner_before`` of all of them at once instead, which is non-finite whenever G is.
 
     Raises:
         FloatingPointError: if G holds NaN or inf (seen through its sketch, which any non-finite entry reaches).
     """
     _check_shapes(G, U, S, V)
     sk = sketch(G, U, V, side)
-    return project_sketched_(G, sk, core_diagonal(sk, U, V, side), U, S, V, side=side, mode=mode)
+    return project_sketched_(G, sk, core_diagonal(sk, U, V, side), U, S, V, side=side, mode=mode, check=check)
 
 
 def project_sketched_(G: Tensor, sk: Tensor, diag: Tensor, U: Tensor, S: Tensor, V: Tensor, *, side: Side,
-                      mode: Mode) -> ProjectionStats:
+                      mode: Mode, check: bool = True) -> ProjectionStats:
     """Project G in place given its sketch ``sk`` (:func:`sketch`) and core diagonal ``diag`` ``(r,)``.
 
     The split lets a caller assemble ``sk`` and ``diag`` itself: under row sharding (FSDP), ``G`` and ``U`` are a
     shard's rows, ``U^T G`` and ``U^T G V`` are sums over shards, while ``G V`` is per row (see
     :mod:`safeft.spf`). ``removed_sq`` is then this shard's share for ``right`` and the whole for the other sides.
+    ``check=False`` skips the finiteness test, as in :func:`project_`.
 
     Raises:
         FloatingPointError: if ``sk`` holds NaN or inf.
     """
-    if not torch.isfinite(sk).all():
+    if check and not torch.isfinite(sk).all():
         raise FloatingPointError("non-finite gradient (NaN/inf) given to the SPF projection")
     mask = removal_mask(diag, S, mode)
     fired = (mask.sum() > 0).float()
@@ -280,12 +286,13 @@ def project_lora(grad_B: Tensor, grad_A: Tensor, B: Tensor, A: Tensor, U: Tensor
 
 
 def project_lora_(grad_B: Tensor, grad_A: Tensor, B: Tensor, A: Tensor, U: Tensor, S: Tensor, V: Tensor, *,
-                  side: Side = "two_sided", mode: Mode = "conflict") -> ProjectionStats:
-    """Project LoRA factor gradients in place like :func:`project_lora`; return the conflict statistics."""
+                  side: Side = "two_sided", mode: Mode = "conflict", check: bool = True) -> ProjectionStats:
+    """Project LoRA factor gradients in place like :func:`project_lora`; return the conflict statistics.
+    ``check=False`` skips the finiteness test, as in :func:`project_`."""
     on_B, on_A = lora_projected_factors(side)
     sk_B = U.float().T @ grad_B.float()  # (r, k)
     sk_A = grad_A.float() @ V.float()  # (k, r)
-    if not (torch.isfinite(sk_B).all() and torch.isfinite(sk_A).all()):
+    if check and not (torch.isfinite(sk_B).all() and torch.isfinite(sk_A).all()):
         raise FloatingPointError("non-finite LoRA gradient (NaN/inf) given to the SPF projection")
     diag = _lora_diag(sk_B, sk_A, B, A, U, V)
     mask = removal_mask(diag, S, mode)

@@ -241,7 +241,7 @@ class SPFProjector:
         self._steps = 0
         self._checked = 0
         # sums per (metric, device): adding on the tensors' own device avoids a host sync per target and step
-        self._sums: dict[tuple[str, torch.device], Tensor] = {}
+        self._sums: dict[tuple[str, torch.device | None], Tensor | float] = {}
 
     # --- the two hooks around optimizer.step() -------------------------------------------------------------------
 
@@ -255,15 +255,16 @@ class SPFProjector:
             self._project_gradients_sharded(measure)
             self._before_seconds = time.perf_counter() - start
             return
-        for guard in self.guards:
-            if self.config.project == "grad":
-                self._project_gradient(guard, measure)
-            elif guard.sharded:
-                guard.before = self._sketches(guard)  # this process's parts, summed after the step
-            elif guard.corrected and guard.versions == tuple(w._version for w in guard.weights()):
-                guard.before = guard.corrected  # nothing wrote to the weights since the last correction
-            else:
-                guard.before = self._sketches(guard)
+        if self.config.project == "grad":
+            self._check_finite([self._project_gradient(g, measure) for g in self.guards])
+        else:
+            for guard in self.guards:
+                if guard.sharded:
+                    guard.before = self._sketches(guard)  # this process's parts, summed after the step
+                elif guard.corrected and guard.versions == tuple(w._version for w in guard.weights()):
+                    guard.before = guard.corrected  # nothing wrote to the weights since the last correction
+                else:
+                    guard.before = self._sketches(guard)
         self._before_seconds = time.perf_counter() - start
 
     @torch.no_grad()
@@ -282,25 +283,36 @@ class SPFProjector:
             self.refresh()
         self.hook_seconds.append(self._before_seconds + time.perf_counter() - start)
 
-    def _project_gradient(self, guard: _Guard, measure: bool) -> None:
+    def _check_finite(self, inner_products: list[tuple[str, Tensor] | None]) -> None:
+        """Raise a clear error if any target's conflict inner product (non-finite whenever its gradient is) is not
+        finite: one host sync for all targets."""
+        named = [x for x in inner_products if x is not None]
+        if named and not torch.isfinite(torch.stack([inner.to(named[0][1].device) for _, inner in named]).sum()):
+            raise FloatingPointError(self._non_finite_message(next(
+                (name for name, inner in named if not torch.isfinite(inner)), "(one of them)")))
+
+    def _project_gradient(self, guard: _Guard, measure: bool) -> tuple[str, Tensor] | None:
+        """Project one guard's gradient in place; return its name and conflict inner product for the caller's
+        finiteness test (None when it has no gradient)."""
         t, cfg = guard.target, self.config
         grads = (t.lora_B.grad, t.lora_A.grad) if t.is_lora else (t.base.weight.grad,)
         if any(g is None for g in grads):
-            return
+            return None
         grad_sq = sum(torch.linalg.vector_norm(g, dtype=torch.float32) ** 2 for g in grads) if measure else None
         try:
             if t.is_lora:
                 stats = P.project_lora_(*grads, t.lora_B, t.lora_A, guard.U, guard.S, guard.V, side=cfg.side,
-                                        mode=cfg.mode)
+                                        mode=cfg.mode, check=False)
             elif not guard.holds_U:  # (not reached in grad mode today) the sketch G V is all the removal needs
                 stats = P.project_sketched_(grads[0], P.sketch(grads[0], guard.U, guard.V, "right"),
                                             torch.zeros_like(guard.S), guard.U, guard.S, guard.V, side="right",
                                             mode="always")
             else:
-                stats = P.project_(grads[0], guard.U, guard.S, guard.V, side=cfg.side, mode=cfg.mode)
+                stats = P.project_(grads[0], guard.U, guard.S, guard.V, side=cfg.side, mode=cfg.mode, check=False)
         except FloatingPointError:
             raise FloatingPointError(self._non_finite_message(t.name)) from None
         self._count(stats.fired, stats.removed_sq, grad_sq)
+        return t.name, stats.inner_before
 
     def _sketches(self, guard: _Guard) -> tuple[Tensor, ...]:
         """Return the weights' sketches; under FSDP2 this process's part of them (summed over shards, or its rows)."""
@@ -312,44 +324,51 @@ class SPFProjector:
     def _project_updates(self, guards: list[_Guard]) -> None:
         """Correct the weight change of every (unsharded) guard from its sketches before and after the step.
 
-        The finiteness test and the removed energy are taken over all guards at once (one fused norm), so a step
-        costs one host sync, not one per target; on an accelerator the per-target work is then a few launches."""
+        Two passes with one host sync between them, not one per target: the first sketches every change (and
+        tests for conflicts), one fused norm over all of them tests finiteness before any weight is touched, the
+        second removes; on an accelerator the per-target work is then a few kernel launches."""
         if not guards:
             return
-        deltas, removed, fired = [], [], []
-        for guard in guards:
-            d, r, f = self._project_update(guard)
-            deltas += d
-            removed += r
-            fired.append(f)
-        if not torch.isfinite(torch.nn.utils.get_total_norm(deltas)):
-            bad = (g.target.name for g in guards for a, b in zip(self._sketches(g), g.before)
-                   if not torch.isfinite(a - b).all())
+        plans = [self._plan_update(g) for g in guards]
+        deltas = [d for _, plan_deltas, _, _ in plans for d in plan_deltas]
+        delta_norm = torch.nn.utils.get_total_norm(deltas)
+        if not torch.isfinite(delta_norm):
+            bad = (g.target.name for g, (_, plan_deltas, _, _) in zip(guards, plans)
+                   if not all(torch.isfinite(d).all() for d in plan_deltas))
             raise FloatingPointError(self._non_finite_message(next(bad, "(one of them)")))
-        removed_sq = torch.nn.utils.get_total_norm(removed) ** 2 if removed else torch.zeros(())
-        self._count_many(sum(fired) if self.config.mode == "always" else torch.stack(fired).sum(), removed_sq,
-                         len(guards))
+        removed = []
+        for guard, plan in zip(guards, plans):
+            removed += self._remove_update(guard, *plan)
+        if len(removed) == len(deltas) and all(r is d for r, d in zip(removed, deltas)):
+            removed_sq = delta_norm ** 2  # every change removed whole (mode "always", every factor projected)
+        else:
+            removed_sq = torch.nn.utils.get_total_norm(removed) ** 2 if removed else torch.zeros(())
+        self._checked += len(guards)
+        self._add("removed_sq", removed_sq)
 
-    def _project_update(self, guard: _Guard) -> tuple[list[Tensor], list[Tensor], Tensor | float]:
-        """Remove the conflicting part of one guard's weight change; return the change's sketches, the removed
-        parts' sketches and whether any direction was removed (1.0, or a 0-d tensor when the mode tests)."""
+    def _plan_update(self, guard: _Guard) -> tuple[tuple[Tensor, ...], list[Tensor], Tensor | None, Tensor | float]:
+        """Return one guard's sketches after the step, its change's sketches, the mask of directions to remove
+        (None: every direction, mode "always") and whether any is removed (1.0, or a 0-d tensor when tested)."""
         t, cfg = guard.target, self.config
         after = self._sketches(guard)
         deltas = [a - b for a, b in zip(after, guard.before)]  # sketches of the weight change the optimizer made
-        if t.is_lora:
-            sides, projected = ("left", "right"), P.lora_projected_factors(cfg.side)  # B is sketched left, A right
-        else:
-            sides, projected = (cfg.side,), (True,)
         if cfg.mode == "always":  # every direction goes: no conflict test to make, no mask to apply
-            mask, fired = None, 1.0
+            return after, deltas, None, 1.0
+        if t.is_lora:
+            (ub_old, av_old), (ub_new, av_new) = guard.before, after
+            diag = t.scaling * torch.diagonal(ub_new @ av_new - ub_old @ av_old)  # diag(U^T dW V)
         else:
-            if t.is_lora:
-                (ub_old, av_old), (ub_new, av_new) = guard.before, after
-                diag = t.scaling * torch.diagonal(ub_new @ av_new - ub_old @ av_old)  # diag(U^T dW V)
-            else:
-                diag = P.core_diagonal(deltas[0], guard.U, guard.V, cfg.side)
-            mask = P.removal_mask(-diag, guard.S, cfg.mode)  # a weight change dW acts like a step along -dW
-            fired = (mask.sum() > 0).float()
+            diag = P.core_diagonal(deltas[0], guard.U, guard.V, cfg.side)
+        mask = P.removal_mask(-diag, guard.S, cfg.mode)  # a weight change dW acts like a step along -dW
+        return after, deltas, mask, (mask.sum() > 0).float()
+
+    def _remove_update(self, guard: _Guard, after: tuple[Tensor, ...], deltas: list[Tensor], mask: Tensor | None,
+                       fired: Tensor | float) -> list[Tensor]:
+        """Remove the masked part of one guard's (finite) weight change from its weights; remember the corrected
+        sketches for the next step; count it. Return the removed parts' sketches (projected factors only)."""
+        t, cfg = guard.target, self.config
+        sides, projected = (("left", "right"), P.lora_projected_factors(cfg.side)) if t.is_lora else (
+            (cfg.side,), (True,))  # under LoRA B is sketched left, A right
         removed = [P.masked_sketch(d, mask, side) if on else None for d, side, on in zip(deltas, sides, projected)]
         for weight, delta, side, on in zip(guard.weights(), deltas, sides, projected):
             if on:
@@ -358,20 +377,21 @@ class SPFProjector:
         guard.corrected = tuple(a if r is None else b if mask is None else a - r
                                 for a, b, r in zip(after, guard.before, removed))
         guard.versions = tuple(w._version for w in guard.weights())
-        return deltas, [r for r in removed if r is not None], fired
+        self._add("fired", fired)  # per guard: on the guard's own device, no sync
+        return [r for r in removed if r is not None]
 
     # --- FSDP2: this process's rows, one all-reduce per step for every target ----------------------------------
 
     def _project_gradients_sharded(self, measure: bool) -> None:
         """Project every guard's gradient rows: local sketches, one all-reduce of the summed parts, then removal."""
-        cfg, plans, pieces = self.config, [], []
+        cfg, plans, pieces, whole = self.config, [], [], []
         for g in self.guards:
             t = g.target
             grads = (t.lora_B.grad, t.lora_A.grad) if t.is_lora else (t.base.weight.grad,)
             if any(x is None for x in grads):
                 continue
             if not g.sharded:
-                self._project_gradient(g, measure)
+                whole.append(self._project_gradient(g, measure))
                 continue
             grads = tuple(local(x) for x in grads)
             if t.is_lora:
@@ -409,6 +429,7 @@ class SPFProjector:
             except FloatingPointError:
                 raise FloatingPointError(self._non_finite_message(g.target.name)) from None
             self._count(fired, removed_sq, grad_sq, shard=True)
+        self._check_finite(whole)
 
     def _remove_lora_gradients(self, g: _Guard, grads: tuple[Tensor, Tensor], parts: list[Tensor],
                                sk_A_rows: Tensor) -> tuple[Tensor, Tensor]:
@@ -503,15 +524,12 @@ class SPFProjector:
             self._add("sampled_removed_sq" + suffix, removed_sq)
             self._add("sampled_grad_sq" + suffix, grad_sq)
 
-    def _count_many(self, fired: Tensor | float, removed_sq: Tensor, checked: int) -> None:
-        """Count ``checked`` (target, step) pairs at once, ``fired`` of them with a removal."""
-        self._checked += checked
-        self._add("fired", fired)
-        self._add("removed_sq", removed_sq)
-
     def _add(self, metric: str, value: Tensor | float) -> None:
+        """Add to a metric's running sum: a tensor on its own device (no host sync), a Python number on the host."""
         if not isinstance(value, Tensor):
-            value = torch.tensor(float(value))
+            key = (metric, None)
+            self._sums[key] = self._sums.get(key, 0.0) + float(value)
+            return
         key = (metric, value.device)
         self._sums[key] = self._sums[key] + value if key in self._sums else value.detach().clone()
 
