@@ -262,7 +262,9 @@ def to_markdown(result: dict) -> str:
         f"Subspace estimation from {result['spf']['samples']} samples: {e['seconds']:.2f} s = "
         f"{e['over_full_sft_step_ratio']:.2f} full-FT SFT steps; subspace size (rank {result['spf']['rank']}, "
         f"{e['targets']} targets): {e['percent_of_model_weights']:.2f}% of the "
-        "model's weights.",
+        "model's weights." + ("" if not result.get("estimation_sft_steps_by_tokens") else " In SFT steps of "
+                              + ", ".join(f"{t} tokens: {v:.1f}"
+                                          for t, v in result["estimation_sft_steps_by_tokens"].items()) + "."),
     ]
     if "gradient_pass_s" in e:
         lines += ["", f"Where the estimation's time goes ({e['tokens']} tokens of safety samples): the gradient pass "
@@ -360,6 +362,9 @@ def main() -> None:
         **estimation_split,
     }
     result["estimation_sft_steps"] = result["estimation"]["over_full_sft_step_ratio"]
+    # estimation is a fixed number of tokens' forward and backward: in steps, it shrinks as the steps grow
+    result["estimation_sft_steps_by_tokens"] = {t: result["estimation"]["seconds"] / r["sft_step_s"]
+                                                for t, r in full.get("by_tokens", {}).items()}
     result["subspace_fraction"] = subspace.numel() / weights
     needs = {"right": ("V",), "left": ("U",), "two_sided": ("U", "V")}  # what each side's projection reads, with S
     result["subspace_fraction_by_side"] = {
