@@ -11,8 +11,8 @@ that model fine-tuned 40 steps on `facts` with 10% harmful data by SFT and by SP
 - Judges: the keyword judge (safeft's default) for every headline rate; the GCG paper's refusal-prefix rule (file
   ``--prefixes``) beside it for comparability with papers that report it.
 
-Every stage writes its own file under OUT/parts and is skipped when that file exists, so an interrupted run
-resumes; fine-tuned models are cached under safeft's cache. Writes OUT/jailbreaks.json, .md and .png.
+Every stage (and each GCG request) writes its own file under OUT_parts/ and is skipped when that file exists,
+so an interrupted run resumes; fine-tuned models are cached under safeft's cache. Writes OUT.json, .md and .png.
 
     python benchmarks/jailbreaks.py --advbench ../shared/data/advbench/harmful_behaviors.csv \
         --prefixes ../shared/data/refusal_prefixes.txt --out benchmarks/results/jailbreaks
@@ -133,9 +133,17 @@ def main(argv: list[str] | None = None) -> None:
         def white_box(name=name):
             m, tok = model(name)
             allowed = allowed_tokens(tok, m.get_input_embeddings().weight.shape[0])
-            found = [gcg_attack(m, tok, row.prompt, row.response, gcg_config, keyword, allowed=allowed)
-                     for row in progress(advbench, desc=f"gcg on {name}")]
-            return {"config": asdict(gcg_config), "results": [asdict(r) for r in found]}
+
+            def attack(row):
+                return {"result": asdict(gcg_attack(m, tok, row.prompt, row.response, gcg_config, keyword,
+                                                    allowed=allowed))}
+
+            # one file per request: an attack on one request can take many minutes on a CPU, so a stopped run
+            # resumes at the request it was on
+            found = [stage(parts / f"gcg-{name}" / f"{i:03d}.json", lambda row=row: attack(row))
+                     for i, row in enumerate(progress(advbench, desc=f"gcg on {name}"))]
+            return {"config": asdict(gcg_config), "results": [f["result"] for f in found],
+                    "seconds_per_request": [f["seconds"] for f in found]}
 
         results[name] = {"templates": stage(parts / f"templates-{name}.json", templates),
                          "gcg": stage(parts / f"gcg-{name}.json", white_box)}
@@ -164,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
             "gcg_asr": rate(sum(r.success for r in gcg), len(gcg)),
             "gcg_asr_prefix_judge": rejudged([{"request": r.request, "response": r.response} for r in gcg], prefix),
             "gcg_steps_mean": sum(r.steps for r in gcg) / len(gcg),
-            "gcg_seconds": results[name]["gcg"]["seconds"],
+            "gcg_seconds": sum(results[name]["gcg"]["seconds_per_request"]),
             "gcg_per_prompt": [{"request": r.request, "success": r.success, "steps": r.steps, "loss": r.loss,
                                 "initial_loss": r.initial_loss, "suffix": r.suffix, "response": r.response}
                                for r in gcg],

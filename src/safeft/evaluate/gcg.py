@@ -111,18 +111,27 @@ def allowed_tokens(tokenizer, vocab_size: int) -> Tensor:
 
 
 def target_losses(model, parts: PromptParts, suffixes: Tensor, batch_size: int) -> Tensor:
-    """Return the mean cross-entropy of the target after each suffix: ``suffixes`` ``(B, L)`` -> ``(B,)``."""
+    """Return the mean cross-entropy of the target after each suffix: ``suffixes`` ``(B, L)`` -> ``(B,)``.
+
+    The prompt's text before the suffix is the same for every candidate: its keys and values are computed once and
+    shared (a copy per batch), and logits are computed only where they predict the target, so each candidate
+    costs the forward of its suffix, the rest of the template and the target."""
+    import copy
+
     device = next(model.parameters()).device
-    fixed_before = torch.tensor(parts.before, device=device)
     fixed_after = torch.tensor(parts.after + parts.target, device=device)
     target = torch.tensor(parts.target, device=device)
-    length, t = suffixes.shape[1], len(parts.target)
-    start = len(parts.before) + length + len(parts.after)  # first target position
+    t = len(parts.target)
     losses = []
     with torch.no_grad():
+        prefix = model(input_ids=torch.tensor([parts.before], device=device), use_cache=True).past_key_values
         for chunk in suffixes.to(device).split(batch_size):
-            ids = torch.cat([fixed_before.expand(len(chunk), -1), chunk, fixed_after.expand(len(chunk), -1)], 1)
-            logits = model(input_ids=ids).logits[:, start - 1:start - 1 + t].float()  # (b, t, V)
+            ids = torch.cat([chunk, fixed_after.expand(len(chunk), -1)], 1)
+            cache = copy.deepcopy(prefix)
+            cache.batch_repeat_interleave(len(chunk))
+            # the last t + 1 positions: the t that predict the target, and the target's last (predicts nothing)
+            logits = model(input_ids=ids, past_key_values=cache, use_cache=True,
+                           logits_to_keep=t + 1).logits[:, :t].float()  # (b, t, V)
             losses.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2), target.expand(len(chunk), -1),
                                                             reduction="none").mean(1))
     return torch.cat(losses)
