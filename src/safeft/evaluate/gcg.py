@@ -147,9 +147,9 @@ def token_gradient(model, parts: PromptParts, suffix: Tensor) -> Tensor:
     pieces = [embed[torch.tensor(parts.before, device=device)], one_hot @ embed,
               embed[torch.tensor(parts.after + parts.target, device=device)]]
     inputs = torch.cat(pieces)[None]  # (1, T, d)
-    start = len(parts.before) + len(suffix) + len(parts.after)
-    with torch.enable_grad():
-        logits = model(inputs_embeds=inputs).logits[0, start - 1:start - 1 + len(parts.target)].float()
+    t = len(parts.target)
+    with torch.enable_grad():  # logits only where they predict the target, as in target_losses
+        logits = model(inputs_embeds=inputs, logits_to_keep=t + 1).logits[0, :t].float()
         loss = torch.nn.functional.cross_entropy(logits, torch.tensor(parts.target, device=device))
         (grad,) = torch.autograd.grad(loss, one_hot)
     return grad
