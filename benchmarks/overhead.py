@@ -219,8 +219,7 @@ def time_estimation_parts(base, tokenizer, samples: int) -> dict:
     total = time.perf_counter() - start
     encoded = [encode_response(tokenizer, s.prompt, s.refusal, config.onset_tokens) for s in pairs]
     start = time.perf_counter()
-    gradient_factors(base, find_targets(base), encoded, tokenizer, batch_size=config.estimate_batch_size,
-                     width=max(4 * config.rank, 64))  # as estimate() sums them
+    gradient_factors(base, find_targets(base), encoded, tokenizer, batch_size=config.estimate_batch_size)
     sync()
     gradient = time.perf_counter() - start
     return {"gradient_pass_s": gradient, "factorisation_s": max(total - gradient, 0.0),

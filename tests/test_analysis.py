@@ -103,23 +103,27 @@ def test_cli_writes_json_plot_and_summary(tmp_path):
 
 
 def test_a_running_sum_is_exact_as_factors_and_as_a_matrix():
-    """Batches of factors add up exactly, before and after the sum is held as the matrix; only factors that grow
-    past 2 x width while thinner than the matrix are cut to their top directions."""
+    """Batches of factors add up exactly, before and after the sum is held as the matrix, which it is once the
+    factors would be larger; a large matrix's many thin batches stay factors (no directions dropped)."""
     from safeft.lowrank import LowRankSum
 
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(40, 6, generator=g), torch.randn(30, 6, generator=g)) for _ in range(5)]
-    running, dense = LowRankSum(width=100), torch.zeros(40, 30)
+    running, dense = LowRankSum(), torch.zeros(40, 30)
     for left, right in batches:
         running.add(left, right)
         dense += left @ right.T
         L, R = running.factors()
         torch.testing.assert_close(L @ R.T, dense, rtol=1e-5, atol=1e-5)
     assert L.shape[1] == 30  # 30 directions held as factors would exceed the 40 x 30 matrix: it is the matrix
-    cut = LowRankSum(width=2)  # a 400 x 300 sum whose factors pass 2 x width = 4 while much thinner than it
-    for _ in range(2):
-        cut.add(torch.randn(400, 3, generator=g), torch.randn(300, 3, generator=g))
-    assert cut.factors()[0].shape[1] == 2
+    thin, dense = LowRankSum(), torch.zeros(400, 300)
+    for _ in range(20):
+        left, right = torch.randn(400, 3, generator=g), torch.randn(300, 3, generator=g)
+        thin.add(left, right)
+        dense += left @ right.T
+    L, R = thin.factors()
+    assert L.shape[1] == 60 and thin.dense is None
+    torch.testing.assert_close(L @ R.T, dense, rtol=1e-5, atol=1e-5)
 
 
 def test_dense_svd_matches_lapack_on_a_decaying_spectrum():

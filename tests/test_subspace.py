@@ -274,7 +274,7 @@ def test_an_onset_estimate_ignores_the_tokens_after_the_onset(tokenizer):
     assert all(len(c.input_ids) < len(w.input_ids) and c.labels == w.labels[:len(c.labels)]
                for c, w in zip(cut, whole))
     targets = find_targets(model)
-    full, short = (gradient_factors(model, targets, encoded, tokenizer, width=64) for encoded in (whole, cut))
+    full, short = (gradient_factors(model, targets, encoded, tokenizer) for encoded in (whole, cut))
     for name in targets:
         (a, b), (c, d) = full[name].factors(), short[name].factors()
         torch.testing.assert_close(a @ b.T, c @ d.T, rtol=1e-4, atol=1e-6)

@@ -18,16 +18,18 @@ _DENSE_SVD_LIMIT = 1024  # cores larger than this on both sides use a randomized
 
 
 class LowRankSum:
-    """A running sum of ``L_i R_i^T`` (``L_i: (m, t)``, ``R_i: (n, t)``, fp32).
+    """A running sum of ``L_i R_i^T`` (``L_i: (m, t)``, ``R_i: (n, t)``, fp32), exact.
 
     Kept as factors ``L: (m, k)``, ``R: (n, k)`` while they are smaller than the ``(m, n)`` matrix, and as that
-    matrix once they are not (``k (m + n) >= m n``): exact either way, and never more memory than the sum itself.
-    Factors wider than ``2 * width`` that are still thinner than the matrix are cut to the top ``width`` directions
-    of the partial sum (bounded memory for large matrices, at the cost of exactness).
+    matrix once they are not (``k (m + n) >= m n``): never more memory than an fp32 ``(m, n)`` matrix.
+
+    Why no truncation to the top directions along the way: on a 1B-parameter Llama's shapes (H100, bf16, 20
+    samples) cutting each partial sum to 256 directions took 4.7 s of a 5.7 s gradient sum and factorisation and
+    moved the final rank-64 bases (overlap with the exact sums' as low as 0.60); exact sums took 1.06 s in all, for
+    a peak of 10.2 GiB instead of 5.1 (benchmarks/results/overhead_cuda/h100_exact_sums).
     """
 
-    def __init__(self, width: int):
-        self.width = width
+    def __init__(self):
         self.left: Tensor | None = None
         self.right: Tensor | None = None
         self.dense: Tensor | None = None  # (m, n), once the factors would be larger
@@ -49,9 +51,6 @@ class LowRankSum:
         (m, k), n = self.left.shape, self.right.shape[0]
         if k * (m + n) >= m * n:
             self.dense, self.left, self.right = self.left @ self.right.T, None, None
-        elif k > 2 * self.width:  # keep the top `width` directions of the partial sum; waiting
-            U, S, V = factor_svd(self.left, self.right, self.width)  # until 2x amortises the SVDs over batches
-            self.left, self.right = U * S, V
 
     def factors(self) -> Factors:
         """Return factors ``(L, R)`` of the sum; once it is held as the matrix ``G``, ``G`` and an identity on its
@@ -75,7 +74,8 @@ def dense_svd(G: Tensor, max_rank: int, *, oversample: int = 16, power_iteration
 
     When ``q`` is under a quarter of the smaller side: a randomized SVD (Halko, Martinsson & Tropp 2011: a
     Gaussian sketch of ``q + oversample`` columns from a fixed seed, so the result is deterministic and the global
-    RNG is untouched, then ``power_iterations`` orthonormalised passes through ``G`` and ``G^T``); else LAPACK's.
+    RNG is untouched, then ``power_iterations`` orthonormalised passes through ``G`` and ``G^T``); else
+    :func:`small_svd`'s.
     On the default model's 210 safety gradients (rank 64 of 192-1536; spectra decaying to 0.4-6% of the first
     value) its subspaces overlap LAPACK's by at least 0.9997 (mean 0.99998), singular values within 3e-5 of the
     first, at about a third of the time (benchmarks/results/estimation_accuracy.md). Where the spectrum is flat
@@ -85,8 +85,7 @@ def dense_svd(G: Tensor, max_rank: int, *, oversample: int = 16, power_iteration
     m, n = G.shape
     q = min(max_rank, m, n)
     if q >= min(m, n) // 4:
-        U, S, Vh = torch.linalg.svd(G, full_matrices=False)
-        return U[:, :q], S[:q], Vh[:q].T
+        return small_svd(G, q)
     generator = torch.Generator(device=G.device).manual_seed(0)
     sketch = torch.randn(n, min(q + oversample, m, n), generator=generator, device=G.device, dtype=G.dtype)
     Q = torch.linalg.qr(G @ sketch)[0]  # (m, k): an orthonormal basis of G's range, roughly

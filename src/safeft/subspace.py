@@ -240,18 +240,17 @@ def safety_loss(model: nn.Module, tokenizer, samples: Sequence[SafetySample], ba
 
 
 def gradient_factors(model: nn.Module, targets: dict[str, Target], encoded: list[EncodedChat], tokenizer, *,
-                     batch_size: int = 8, width: int | None = None, scale: float = 1.0,
+                     batch_size: int = 8, scale: float = 1.0,
                      sums: dict[str, LowRankSum] | None = None, show_progress: bool = False
                      ) -> dict[str, LowRankSum]:
     """Return each target's gradient of ``scale`` x the mean response-token loss over ``encoded``, as thin factors.
 
-    ``L @ R.T`` for ``L, R = sums[name].factors()`` is the ``(m, n)`` weight gradient. Each sum is exact unless its
-    factors grow wider than ``2 * width`` while still thinner than the matrix (see :class:`LowRankSum`), in which
-    case the top ``width`` directions of the running sum are kept. Given ``sums``, the gradient is added to them
-    (and they are returned). Weights, ``requires_grad`` and ``.grad`` are untouched.
+    ``L @ R.T`` for ``L, R = sums[name].factors()`` is the ``(m, n)`` weight gradient, exactly (see
+    :class:`LowRankSum`: at most an fp32 ``(m, n)`` matrix per target). Given ``sums``, the gradient is added to
+    them (and they are returned). Weights, ``requires_grad`` and ``.grad`` are untouched.
     """
     if sums is None:
-        sums = {name: LowRankSum(width or min(t.shape)) for name, t in targets.items()}
+        sums = {name: LowRankSum() for name in targets}
     inputs: dict[str, Tensor] = {}
     total_tokens = sum(sum(1 for label in e.labels[1:] if label != -100) for e in encoded)
 
@@ -368,10 +367,9 @@ class SafetySubspace(ModelHubMixin, library_name="safeft", tags=["safeft", "safe
                 listed = ", ".join(f"{n} {m}x{k}" for n, (m, k) in list(too_big.items())[:5])
                 raise ValueError(f"rank {config.rank} exceeds the smaller dimension of {len(too_big)} target(s) "
                                  f"({listed}); lower SPFConfig.rank or exclude them with target_modules")
-        width = max(4 * (config.rank or config.max_rank), 64)
         refusals = [encode_response(tokenizer, s.prompt, s.refusal, config.onset_tokens) for s in samples]
         sums = gradient_factors(model, targets, refusals, tokenizer, batch_size=config.estimate_batch_size,
-                                width=width, show_progress=show_progress)
+                                show_progress=show_progress)
         compliances = [encode_response(tokenizer, s.prompt, s.compliance, config.onset_tokens)
                        for s in samples if s.compliance is not None]
         if compliances:  # the margin's gradient: d(-log p(refusal)) - d(-log p(compliance)), per-token means
