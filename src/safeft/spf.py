@@ -75,10 +75,13 @@ class _Guard:
         """Return True when this process holds only some rows of the target's trained tensors (FSDP2)."""
         return self.rows is not None or self.rows_A is not None
 
-    def weights(self) -> tuple[Tensor, ...]:
-        """Return the tensors the optimizer changes for this target."""
+    def __post_init__(self):
         t = self.target
-        return (t.lora_B, t.lora_A) if t.is_lora else (t.base.weight,)
+        self._weights = (t.lora_B, t.lora_A) if t.is_lora else (t.base.weight,)
+
+    def weights(self) -> tuple[Tensor, ...]:
+        """Return the tensors the optimizer changes for this target (the parameters SPF was attached to)."""
+        return self._weights
 
 
 def _pad_rows(held: Tensor, rows: slice | None, total: int) -> Tensor:
@@ -316,10 +319,11 @@ class SPFProjector:
 
     def _sketches(self, guard: _Guard) -> tuple[Tensor, ...]:
         """Return the weights' sketches; under FSDP2 this process's part of them (summed over shards, or its rows)."""
-        t = guard.target
-        if t.is_lora:
-            return guard.U.T @ local(t.lora_B).float(), local(t.lora_A).float() @ guard.V  # (r, k), (k, r)
-        return (P.sketch(local(t.base.weight), guard.U, guard.V, self.config.side),)
+        if guard.target.is_lora:
+            B, A = (local(w) for w in guard.weights()) if guard.sharded else guard.weights()
+            return guard.U.T @ B.float(), A.float() @ guard.V  # (r, k), (k, r)
+        W = local(guard.weights()[0]) if guard.sharded else guard.weights()[0]
+        return (P.sketch(W, guard.U, guard.V, self.config.side),)
 
     def _project_updates(self, guards: list[_Guard]) -> None:
         """Correct the weight change of every (unsharded) guard from its sketches before and after the step.
@@ -329,41 +333,45 @@ class SPFProjector:
         second removes; on an accelerator the per-target work is then a few kernel launches."""
         if not guards:
             return
-        plans = [self._plan_update(g) for g in guards]
-        deltas = [d for _, plan_deltas, _, _ in plans for d in plan_deltas]
-        delta_norm = torch.nn.utils.get_total_norm(deltas)
+        afters = [self._sketches(g) for g in guards]
+        flat = torch._foreach_sub([a for after in afters for a in after], [b for g in guards for b in g.before])
+        deltas, i = [], 0  # the sketches of the weight change the optimizer made, per guard
+        for after in afters:
+            deltas.append(flat[i:i + len(after)])
+            i += len(after)
+        delta_norm = torch.nn.utils.get_total_norm(flat)
         if not torch.isfinite(delta_norm):
-            bad = (g.target.name for g, (_, plan_deltas, _, _) in zip(guards, plans)
-                   if not all(torch.isfinite(d).all() for d in plan_deltas))
+            bad = (g.target.name for g, d in zip(guards, deltas) if not all(torch.isfinite(x).all() for x in d))
             raise FloatingPointError(self._non_finite_message(next(bad, "(one of them)")))
         removed = []
-        for guard, plan in zip(guards, plans):
-            removed += self._remove_update(guard, *plan)
-        if len(removed) == len(deltas) and all(r is d for r, d in zip(removed, deltas)):
+        for guard, after, delta in zip(guards, afters, deltas):
+            removed += self._remove_update(guard, after, delta, *self._removal_mask(guard, after, delta))
+        if len(removed) == len(flat) and all(r is d for r, d in zip(removed, flat)):
             removed_sq = delta_norm ** 2  # every change removed whole (mode "always", every factor projected)
         else:
             removed_sq = torch.nn.utils.get_total_norm(removed) ** 2 if removed else torch.zeros(())
         self._checked += len(guards)
         self._add("removed_sq", removed_sq)
+        if self.config.mode == "always":
+            self._add("fired", float(len(guards)))
 
-    def _plan_update(self, guard: _Guard) -> tuple[tuple[Tensor, ...], list[Tensor], Tensor | None, Tensor | float]:
-        """Return one guard's sketches after the step, its change's sketches, the mask of directions to remove
-        (None: every direction, mode "always") and whether any is removed (1.0, or a 0-d tensor when tested)."""
+    def _removal_mask(self, guard: _Guard, after: tuple[Tensor, ...], deltas: list[Tensor]
+                      ) -> tuple[Tensor | None, Tensor | None]:
+        """Return the mask of the directions to remove from one guard's change (None: every direction, mode
+        "always") and whether any is removed (a 0-d tensor; None under "always", counted by the caller)."""
         t, cfg = guard.target, self.config
-        after = self._sketches(guard)
-        deltas = [a - b for a, b in zip(after, guard.before)]  # sketches of the weight change the optimizer made
         if cfg.mode == "always":  # every direction goes: no conflict test to make, no mask to apply
-            return after, deltas, None, 1.0
+            return None, None
         if t.is_lora:
             (ub_old, av_old), (ub_new, av_new) = guard.before, after
             diag = t.scaling * torch.diagonal(ub_new @ av_new - ub_old @ av_old)  # diag(U^T dW V)
         else:
             diag = P.core_diagonal(deltas[0], guard.U, guard.V, cfg.side)
         mask = P.removal_mask(-diag, guard.S, cfg.mode)  # a weight change dW acts like a step along -dW
-        return after, deltas, mask, (mask.sum() > 0).float()
+        return mask, (mask.sum() > 0).float()
 
     def _remove_update(self, guard: _Guard, after: tuple[Tensor, ...], deltas: list[Tensor], mask: Tensor | None,
-                       fired: Tensor | float) -> list[Tensor]:
+                       fired: Tensor | None) -> list[Tensor]:
         """Remove the masked part of one guard's (finite) weight change from its weights; remember the corrected
         sketches for the next step; count it. Return the removed parts' sketches (projected factors only)."""
         t, cfg = guard.target, self.config
@@ -377,7 +385,8 @@ class SPFProjector:
         guard.corrected = tuple(a if r is None else b if mask is None else a - r
                                 for a, b, r in zip(after, guard.before, removed))
         guard.versions = tuple(w._version for w in guard.weights())
-        self._add("fired", fired)  # per guard: on the guard's own device, no sync
+        if fired is not None:
+            self._add("fired", fired)  # per guard: on the guard's own device, no sync
         return [r for r in removed if r is not None]
 
     # --- FSDP2: this process's rows, one all-reduce per step for every target ----------------------------------

@@ -1,0 +1,73 @@
+"""SPF's hook time and SPF/SFT step ratio at one random-weight shape, for the safeft source tree given.
+
+Run it once per source tree to compare two versions of the hooks on the same machine (alternate them, as below):
+
+    git archive 476e918 src | tar -x -C /tmp/prev        # the version to compare against
+    for src in $PWD/src /tmp/prev/src; do
+        python benchmarks/hooks_ab.py $src 2048,8192,16,32,8,32000 bfloat16 512
+    done
+
+Arguments: SRC (a directory holding the ``safeft`` package), SHAPE ``HIDDEN,INTER,LAYERS,HEADS,KV_HEADS,VOCAB``,
+DTYPE, TOKENS (one sequence of that many random tokens per step). The model is built on CUDA when present, every
+block matrix trained (norms and embeddings frozen), SPF with the library defaults estimated from 20 built-in
+samples; 25 paired rounds of one SFT and one SPF step, the first 5 dropped. Prints one line: guards, the median
+time inside SPF's hooks (host time), the median steps and the median per-round ratio.
+"""
+
+import copy
+import statistics
+import sys
+import time
+
+sys.path.insert(0, sys.argv[1])
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from safeft import SPFConfig, attach_spf  # noqa: E402
+from safeft.data import builtin_safety_samples  # noqa: E402
+from safeft.subspace import SafetySubspace  # noqa: E402
+from safeft.testing import byte_tokenizer  # noqa: E402
+
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+h, i, layers, a, kv, voc = (int(x) for x in sys.argv[2].split(","))
+cfg = LlamaConfig(vocab_size=voc, hidden_size=h, intermediate_size=i, num_hidden_layers=layers, num_attention_heads=a,
+                  num_key_value_heads=kv, max_position_embeddings=4096, tie_word_embeddings=False, pad_token_id=258,
+                  eos_token_id=257, bos_token_id=None)
+torch.manual_seed(0)
+with torch.device(dev):
+    base = LlamaForCausalLM(cfg).to(getattr(torch, sys.argv[3]))
+for p in base.parameters():
+    p.requires_grad_(False)
+for n, p in base.named_parameters():
+    if "layers." in n and "norm" not in n:
+        p.requires_grad_(True)
+tok = byte_tokenizer()
+sub = SafetySubspace.estimate(base, tok, builtin_safety_samples(20), SPFConfig(), show_progress=False)
+batch = {"input_ids": torch.randint(0, 256, (1, int(sys.argv[4])), device=dev)}
+batch["labels"] = batch["input_ids"]
+
+
+def sync():
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
+models = {"sft": base, "spf": copy.deepcopy(base)}
+opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5) for k, m in models.items()}
+proj = attach_spf(opts["spf"], models["spf"], sub, SPFConfig(monitor_every=0)).projector
+times = {"sft": [], "spf": []}
+for _ in range(25):
+    for k in ("sft", "spf"):
+        sync()
+        t = time.perf_counter()
+        models[k](**batch).loss.backward()
+        opts[k].step()
+        opts[k].zero_grad(set_to_none=True)
+        sync()
+        times[k].append(time.perf_counter() - t)
+ratios = [b / a for a, b in zip(times["sft"][5:], times["spf"][5:])]
+hooks = statistics.median(proj.hook_seconds[5:])
+print(f"{sys.argv[1]}: {len(proj.guards)} guards, hooks median {hooks*1000:.1f} ms, "
+      f"SFT step {statistics.median(times['sft'][5:])*1000:.1f} ms, "
+      f"SPF step {statistics.median(times['spf'][5:])*1000:.1f} ms, ratio median {statistics.median(ratios):.3f}",
+      flush=True)
