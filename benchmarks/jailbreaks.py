@@ -1,4 +1,4 @@
-"""Jailbreak robustness of the demo's models: template attacks and GCG (white-box and transferred from SFT).
+"""Jailbreak robustness of the demo's models: template attacks and GCG (white-box and transferred).
 
 The models are the demo's (benchmarks/configs/demo.yaml, the 10%-harmful setting): the aligned default model, and
 that model fine-tuned 40 steps on `facts` with 10% harmful data by SFT and by SPF (library defaults), seed 0.
@@ -7,7 +7,8 @@ that model fine-tuned 40 steps on `facts` with 10% harmful data by SFT and by SP
   held-out harmful requests (spread evenly over the eight categories).
 - GCG: ``--gcg-requests`` AdvBench requests (spread evenly over the file), toward AdvBench's targets, white-box on
   each model within the budget below; the suffixes found on SFT are then applied, as text, to SPF and to the
-  aligned model (transfer).
+  aligned model, and those found on the aligned model to SFT and SPF (transfer). The second direction matters
+  where SFT already complies before any step: its "suffixes" are then the unoptimised start.
 - Judges: the keyword judge (safeft's default) for every headline rate; the GCG paper's refusal-prefix rule (file
   ``--prefixes``) beside it for comparability with papers that report it.
 
@@ -147,13 +148,14 @@ def main(argv: list[str] | None = None) -> None:
 
         results[name] = {"templates": stage(parts / f"templates-{name}.json", templates),
                          "gcg": stage(parts / f"gcg-{name}.json", white_box)}
-    sft_suffixes = [GCGResult(**r) for r in results["sft"]["gcg"]["results"]]
-    for name in ("aligned", "spf"):
-        def moved(name=name):
-            m, tok = model(name)
-            return transfer(m, tok, sft_suffixes, keyword, max_new_tokens=args.max_new_tokens)
+    for source, receivers in (("sft", ("aligned", "spf")), ("aligned", ("sft", "spf"))):
+        suffixes = [GCGResult(**r) for r in results[source]["gcg"]["results"]]
+        for name in receivers:
+            def moved(name=name, suffixes=suffixes):
+                m, tok = model(name)
+                return transfer(m, tok, suffixes, keyword, max_new_tokens=args.max_new_tokens)
 
-        results[name]["transfer_from_sft"] = stage(parts / f"transfer-sft-to-{name}.json", moved)
+            results[name][f"transfer_from_{source}"] = stage(parts / f"transfer-{source}-to-{name}.json", moved)
 
     summary = {"command": command, "judge": "keyword (safeft.evaluate.judges.KeywordJudge); prefix: the GCG "
                                             f"paper's refusal phrases ({args.prefixes})",
@@ -178,9 +180,11 @@ def main(argv: list[str] | None = None) -> None:
                                for r in gcg],
             "template_samples": template_samples[::len(requests)],  # the first response of each template
         }
-        if "transfer_from_sft" in results[name]:
-            entry["gcg_transfer_from_sft_asr"] = results[name]["transfer_from_sft"]["asr"]
-            entry["gcg_transfer_samples"] = results[name]["transfer_from_sft"]["per_prompt"][:3]
+        for source in ("sft", "aligned"):
+            if f"transfer_from_{source}" in results[name]:
+                moved = results[name][f"transfer_from_{source}"]
+                entry[f"gcg_transfer_from_{source}_asr"] = moved["asr"]
+                entry[f"gcg_transfer_from_{source}_samples"] = moved["per_prompt"][:3]
         summary["models"][name] = entry
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(summary))
@@ -206,11 +210,12 @@ def markdown(summary: dict) -> str:
              f"{summary['gcg_config']['candidates']} candidates per step; success is judged on a "
              f"{summary['gcg_config']['check_tokens']}-token reply every {summary['gcg_config']['check_every']} "
              "steps.", "",
-             "| model | template ASR % | GCG ASR % (white-box) | GCG from SFT, transferred % | GCG mean steps | "
-             "GCG ASR %, prefix judge |", "|---|---|---|---|---|---|"]
+             "| model | template ASR % | GCG ASR % (white-box) | GCG from SFT, transferred % | GCG from aligned, "
+             "transferred % | GCG mean steps | GCG ASR %, prefix judge |", "|---|---|---|---|---|---|---|"]
     for name, m in models.items():
         lines.append(f"| {name} | {_rate(m['template_asr'])} | {_rate(m['gcg_asr'])} | "
-                     f"{_rate(m.get('gcg_transfer_from_sft_asr'))} | {m['gcg_steps_mean']:.1f} | "
+                     f"{_rate(m.get('gcg_transfer_from_sft_asr'))} | "
+                     f"{_rate(m.get('gcg_transfer_from_aligned_asr'))} | {m['gcg_steps_mean']:.1f} | "
                      f"{_rate(m['gcg_asr_prefix_judge'])} |")
     families = sorted({f for m in models.values() for f in m["template_asr_by_family"]})
     lines += ["", "## Template ASR by family", "", "| family | " + " | ".join(models) + " |",

@@ -229,11 +229,12 @@ def test_the_jailbreak_benchmark_runs_end_to_end_and_resumes(tiny_dir, tmp_path,
     for name, entry in summary["models"].items():
         assert entry["template_asr"]["n"] == 2 * len(BUILTIN_TEMPLATES) and entry["gcg_asr"]["n"] == 2
         assert ("gcg_transfer_from_sft_asr" in entry) == (name != "sft")
+        assert ("gcg_transfer_from_aligned_asr" in entry) == (name != "aligned")
     assert (tmp_path / "jb.md").exists() and (tmp_path / "jb.png").stat().st_size > 0
     folder = tmp_path / "jb_parts"
     parts = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.json"))
-    # 3 x templates, 3 x gcg, 2 x transfer, and each model's GCG requests one by one: each a stage a rerun skips
-    assert len(parts) == 8 + 3 * 2 and "gcg-spf/001.json" in parts
+    # 3 x templates, 3 x gcg, 4 x transfer, and each model's GCG requests one by one: each a stage a rerun skips
+    assert len(parts) == 10 + 3 * 2 and "gcg-spf/001.json" in parts
     stamp = {p: (folder / p).stat().st_mtime_ns for p in parts}
     script.main(args)
     assert stamp == {p: (folder / p).stat().st_mtime_ns for p in parts}
