@@ -28,7 +28,7 @@ import torch
 
 from safeft import SPFConfig
 from safeft.data import builtin_safety_samples
-from safeft.lowrank import LowRankSum, dense_svd, factor_svd, small_svd
+from safeft.lowrank import LowRankSum, dense_svd, factor_svd, small_svd, subspace_overlap
 from safeft.models import load_model
 from safeft.subspace import SafetySubspace, encode_response, gradient_factors
 from safeft.targets import find_targets
@@ -129,7 +129,7 @@ def main(argv=None) -> dict:
         runs[policy] = best
     exact_V = runs["exact"].pop("V")
     truncated_V = runs["truncated"].pop("V")
-    overlaps = [float((exact_V[n].T @ truncated_V[n]).pow(2).sum() / max(exact_V[n].shape[1], 1)) for n in targets]
+    overlaps = [subspace_overlap(exact_V[n], truncated_V[n]) for n in targets]
     runs["truncated"].pop("sums")
     dense = {n: s.dense for n, s in runs["exact"].pop("sums").items() if s.dense is not None}
     groups = defaultdict(list)
