@@ -319,11 +319,11 @@ class SPFProjector:
 
     def _sketches(self, guard: _Guard) -> tuple[Tensor, ...]:
         """Return the weights' sketches; under FSDP2 this process's part of them (summed over shards, or its rows)."""
+        weights = tuple(local(w) for w in guard.weights()) if guard.sharded else guard.weights()
         if guard.target.is_lora:
-            B, A = (local(w) for w in guard.weights()) if guard.sharded else guard.weights()
+            B, A = weights
             return guard.U.T @ B.float(), A.float() @ guard.V  # (r, k), (k, r)
-        W = local(guard.weights()[0]) if guard.sharded else guard.weights()[0]
-        return (P.sketch(W, guard.U, guard.V, self.config.side),)
+        return (P.sketch(weights[0], guard.U, guard.V, self.config.side),)
 
     def _project_updates(self, guards: list[_Guard]) -> None:
         """Correct the weight change of every (unsharded) guard from its sketches before and after the step.
