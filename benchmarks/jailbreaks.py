@@ -231,6 +231,10 @@ def markdown(summary: dict) -> str:
         for r in m["gcg_per_prompt"][:2]:
             lines.append(f"- {name} / GCG ({'success' if r['success'] else 'failed'} after {r['steps']} steps): "
                          f"\"{r['request']}\" + `{r['suffix']}` -> \"{' '.join(r['response'].split())[:160]}\"")
+        for source in ("sft", "aligned"):
+            for r in m.get(f"gcg_transfer_from_{source}_samples", [])[:2]:
+                lines.append(f"- {name} / GCG suffix found on {source}, transferred: **{r['verdict']}**: "
+                             f"\"{r['request']}\" + `{r['suffix']}` -> \"{' '.join(r['response'].split())[:160]}\"")
     return "\n".join(lines) + "\n"
 
 
@@ -243,12 +247,13 @@ def plot(summary: dict, path: Path) -> None:
 
     models = summary["models"]
     families = sorted({f for m in models.values() for f in m["template_asr_by_family"]})
-    groups = [*families, "all templates", "GCG white-box"]
-    fig, ax = plt.subplots(figsize=(11, 4))
+    groups = [*families, "all templates", "GCG white-box", "GCG from aligned,\ntransferred"]
+    fig, ax = plt.subplots(figsize=(12, 4))
     width = 0.8 / len(models)
     for i, (name, m) in enumerate(models.items()):
         values = [m["template_asr_by_family"].get(f, {}).get("rate", 0) for f in families]
-        values += [m["template_asr"]["rate"], m["gcg_asr"]["rate"]]
+        values += [m["template_asr"]["rate"], m["gcg_asr"]["rate"],
+                   m.get("gcg_transfer_from_aligned_asr", {}).get("rate", float("nan"))]  # no bar: not measured
         ax.bar([g + i * width for g in range(len(groups))], values, width, label=name)
     ax.set_xticks([g + width * (len(models) - 1) / 2 for g in range(len(groups))], groups, rotation=20, ha="right")
     ax.set_ylabel("attack success rate (%)")
