@@ -18,39 +18,28 @@ import copy
 import statistics
 import sys
 import time
+from pathlib import Path
 
 sys.path.insert(0, sys.argv[1])
+sys.path.insert(1, str(Path(__file__).parent))  # overhead.py's model builder; safeft still comes from SRC
 import torch  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from overhead import random_llama, sync  # noqa: E402
 from safeft import SPFConfig, attach_spf  # noqa: E402
 from safeft.data import builtin_safety_samples  # noqa: E402
 from safeft.subspace import SafetySubspace  # noqa: E402
-from safeft.testing import byte_tokenizer  # noqa: E402
 
 dev = "cuda" if torch.cuda.is_available() else "cpu"
-h, i, layers, a, kv, voc = (int(x) for x in sys.argv[2].split(","))
-cfg = LlamaConfig(vocab_size=voc, hidden_size=h, intermediate_size=i, num_hidden_layers=layers, num_attention_heads=a,
-                  num_key_value_heads=kv, max_position_embeddings=4096, tie_word_embeddings=False, pad_token_id=258,
-                  eos_token_id=257, bos_token_id=None)
-torch.manual_seed(0)
 with torch.device(dev):
-    base = LlamaForCausalLM(cfg).to(getattr(torch, sys.argv[3]))
+    base, tok = random_llama(sys.argv[2], getattr(torch, sys.argv[3]))
 for p in base.parameters():
     p.requires_grad_(False)
 for n, p in base.named_parameters():
     if "layers." in n and "norm" not in n:
         p.requires_grad_(True)
-tok = byte_tokenizer()
 sub = SafetySubspace.estimate(base, tok, builtin_safety_samples(20), SPFConfig(), show_progress=False)
 batch = {"input_ids": torch.randint(0, 256, (1, int(sys.argv[4])), device=dev)}
 batch["labels"] = batch["input_ids"]
-
-
-def sync():
-    if dev == "cuda":
-        torch.cuda.synchronize()
-
 
 models = {"sft": base, "spf": copy.deepcopy(base)}
 opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5) for k, m in models.items()}
