@@ -211,12 +211,13 @@ def markdown(summary: dict) -> str:
              f"{summary['gcg_config']['check_tokens']}-token reply every {summary['gcg_config']['check_every']} "
              "steps.", "",
              "| model | template ASR % | GCG ASR % (white-box) | GCG from SFT, transferred % | GCG from aligned, "
-             "transferred % | GCG mean steps | GCG ASR %, prefix judge |", "|---|---|---|---|---|---|---|"]
+             "transferred % | GCG mean steps | template ASR %, prefix judge | GCG ASR %, prefix judge |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, m in models.items():
         lines.append(f"| {name} | {_rate(m['template_asr'])} | {_rate(m['gcg_asr'])} | "
                      f"{_rate(m.get('gcg_transfer_from_sft_asr'))} | "
                      f"{_rate(m.get('gcg_transfer_from_aligned_asr'))} | {m['gcg_steps_mean']:.1f} | "
-                     f"{_rate(m['gcg_asr_prefix_judge'])} |")
+                     f"{_rate(m['template_asr_prefix_judge'])} | {_rate(m['gcg_asr_prefix_judge'])} |")
     families = sorted({f for m in models.values() for f in m["template_asr_by_family"]})
     lines += ["", "## Template ASR by family", "", "| family | " + " | ".join(models) + " |",
               "|---|" + "---|" * len(models)]
