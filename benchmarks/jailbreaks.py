@@ -198,6 +198,11 @@ def _rate(entry: dict | None) -> str:
     return f"{entry['rate']:.1f} [{entry['ci'][0]:.0f}, {entry['ci'][1]:.0f}] (n = {entry['n']})"
 
 
+def _suffixed(r: dict) -> str:
+    """Return a GCG reply for the report: the request, its suffix and the reply's first 160 characters."""
+    return f"\"{r['request']}\" + `{r['suffix']}` -> \"{' '.join(r['response'].split())[:160]}\""
+
+
 def markdown(summary: dict) -> str:
     """Return the report: ASR per model (templates, GCG white-box and transferred), per family, and samples."""
     models = summary["models"]
@@ -231,11 +236,11 @@ def markdown(summary: dict) -> str:
                          f"{' '.join(s['response'].split())[:160]}\"")
         for r in m["gcg_per_prompt"][:2]:
             lines.append(f"- {name} / GCG ({'success' if r['success'] else 'failed'} after {r['steps']} steps): "
-                         f"\"{r['request']}\" + `{r['suffix']}` -> \"{' '.join(r['response'].split())[:160]}\"")
+                         + _suffixed(r))
         for source in ("sft", "aligned"):
             for r in m.get(f"gcg_transfer_from_{source}_samples", [])[:2]:
                 lines.append(f"- {name} / GCG suffix found on {source}, transferred: **{r['verdict']}**: "
-                             f"\"{r['request']}\" + `{r['suffix']}` -> \"{' '.join(r['response'].split())[:160]}\"")
+                             + _suffixed(r))
     return "\n".join(lines) + "\n"
 
 
