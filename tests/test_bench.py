@@ -235,3 +235,20 @@ def test_the_best_defence_is_the_least_harmful_that_keeps_sft_accuracy():
     assert "lisa" in best["p"]["eligible"]  # exactly 1 point lost: still compared
     assert best["p"]["tied"] == ["mix"]  # 10/80 lies in spf's interval for 8/80; lisa's 40/80 does not
     assert best["benign"]["best"] == "sft" and best["benign"]["excluded"] == ["spf"]
+
+
+def test_aligned_models_are_named_by_the_alignment_that_made_them(tmp_path):
+    from safeft.evaluate.stats import rate
+    from safeft.report import aligned_labels, plot_tradeoff
+
+    metrics = {"accuracy": rate(1, 20), "harmful_score": rate(6, 80)}
+    plain = {"task": "facts", "aligned_model": "/c/aligned-a", "alignment": {"steps": 16}, "metrics": metrics}
+    vaccine = plain | {"aligned_model": "/c/aligned-b", "alignment": {"method": {"name": "vaccine", "rho": 2.0}}}
+    assert aligned_labels([plain, vaccine]) == ["aligned", "vaccine-aligned"]
+    assert aligned_labels([plain, plain | {"task": "sst2"}]) == ["aligned (facts)", "aligned (sst2)"]
+    twins = aligned_labels([vaccine, vaccine | {"aligned_model": "/c/aligned-c"}])
+    assert len(set(twins)) == 2 and all(t.startswith("vaccine-aligned") for t in twins)
+
+    rows = [{"setting": s, "task": "facts", "label": label, **metrics} for s in ("benign", "p0.1", "deep", "lora")
+            for label in ("sft", "spf")]
+    assert plot_tradeoff([plain, vaccine], rows, tmp_path / "t.png").stat().st_size > 0

@@ -24,6 +24,22 @@ def _plain_rate(entry: dict | None) -> str:
     return "n/a" if not entry else f"{entry['rate']:.1f}"
 
 
+def aligned_labels(aligned: list[dict]) -> list[str]:
+    """Return a short, distinct name per aligned-model record: ``aligned`` for the plain alignment,
+    ``<method>-aligned`` for a method's own alignment stage (vaccine, booster), the task added where records cover
+    several tasks and the model's folder name where two would still read alike."""
+    tasks = {a.get("task") for a in aligned}
+    labels = []
+    for a in aligned:
+        method = ((a.get("alignment") or {}).get("method") or {}).get("name")
+        label = f"{method}-aligned" if method else "aligned"
+        labels.append(label + (f" ({a['task']})" if len(tasks) > 1 else ""))
+    for i, label in enumerate(labels):
+        if labels.count(label) > 1:
+            labels[i] = f"{label} ({Path(aligned[i]['aligned_model']).name})"
+    return labels
+
+
 def bench_markdown(summary: dict, aligned: list[dict], runs: list[dict]) -> str:
     """Return the markdown report of a bench: settings, the pooled table, per-seed scores and judged samples.
 
@@ -56,9 +72,8 @@ def bench_markdown(summary: dict, aligned: list[dict], runs: list[dict]) -> str:
               "over-refusal % [95% CI] | accuracy % [95% CI] | safety loss | task loss | step time vs SFT | "
               "peak memory vs SFT |" + (" template jailbreak ASR % [95% CI] |" if jailbreaks else ""),
               "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if jailbreaks else "")]
-    for a in aligned:
+    for a, name in zip(aligned, aligned_labels(aligned)):
         m = a["metrics"]
-        name = "aligned" if len(aligned) == 1 else f"aligned ({a['task']}, {Path(a['aligned_model']).name})"
         lines.append(f"| - | {name} | - | {format_rate(m['harmful_score'])} | {_plain_rate(m['refusal_rate'])} | "
                      f"{_plain_rate(m['off_task_rate'])} | {format_rate(m['over_refusal'])} | "
                      f"{format_rate(m['accuracy'])} | {_number(m['safety_loss'])} | {_number(m['task_loss'])} "
@@ -103,37 +118,55 @@ def bench_markdown(summary: dict, aligned: list[dict], runs: list[dict]) -> str:
 
 
 def plot_tradeoff(aligned: list[dict], rows: list[dict], path: str | Path) -> Path:
-    """Draw harmful score against accuracy (95% intervals): the aligned model and one point per (setting, method),
-    colour by setting, marker by method; return the PNG path. Rows without an accuracy are left out."""
+    """Draw harmful score against accuracy (95% intervals), one panel per setting: a point per method (the same
+    colour and marker in every panel) and, in black, the aligned models of the setting's task; return the PNG
+    path. ``rows`` are pooled rows with ``setting`` and ``task``; ``aligned`` are records with ``metrics`` and
+    ``task``. Points without an accuracy are left out; with no rows, one panel shows the aligned models."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.2, 5.0))
-    marker_cycle = "osD^vP*Xh<>"
-    markers: dict[str, str] = {}
-    colours: dict[str, str] = {}
-    points = [("aligned", "-", a["metrics"]) for a in aligned] + [(r["label"], r["setting"], r) for r in rows]
-    for label, setting, m in points:
-        if not m.get("accuracy"):
-            continue
-        colour = "black" if setting == "-" else colours.setdefault(setting, f"C{len(colours)}")
-        marker = markers.setdefault(label, marker_cycle[len(markers) % len(marker_cycle)])
-        x, y = m["accuracy"]["rate"], m["harmful_score"]["rate"]
-        (x_lo, x_hi), (y_lo, y_hi) = m["accuracy"]["ci"], m["harmful_score"]["ci"]
-        # a Wilson bound at a rate of 0 or 100 can miss the rate by rounding: never a negative bar
-        ax.errorbar(x, y, xerr=[[max(0.0, x - x_lo)], [max(0.0, x_hi - x)]],
-                    yerr=[[max(0.0, y - y_lo)], [max(0.0, y_hi - y)]],
-                    fmt=marker, color=colour, capsize=3, markersize=8,
-                    label=label if setting == "-" else f"{label}, {setting}")
-    ax.set_xlabel("task accuracy (%)")
-    ax.set_ylabel("harmful score (%)  (lower is safer)")
-    ax.set_ylim(-2, 102)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    ax.set_title("Harmful score vs task accuracy, 95% Wilson intervals")
-    fig.tight_layout()
+    settings = sorted({r["setting"] for r in rows}) or ["-"]
+    task_of = {r["setting"]: r.get("task") for r in rows}
+    cols = min(3, len(settings))
+    nrows = -(-len(settings) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols + 1.8, 3.9 * nrows + 0.5), squeeze=False)
+    labels = sorted({r["label"] for r in rows}, key=lambda label: (label != "sft", label))
+    style = {label: (f"C{i % 10}", "osD^vP*Xh<>"[i % 11]) for i, label in enumerate(labels)}
+    names = aligned_labels(aligned)
+    for i, name in enumerate(dict.fromkeys(names)):
+        style[name] = ("black", "*^v<>Xh"[i % 7])
+    for ax, setting in zip(axes.flat, settings):
+        points = [(name, a["metrics"]) for a, name in zip(aligned, names)
+                  if setting == "-" or a.get("task") in (None, task_of[setting])]
+        points += [(r["label"], r) for r in rows if r["setting"] == setting]
+        for label, m in points:
+            if not m.get("accuracy"):
+                continue
+            colour, marker = style[label]
+            x, y = m["accuracy"]["rate"], m["harmful_score"]["rate"]
+            (x_lo, x_hi), (y_lo, y_hi) = m["accuracy"]["ci"], m["harmful_score"]["ci"]
+            # a Wilson bound at a rate of 0 or 100 can miss the rate by rounding: never a negative bar
+            ax.errorbar(x, y, xerr=[[max(0.0, x - x_lo)], [max(0.0, x_hi - x)]],
+                        yerr=[[max(0.0, y - y_lo)], [max(0.0, y_hi - y)]],
+                        fmt=marker, color=colour, capsize=2, markersize=6, alpha=0.85, label=label)
+        ax.set_title(setting if setting != "-" else "aligned models", fontsize=9)
+        ax.set_xlabel("task accuracy (%)", fontsize=8)
+        ax.set_ylabel("harmful score (%), lower is safer", fontsize=8)
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(settings):]:
+        ax.axis("off")
+    handles = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.suptitle("Harmful score vs task accuracy per setting, 95% Wilson intervals", fontsize=10)
+    right = 1 - 1.8 / (4.6 * cols + 1.8)  # the legend's column
+    fig.tight_layout(rect=(0, 0, right, 0.97))
+    fig.legend(handles.values(), handles.keys(), loc="center left", bbox_to_anchor=(right, 0.5), fontsize=7,
+               frameon=False)
     path = Path(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)

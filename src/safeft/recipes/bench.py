@@ -344,7 +344,7 @@ def pooled(runs: list[dict]) -> list[dict]:
     step_ratio, memory_ratio = _ratio_to_sft(runs, "step_seconds_median"), _ratio_to_sft(runs, "peak_memory_mb")
     rows = []
     for (setting, label), group in groups.items():
-        row = {"setting": setting, "label": label, "method": group[0]["method"],
+        row = {"setting": setting, "task": group[0]["setting"]["task"], "label": label, "method": group[0]["method"],
                "seeds": sorted(r["seed"] for r in group)}
         for key in RATES:
             entries = [r["metrics"][key] for r in group if r["metrics"].get(key)]
@@ -397,15 +397,17 @@ def summarize(out: str | Path, title: str = "safeft bench", command: str | None 
     """Build ``bench.json`` (with a ``runs`` list), ``bench.md`` and ``bench.png`` in ``out`` from its run files
     alone, and return the summary."""
     from safeft.recipes.outputs import write_json
-    from safeft.report import bench_markdown, plot_tradeoff
+    from safeft.report import aligned_labels, bench_markdown, plot_tradeoff
 
     out = Path(out)
     aligned, runs = read_runs(out)
     rows = pooled(runs)
     summary = {
         "title": title, "command": command,
-        "aligned": [{"task": a["task"], "aligned_model": a["aligned_model"], **a["headline"],
-                     "metrics": {k: a["metrics"][k] for k in RATES + ("safety_loss", "task_loss")}} for a in aligned],
+        "aligned": [{"label": name, "task": a["task"], "aligned_model": a["aligned_model"],
+                     "alignment_method": (a.get("alignment") or {}).get("method"), **a["headline"],
+                     "metrics": {k: a["metrics"][k] for k in RATES + ("safety_loss", "task_loss")}}
+                    for a, name in zip(aligned, aligned_labels(aligned))],
         "rows": rows,
         "best": best_per_setting(rows),
         "runs": [{"setting": r["setting"]["name"], "task": r["setting"]["task"], "method": r["method"],
