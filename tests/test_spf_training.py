@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 
 from conftest import snapshot, train_steps
 from safeft import SafetySubspace, SPFConfig, attach_spf
-from safeft.spf import freeze_unguarded, unguarded_parameters
+from safeft.spf import SPFProjector, freeze_unguarded, unguarded_parameters
 from safeft.subspace import safety_loss
 from safeft.targets import find_targets
 from safeft.testing import tiny_llama
@@ -110,11 +110,14 @@ def test_refresh_reestimates_at_current_weights(tokenizer, benign_batch, subspac
     assert handle.projector.step == 2  # detached: no more projection
 
 
-@pytest.mark.parametrize("project, mode", [("update", "always"), ("update", "conflict"), ("grad", "always"),
-                                           ("grad", "conflict")])
-def test_nan_gradient_is_a_clear_error(tokenizer, benign_batch, subspace, project, mode):
+@pytest.mark.parametrize("project, mode, batched", [("update", "always", False), ("update", "always", True),
+                                                    ("update", "conflict", False), ("grad", "always", False),
+                                                    ("grad", "conflict", False)])
+def test_nan_gradient_is_a_clear_error(tokenizer, benign_batch, subspace, project, mode, batched, monkeypatch):
     """One finiteness test per step for all targets; it names the target that went non-finite, and it comes before
     SPF writes anything: the weights hold only the optimizer's own NaN (update) or none (grad: no step taken)."""
+    if batched:
+        monkeypatch.setattr(SPFProjector, "BATCHED_DEVICES", ("cpu",))
     model = tiny_llama(seed=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     attach_spf(optimizer, model, subspace, SPFConfig(rank=8, mode=mode, project=project))
@@ -139,6 +142,35 @@ def test_update_projection_notices_weights_written_between_steps(tokenizer, beni
     moved = weight_deltas(model, before)
     assert max(float(d.abs().max()) for d in moved.values()) > 1e-3
     assert safety_component(subspace, moved) < 1e-6
+
+
+def test_batched_correction_makes_the_per_matrix_correction(tokenizer, benign_batch, safety_pairs, monkeypatch):
+    """Matrices of equal shape corrected in batched products (in batches capped by BATCH_BYTES, a lone leftover on
+    the per-matrix path) end where the per-matrix correction ends them, through a checkpoint load mid-run."""
+    def train(batched: bool):
+        monkeypatch.setattr(SPFProjector, "BATCHED_DEVICES", ("cpu",) if batched else ("cuda",))
+        monkeypatch.setattr(SPFProjector, "BATCH_BYTES", 2 * 4 * 64 * 32)  # two gate/up/down matrices per batch
+        model = tiny_llama(seed=0, layers=3)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        handle = attach_spf(optimizer, model, subspace_3, SPFConfig(rank=8, mode="always", project="update"))
+        train_steps(model, optimizer, benign_batch, 2)
+        model.load_state_dict(tiny_llama(seed=1, layers=3).state_dict())  # weights written between steps
+        train_steps(model, optimizer, benign_batch, 2)
+        return model, handle.projector
+
+    subspace_3 = SafetySubspace.estimate(tiny_llama(seed=0, layers=3), tokenizer, safety_pairs[:1],
+                                         SPFConfig(rank=8), show_progress=False)
+    plain, plain_projector = train(False)
+    batched, projector = train(True)
+    assert not plain_projector.batches
+    sizes = sorted(len(b.guards) for b in projector.batches)
+    assert sizes == [2, 2, 2, 2, 2, 4, 6]  # q/o: 4 + 2; k/v: 6; gate/up: 2 x 3; down: 2, its third alone
+    assert sum(not g.batched for g in projector.guards) == 1
+    reference = dict(plain.named_parameters())
+    for name, p in batched.named_parameters():
+        torch.testing.assert_close(p, reference[name], rtol=1e-5, atol=1e-6)
+    metrics, plain_metrics = projector.metrics(measure_loss=False), plain_projector.metrics(measure_loss=False)
+    assert metrics == pytest.approx(plain_metrics, rel=1e-4, abs=1e-7)
 
 
 COMPLIANT_PAIRS = [  # the harmful requests of SAFETY_PAIRS answered instead of refused: what an attack trains on

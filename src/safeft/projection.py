@@ -157,6 +157,27 @@ def subtract_(X: Tensor, sk: Tensor, U: Tensor, V: Tensor, mask: Tensor | None, 
         X.copy_((X.float() - left @ right).to(X.dtype))
 
 
+def sketch_right_batched(W: Tensor, V: Tensor) -> Tensor:
+    """Return the fp32 right sketches ``W_i V_i`` (L, m, r) of stacked matrices ``W: (L, m, n)`` and bases
+    ``V: (L, n, r)`` in one batched product, rounded as :func:`sketch` rounds each (on CUDA a bf16/fp16 W meets V in
+    its own dtype with fp32 accumulation)."""
+    if _low_precision_cuda(W):
+        return torch.bmm(W, V.to(W.dtype), out_dtype=torch.float32)
+    return torch.bmm(W.float(), V.float())
+
+
+def subtract_right_batched_(Xs: list[Tensor], sk: Tensor, V: Tensor) -> None:
+    """Subtract ``sk_i V_i^T`` from each ``Xs[i]: (m, n)`` in place, for sketches ``sk: (L, m, r)`` (fp32) and bases
+    ``V: (L, n, r)``: one batched product into an fp32 ``(L, m, n)`` removal, then one multi-tensor subtraction that
+    rounds each entry once into X's dtype, as :func:`subtract_` does (bf16 on CUDA: the thin factors rounded to
+    bf16, fp32 accumulation; elsewhere fp32 factors)."""
+    if Xs[0].is_cuda and Xs[0].dtype == torch.bfloat16:
+        removal = torch.bmm(sk.to(torch.bfloat16), V.to(torch.bfloat16).transpose(1, 2), out_dtype=torch.float32)
+    else:
+        removal = torch.bmm(sk, V.float().transpose(1, 2))
+    torch._foreach_sub_(Xs, list(removal.unbind(0)))
+
+
 def project(G: Tensor, U: Tensor, S: Tensor, V: Tensor, *, side: Side = "left", mode: Mode = "conflict") -> Tensor:
     """Remove from G the parts that conflict with the safety subspace (SPEC §2).
 

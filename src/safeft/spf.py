@@ -64,6 +64,7 @@ class _Guard:
     versions: tuple[int, ...] = ()  # the weights' in-place version counters at that moment
     rows: slice | None = None  # under FSDP2: the rows of W (and lora_B) this process holds; U holds only those
     rows_A: slice | None = None  # under FSDP2 with LoRA: the rows of lora_A this process holds
+    batched: bool = False  # corrected with others of its shape in one _Batch (its V is then a view of the batch's)
 
     @property
     def holds_U(self) -> bool:
@@ -82,6 +83,27 @@ class _Guard:
     def weights(self) -> tuple[Tensor, ...]:
         """Return the tensors the optimizer changes for this target (the parameters SPF was attached to)."""
         return self._weights
+
+
+@dataclass
+class _Batch:
+    """Guards of equal shape, dtype and device whose weight changes are corrected together in batched products:
+    full fine-tuning, right side, ``always``, ``project="update"``, on an accelerator, where the hooks' time is
+    per-target kernel launches and Python rather than arithmetic."""
+
+    guards: list[_Guard]
+    V: Tensor  # (L, n, r) fp32, the guards' bases stacked; each guard's V is a view of its slice
+    V_mm: Tensor  # V in the dtype the products use (the weights' on CUDA bf16/fp16, else V itself)
+    before: Tensor | None = None  # (L, m, r) fp32 sketches before the optimizer step
+    corrected: Tensor | None = None  # (L, m, r) sketches right after the last correction
+    versions: tuple[int, ...] = ()  # the weights' in-place version counters at that moment
+
+    def weights(self) -> list[Tensor]:
+        return [g.target.base.weight for g in self.guards]
+
+    def sketches(self) -> Tensor:
+        """Return the fp32 right sketches (L, m, r) of the weights as they are now."""
+        return P.sketch_right_batched(torch.stack([w.detach() for w in self.weights()]), self.V_mm)
 
 
 def _pad_rows(held: Tensor, rows: slice | None, total: int) -> Tensor:
@@ -122,6 +144,10 @@ def freeze_unguarded(model: nn.Module, subspace: SafetySubspace) -> list[str]:
 class SPFProjector:
     """Removes the conflicting part of every optimizer step from a model's target matrices.
 
+    On the device types in ``BATCHED_DEVICES`` the right side's update correction (full fine-tuning, ``always``)
+    handles matrices of equal shape in batched products, a few kernels per shape instead of a few per matrix; it
+    makes the same correction (each entry rounded once, as the per-matrix path rounds it).
+
     Args:
         model: the model being trained (plain, peft LoRA or DDP-wrapped).
         subspace: its safety subspace; checked against the model's targets and shapes.
@@ -129,6 +155,9 @@ class SPFProjector:
             a copy with the side in force (``config.side_for(lora)`` when the side is left to the default).
         tokenizer: needed only to refresh the subspace or measure the safety loss on its samples.
     """
+
+    BATCHED_DEVICES: tuple[str, ...] = ("cuda",)  # on a CPU the stacked copies cost more than the loop they save
+    BATCH_BYTES = 256 * 2**20  # at most this much fp32 removal (L x m x n) per batched product
 
     def __init__(self, model: nn.Module, subspace: SafetySubspace, config: SPFConfig | None = None, tokenizer=None):
         self.model = _unwrap(model)
@@ -178,11 +207,37 @@ class SPFProjector:
             self.guards.append(_Guard(target, U if rows is None else U[rows], S, V, start_core=torch.zeros(0),
                                       rows=rows, rows_A=rows_A))
         self.sharded = any(g.sharded for g in self.guards)
+        self.batches = self._batch_guards()
         for guard in self.guards:
             if guard.target.is_lora:
                 self._start_lora_side(guard)
         for guard, core in zip(self.guards, self._effective_cores()):
             guard.start_core = core
+
+    def _batch_guards(self) -> list[_Batch]:
+        """Group the guards whose update correction can run batched by shape, dtype and device, in batches of at
+        most ``BATCH_BYTES`` of fp32 removal; a guard left alone keeps the per-matrix path."""
+        cfg = self.config
+        if (cfg.project, cfg.mode, cfg.side) != ("update", "always", "right"):
+            return []
+        groups: dict[tuple, list[_Guard]] = {}
+        for g in self.guards:
+            w = g.target.base.weight
+            if not g.target.is_lora and not g.sharded and w.device.type in self.BATCHED_DEVICES:
+                groups.setdefault((tuple(w.shape), tuple(g.V.shape), w.dtype, w.device), []).append(g)
+        batches = []
+        for (shape, _, dtype, device), members in groups.items():
+            size = max(1, self.BATCH_BYTES // (4 * shape[0] * shape[1]))
+            for i in range(0, len(members), size):
+                part = members[i:i + size]
+                if len(part) < 2:
+                    continue
+                V = torch.stack([g.V for g in part])
+                for j, g in enumerate(part):
+                    g.V, g.batched = V[j], True
+                low = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+                batches.append(_Batch(part, V, V.to(dtype) if low else V))
+        return batches
 
     @torch.no_grad()
     def _start_lora_side(self, guard: _Guard) -> None:
@@ -261,7 +316,12 @@ class SPFProjector:
         if self.config.project == "grad":
             self._check_finite([self._project_gradient(g, measure) for g in self.guards])
         else:
+            for batch in self.batches:
+                fresh = batch.corrected is None or batch.versions != tuple(w._version for w in batch.weights())
+                batch.before = batch.sketches() if fresh else batch.corrected
             for guard in self.guards:
+                if guard.batched:
+                    continue
                 if guard.sharded:
                     guard.before = self._sketches(guard)  # this process's parts, summed after the step
                 elif guard.corrected and guard.versions == tuple(w._version for w in guard.weights()):
@@ -277,9 +337,11 @@ class SPFProjector:
         if self.config.project == "update":
             if self.sharded:
                 self._project_updates_sharded()
-            self._project_updates([g for g in self.guards if not g.sharded])
+            self._project_updates([g for g in self.guards if not g.sharded and not g.batched], self.batches)
             for guard in self.guards:
                 guard.before = ()
+            for batch in self.batches:
+                batch.before = None
         self.step += 1
         self._steps += 1
         if self.config.refresh_every and self.step % self.config.refresh_every == 0:
@@ -325,35 +387,47 @@ class SPFProjector:
             return guard.U.T @ B.float(), A.float() @ guard.V  # (r, k), (k, r)
         return (P.sketch(weights[0], guard.U, guard.V, self.config.side),)
 
-    def _project_updates(self, guards: list[_Guard]) -> None:
-        """Correct the weight change of every (unsharded) guard from its sketches before and after the step.
+    def _project_updates(self, guards: list[_Guard], batches: list[_Batch] | None = None) -> None:
+        """Correct the weight change of every (unsharded) guard and batch from its sketches before and after the step.
 
         Two passes with one host sync between them, not one per target: the first sketches every change (and
         tests for conflicts), one fused norm over all of them tests finiteness before any weight is touched, the
-        second removes; on an accelerator the per-target work is then a few kernel launches."""
-        if not guards:
+        second removes; on an accelerator the per-target work is then a few kernel launches, and a batch's a few
+        for all its targets."""
+        batches = batches or []
+        if not guards and not batches:
             return
         afters = [self._sketches(g) for g in guards]
-        flat = torch._foreach_sub([a for after in afters for a in after], [b for g in guards for b in g.before])
+        flat = list(torch._foreach_sub([a for after in afters for a in after], [b for g in guards for b in g.before]))
         deltas, i = [], 0  # the sketches of the weight change the optimizer made, per guard
         for after in afters:
             deltas.append(flat[i:i + len(after)])
             i += len(after)
-        delta_norm = torch.nn.utils.get_total_norm(flat)
+        batch_deltas = [b.sketches() - b.before for b in batches]  # (L, m, r) each
+        delta_norm = torch.nn.utils.get_total_norm(flat + batch_deltas)
         if not torch.isfinite(delta_norm):
-            bad = (g.target.name for g, d in zip(guards, deltas) if not all(torch.isfinite(x).all() for x in d))
+            named = [(g.target.name, d) for g, d in zip(guards, deltas)]
+            named += [(g.target.name, [d[j]]) for b, d in zip(batches, batch_deltas) for j, g in enumerate(b.guards)]
+            bad = (name for name, d in named if not all(torch.isfinite(x).all() for x in d))
             raise FloatingPointError(self._non_finite_message(next(bad, "(one of them)")))
         removed = []
         for guard, after, delta in zip(guards, afters, deltas):
             removed += self._remove_update(guard, after, delta, *self._removal_mask(guard, after, delta))
-        if len(removed) == len(flat) and all(r is d for r, d in zip(removed, flat)):
+        for batch, delta in zip(batches, batch_deltas):  # "always": each change is removed whole
+            P.subtract_right_batched_([w.data for w in batch.weights()], delta, batch.V)
+            batch.corrected = batch.before  # dW V = 0: the sketches are back where they were before the step
+            batch.versions = tuple(w._version for w in batch.weights())
+        removed += batch_deltas
+        whole = flat + batch_deltas
+        if len(removed) == len(whole) and all(r is d for r, d in zip(removed, whole)):
             removed_sq = delta_norm ** 2  # every change removed whole (mode "always", every factor projected)
         else:
             removed_sq = torch.nn.utils.get_total_norm(removed) ** 2 if removed else torch.zeros(())
-        self._checked += len(guards)
+        corrected = len(guards) + sum(len(b.guards) for b in batches)
+        self._checked += corrected
         self._add("removed_sq", removed_sq)
         if self.config.mode == "always":
-            self._add("fired", float(len(guards)))
+            self._add("fired", float(corrected))
 
     def _removal_mask(self, guard: _Guard, after: tuple[Tensor, ...], deltas: list[Tensor]
                       ) -> tuple[Tensor | None, Tensor | None]:
