@@ -8,7 +8,8 @@ Run it once per source tree to compare two versions of the hooks on the same mac
     done
 
 Arguments: SRC (a directory holding the ``safeft`` package), SHAPE ``HIDDEN,INTER,LAYERS,HEADS,KV_HEADS,VOCAB``,
-DTYPE, TOKENS (one sequence of that many random tokens per step). The model is built on CUDA when present, every
+DTYPE, TOKENS (one sequence of that many random tokens per step), and optionally ``lora`` (LoRA r = 8 on every
+block matrix, as ``safeft finetune --lora-r 8`` sets it up). The model is built on CUDA when present, every
 block matrix trained (norms and embeddings frozen), SPF with the library defaults estimated from 20 built-in
 samples; 25 paired rounds of one SFT and one SPF step, the first 5 dropped. Prints one line: guards, the median
 time inside SPF's hooks (host time), the median steps and the median per-round ratio.
@@ -41,7 +42,13 @@ sub = SafetySubspace.estimate(base, tok, builtin_safety_samples(20), SPFConfig()
 batch = {"input_ids": torch.randint(0, 256, (1, int(sys.argv[4])), device=dev)}
 batch["labels"] = batch["input_ids"]
 
-models = {"sft": base, "spf": copy.deepcopy(base)}
+if sys.argv[5:] == ["lora"]:
+    from safeft.config import TrainConfig
+    from safeft.train import prepare_model
+
+    models = {k: prepare_model(copy.deepcopy(base), TrainConfig(lora_r=8)) for k in ("sft", "spf")}
+else:
+    models = {"sft": base, "spf": copy.deepcopy(base)}
 opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5) for k, m in models.items()}
 proj = attach_spf(opts["spf"], models["spf"], sub, SPFConfig(monitor_every=0)).projector
 times = {"sft": [], "spf": []}
@@ -56,7 +63,7 @@ for _ in range(25):
         times[k].append(time.perf_counter() - t)
 ratios = [b / a for a, b in zip(times["sft"][5:], times["spf"][5:])]
 hooks = statistics.median(proj.hook_seconds[5:])
-print(f"{sys.argv[1]}: {len(proj.guards)} guards, hooks median {hooks*1000:.1f} ms, "
+print(f"{sys.argv[1]} {' '.join(sys.argv[5:])}: {len(proj.guards)} guards, hooks median {hooks*1000:.1f} ms, "
       f"SFT step {statistics.median(times['sft'][5:])*1000:.1f} ms, "
       f"SPF step {statistics.median(times['spf'][5:])*1000:.1f} ms, ratio median {statistics.median(ratios):.3f}",
       flush=True)

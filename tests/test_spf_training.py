@@ -144,17 +144,26 @@ def test_update_projection_notices_weights_written_between_steps(tokenizer, beni
     assert safety_component(subspace, moved) < 1e-6
 
 
-def test_batched_correction_makes_the_per_matrix_correction(tokenizer, benign_batch, safety_pairs, monkeypatch):
-    """Matrices of equal shape corrected in batched products (in batches capped by BATCH_BYTES, a lone leftover on
-    the per-matrix path) end where the per-matrix correction ends them, through a checkpoint load mid-run."""
+@pytest.mark.parametrize("lora, side", [(False, "right"), (False, "left"), (True, None)],
+                         ids=["full-right", "full-left", "lora-two_sided"])
+def test_batched_correction_makes_the_per_target_correction(tokenizer, benign_batch, safety_pairs, monkeypatch, lora,
+                                                            side):
+    """Targets of equal shapes corrected in batched products (in batches capped by BATCH_BYTES, a lone leftover on
+    the per-target path) end where the per-target correction ends them, through weights written mid-run."""
     def train(batched: bool):
         monkeypatch.setattr(SPFProjector, "BATCHED_DEVICES", ("cpu",) if batched else ("cuda",))
         monkeypatch.setattr(SPFProjector, "BATCH_BYTES", 2 * 4 * 64 * 32)  # two gate/up/down matrices per batch
         model = tiny_llama(seed=0, layers=3)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        handle = attach_spf(optimizer, model, subspace_3, SPFConfig(rank=8, mode="always", project="update"))
+        if lora:
+            model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                     lora_dropout=0.0))
+        trained = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trained, lr=1e-2)
+        handle = attach_spf(optimizer, model, subspace_3, SPFConfig(rank=8, mode="always", side=side))
         train_steps(model, optimizer, benign_batch, 2)
-        model.load_state_dict(tiny_llama(seed=1, layers=3).state_dict())  # weights written between steps
+        with torch.no_grad():  # weights written between steps (bumps the version counters)
+            for p in trained:
+                p.mul_(1.01)
         train_steps(model, optimizer, benign_batch, 2)
         return model, handle.projector
 
@@ -163,9 +172,11 @@ def test_batched_correction_makes_the_per_matrix_correction(tokenizer, benign_ba
     plain, plain_projector = train(False)
     batched, projector = train(True)
     assert not plain_projector.batches
-    sizes = sorted(len(b.guards) for b in projector.batches)
-    assert sizes == [2, 2, 2, 2, 2, 4, 6]  # q/o: 4 + 2; k/v: 6; gate/up: 2 x 3; down: 2, its third alone
-    assert sum(not g.batched for g in projector.guards) == 1
+    # groups by shapes and rank (layer 2's bases have rank 4, the others 8): q/o 4 + 2, k/v 6, gate/up 4 + 2,
+    # down 2 + 1 (alone: per-target path); full fine-tuning's gate/up matrices go two to a batch under the cap
+    sizes = [2, 2, 2, 4, 4, 6] * 2 if lora else [2, 2, 2, 2, 2, 4, 6]  # LoRA: a B batch and an A batch
+    assert sorted(len(b.guards) for b in projector.batches) == sorted(sizes)
+    assert [g.target.name for g in projector.guards if not g.batched] == ["model.layers.2.mlp.down_proj"]
     reference = dict(plain.named_parameters())
     for name, p in batched.named_parameters():
         torch.testing.assert_close(p, reference[name], rtol=1e-5, atol=1e-6)

@@ -157,24 +157,33 @@ def subtract_(X: Tensor, sk: Tensor, U: Tensor, V: Tensor, mask: Tensor | None, 
         X.copy_((X.float() - left @ right).to(X.dtype))
 
 
-def sketch_right_batched(W: Tensor, V: Tensor) -> Tensor:
-    """Return the fp32 right sketches ``W_i V_i`` (L, m, r) of stacked matrices ``W: (L, m, n)`` and bases
-    ``V: (L, n, r)`` in one batched product, rounded as :func:`sketch` rounds each (on CUDA a bf16/fp16 W meets V in
-    its own dtype with fp32 accumulation)."""
-    if _low_precision_cuda(W):
-        return torch.bmm(W, V.to(W.dtype), out_dtype=torch.float32)
-    return torch.bmm(W.float(), V.float())
+def sketch_batched(X: Tensor, B: Tensor, side: Side) -> Tensor:
+    """Return the fp32 one-sided sketches of stacked matrices ``X: (L, m, n)`` in one batched product: ``U_i^T X_i``
+    (L, r, n) for ``side="left"`` with ``B`` the stacked ``U: (L, m, r)``, ``X_i V_i`` (L, m, r) for ``"right"`` with
+    ``B`` the stacked ``V: (L, n, r)``; rounded as :func:`sketch` rounds each (on CUDA a bf16/fp16 X meets the basis
+    in its own dtype with fp32 accumulation)."""
+    if side not in ("left", "right"):
+        raise ValueError(f"batched sketches are one-sided, got side={side!r}")
+    if _low_precision_cuda(X):
+        B = B.to(X.dtype)
+        return torch.bmm(B.transpose(1, 2), X, out_dtype=torch.float32) if side == "left" else torch.bmm(
+            X, B, out_dtype=torch.float32)
+    return torch.bmm(B.float().transpose(1, 2), X.float()) if side == "left" else torch.bmm(X.float(), B.float())
 
 
-def subtract_right_batched_(Xs: list[Tensor], sk: Tensor, V: Tensor) -> None:
-    """Subtract ``sk_i V_i^T`` from each ``Xs[i]: (m, n)`` in place, for sketches ``sk: (L, m, r)`` (fp32) and bases
-    ``V: (L, n, r)``: one batched product into an fp32 ``(L, m, n)`` removal, then one multi-tensor subtraction that
-    rounds each entry once into X's dtype, as :func:`subtract_` does (bf16 on CUDA: the thin factors rounded to
-    bf16, fp32 accumulation; elsewhere fp32 factors)."""
+def subtract_batched_(Xs: list[Tensor], sk: Tensor, B: Tensor, side: Side) -> None:
+    """Subtract each sketch's whole removal from ``Xs[i]: (m, n)`` in place: ``U_i sk_i`` (``side="left"``, ``sk:
+    (L, r, n)``, ``B`` the stacked U) or ``sk_i V_i^T`` (``"right"``, ``sk: (L, m, r)``, ``B`` the stacked V).
+
+    One batched product into an fp32 ``(L, m, n)`` removal, then one multi-tensor subtraction that rounds each entry
+    once into X's dtype, as :func:`subtract_` does (bf16 on CUDA: the thin factors rounded to bf16, fp32
+    accumulation; elsewhere fp32 factors)."""
     if Xs[0].is_cuda and Xs[0].dtype == torch.bfloat16:
-        removal = torch.bmm(sk.to(torch.bfloat16), V.to(torch.bfloat16).transpose(1, 2), out_dtype=torch.float32)
+        sk, B = sk.to(torch.bfloat16), B.to(torch.bfloat16)
+        removal = torch.bmm(B, sk, out_dtype=torch.float32) if side == "left" else torch.bmm(
+            sk, B.transpose(1, 2), out_dtype=torch.float32)
     else:
-        removal = torch.bmm(sk, V.float().transpose(1, 2))
+        removal = torch.bmm(B.float(), sk) if side == "left" else torch.bmm(sk, B.float().transpose(1, 2))
     torch._foreach_sub_(Xs, list(removal.unbind(0)))
 
 

@@ -64,7 +64,7 @@ class _Guard:
     versions: tuple[int, ...] = ()  # the weights' in-place version counters at that moment
     rows: slice | None = None  # under FSDP2: the rows of W (and lora_B) this process holds; U holds only those
     rows_A: slice | None = None  # under FSDP2 with LoRA: the rows of lora_A this process holds
-    batched: bool = False  # corrected with others of its shape in one _Batch (its V is then a view of the batch's)
+    batched: bool = False  # corrected with others of its shapes in _Batch'es (its bases then views of theirs)
 
     @property
     def holds_U(self) -> bool:
@@ -87,23 +87,26 @@ class _Guard:
 
 @dataclass
 class _Batch:
-    """Guards of equal shape, dtype and device whose weight changes are corrected together in batched products:
-    full fine-tuning, right side, ``always``, ``project="update"``, on an accelerator, where the hooks' time is
-    per-target kernel launches and Python rather than arithmetic."""
+    """One trained tensor (the weight, or one LoRA factor) of guards of equal shapes, dtype and device, whose changes
+    are corrected together in batched products. Used with ``always`` and ``project="update"`` where every trained
+    tensor is projected (full fine-tuning on one side; LoRA with ``two_sided``), on an accelerator, where the
+    hooks' time is per-target kernel launches and Python rather than arithmetic."""
 
     guards: list[_Guard]
-    V: Tensor  # (L, n, r) fp32, the guards' bases stacked; each guard's V is a view of its slice
-    V_mm: Tensor  # V in the dtype the products use (the weights' on CUDA bf16/fp16, else V itself)
-    before: Tensor | None = None  # (L, m, r) fp32 sketches before the optimizer step
-    corrected: Tensor | None = None  # (L, m, r) sketches right after the last correction
-    versions: tuple[int, ...] = ()  # the weights' in-place version counters at that moment
+    factor: int  # which of each guard's weights(): the weight or lora_B (0), lora_A (1)
+    side: str  # "left": sketches U^T X, basis U; "right": sketches X V, basis V
+    basis: Tensor  # (L, m, r) U's or (L, n, r) V's stacked, fp32; each guard's U or V is a view of its slice
+    basis_mm: Tensor  # the basis in the dtype the products use (the tensors' on CUDA bf16/fp16, else basis itself)
+    before: Tensor | None = None  # fp32 sketches before the optimizer step, (L, r, n) or (L, m, r)
+    corrected: Tensor | None = None  # the sketches right after the last correction
+    versions: tuple[int, ...] = ()  # the tensors' in-place version counters at that moment
 
-    def weights(self) -> list[Tensor]:
-        return [g.target.base.weight for g in self.guards]
+    def tensors(self) -> list[Tensor]:
+        return [g.weights()[self.factor] for g in self.guards]
 
     def sketches(self) -> Tensor:
-        """Return the fp32 right sketches (L, m, r) of the weights as they are now."""
-        return P.sketch_right_batched(torch.stack([w.detach() for w in self.weights()]), self.V_mm)
+        """Return the fp32 sketches of the tensors as they are now."""
+        return P.sketch_batched(torch.stack([x.detach() for x in self.tensors()]), self.basis_mm, self.side)
 
 
 def _pad_rows(held: Tensor, rows: slice | None, total: int) -> Tensor:
@@ -144,9 +147,9 @@ def freeze_unguarded(model: nn.Module, subspace: SafetySubspace) -> list[str]:
 class SPFProjector:
     """Removes the conflicting part of every optimizer step from a model's target matrices.
 
-    On the device types in ``BATCHED_DEVICES`` the right side's update correction (full fine-tuning, ``always``)
-    handles matrices of equal shape in batched products, a few kernels per shape instead of a few per matrix; it
-    makes the same correction (each entry rounded once, as the per-matrix path rounds it).
+    On the device types in ``BATCHED_DEVICES`` the update correction with ``always`` (full fine-tuning on one side,
+    LoRA with ``two_sided``) handles targets of equal shapes in batched products, a few kernels per shape instead
+    of a few per target; it makes the same correction (each entry rounded once, as the per-target path rounds it).
 
     Args:
         model: the model being trained (plain, peft LoRA or DDP-wrapped).
@@ -215,28 +218,34 @@ class SPFProjector:
             guard.start_core = core
 
     def _batch_guards(self) -> list[_Batch]:
-        """Group the guards whose update correction can run batched by shape, dtype and device, in batches of at
-        most ``BATCH_BYTES`` of fp32 removal; a guard left alone keeps the per-matrix path."""
+        """Group the guards whose update correction can run batched by shapes, dtype and device, in batches of at
+        most ``BATCH_BYTES`` of fp32 removal; a guard left alone keeps the per-target path."""
         cfg = self.config
-        if (cfg.project, cfg.mode, cfg.side) != ("update", "always", "right"):
+        if (cfg.project, cfg.mode) != ("update", "always"):
             return []
         groups: dict[tuple, list[_Guard]] = {}
         for g in self.guards:
-            w = g.target.base.weight
-            if not g.target.is_lora and not g.sharded and w.device.type in self.BATCHED_DEVICES:
-                groups.setdefault((tuple(w.shape), tuple(g.V.shape), w.dtype, w.device), []).append(g)
+            every_tensor_projected = cfg.side == "two_sided" if g.target.is_lora else cfg.side != "two_sided"
+            device = g.weights()[0].device
+            if every_tensor_projected and not g.sharded and device.type in self.BATCHED_DEVICES:
+                shapes = tuple((tuple(w.shape), w.dtype) for w in g.weights())
+                key = (shapes, tuple(g.U.shape), tuple(g.V.shape), device)
+                groups.setdefault(key, []).append(g)
         batches = []
-        for (shape, _, dtype, device), members in groups.items():
-            size = max(1, self.BATCH_BYTES // (4 * shape[0] * shape[1]))
+        for members in groups.values():
+            size = max(1, self.BATCH_BYTES // (4 * max(w.numel() for w in members[0].weights())))
             for i in range(0, len(members), size):
                 part = members[i:i + size]
                 if len(part) < 2:
                     continue
-                V = torch.stack([g.V for g in part])
-                for j, g in enumerate(part):
-                    g.V, g.batched = V[j], True
-                low = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
-                batches.append(_Batch(part, V, V.to(dtype) if low else V))
+                for factor, side in ((0, "left"), (1, "right")) if part[0].target.is_lora else ((0, cfg.side),):
+                    basis = torch.stack([g.U if side == "left" else g.V for g in part])
+                    for j, g in enumerate(part):
+                        setattr(g, "U" if side == "left" else "V", basis[j])
+                        g.batched = True
+                    x = part[0].weights()[factor]
+                    low = x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16)
+                    batches.append(_Batch(part, factor, side, basis, basis.to(x.dtype) if low else basis))
         return batches
 
     @torch.no_grad()
@@ -317,7 +326,7 @@ class SPFProjector:
             self._check_finite([self._project_gradient(g, measure) for g in self.guards])
         else:
             for batch in self.batches:
-                fresh = batch.corrected is None or batch.versions != tuple(w._version for w in batch.weights())
+                fresh = batch.corrected is None or batch.versions != tuple(x._version for x in batch.tensors())
                 batch.before = batch.sketches() if fresh else batch.corrected
             for guard in self.guards:
                 if guard.batched:
@@ -403,7 +412,7 @@ class SPFProjector:
         for after in afters:
             deltas.append(flat[i:i + len(after)])
             i += len(after)
-        batch_deltas = [b.sketches() - b.before for b in batches]  # (L, m, r) each
+        batch_deltas = [b.sketches() - b.before for b in batches]
         delta_norm = torch.nn.utils.get_total_norm(flat + batch_deltas)
         if not torch.isfinite(delta_norm):
             named = [(g.target.name, d) for g, d in zip(guards, deltas)]
@@ -414,16 +423,16 @@ class SPFProjector:
         for guard, after, delta in zip(guards, afters, deltas):
             removed += self._remove_update(guard, after, delta, *self._removal_mask(guard, after, delta))
         for batch, delta in zip(batches, batch_deltas):  # "always": each change is removed whole
-            P.subtract_right_batched_([w.data for w in batch.weights()], delta, batch.V)
-            batch.corrected = batch.before  # dW V = 0: the sketches are back where they were before the step
-            batch.versions = tuple(w._version for w in batch.weights())
+            P.subtract_batched_([x.data for x in batch.tensors()], delta, batch.basis, batch.side)
+            batch.corrected = batch.before  # the whole change is removed: the sketches are back where they were
+            batch.versions = tuple(x._version for x in batch.tensors())
         removed += batch_deltas
         whole = flat + batch_deltas
         if len(removed) == len(whole) and all(r is d for r, d in zip(removed, whole)):
             removed_sq = delta_norm ** 2  # every change removed whole (mode "always", every factor projected)
         else:
             removed_sq = torch.nn.utils.get_total_norm(removed) ** 2 if removed else torch.zeros(())
-        corrected = len(guards) + sum(len(b.guards) for b in batches)
+        corrected = len(guards) + len({id(g) for b in batches for g in b.guards})
         self._checked += corrected
         self._add("removed_sq", removed_sq)
         if self.config.mode == "always":
