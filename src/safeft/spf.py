@@ -396,14 +396,13 @@ class SPFProjector:
             return guard.U.T @ B.float(), A.float() @ guard.V  # (r, k), (k, r)
         return (P.sketch(weights[0], guard.U, guard.V, self.config.side),)
 
-    def _project_updates(self, guards: list[_Guard], batches: list[_Batch] | None = None) -> None:
+    def _project_updates(self, guards: list[_Guard], batches: list[_Batch]) -> None:
         """Correct the weight change of every (unsharded) guard and batch from its sketches before and after the step.
 
         Two passes with one host sync between them, not one per target: the first sketches every change (and
         tests for conflicts), one fused norm over all of them tests finiteness before any weight is touched, the
         second removes; on an accelerator the per-target work is then a few kernel launches, and a batch's a few
         for all its targets."""
-        batches = batches or []
         if not guards and not batches:
             return
         afters = [self._sketches(g) for g in guards]
