@@ -1,7 +1,10 @@
 """Shared fixtures: a tiny random Llama, a byte tokenizer with a chat template, and small chat batches."""
 
+import time
+
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from safeft.chat import collate, encode_chat
 from safeft.testing import SAFETY_PAIRS, byte_tokenizer, tiny_llama
@@ -12,6 +15,19 @@ BENIGN_PAIRS = [
     ("Name a colour of the sky.", "The sky is often blue."),
     ("Translate 'bonjour' to English.", "It means hello."),
 ]
+
+
+def spawn_workers(worker, args, nprocs=2, deadline_seconds=240):
+    """Run ``worker(rank, *args)`` in ``nprocs`` spawned processes; re-raise a worker's error, and fail the test
+    (killing the workers) if they have not all finished after ``deadline_seconds`` instead of hanging the suite."""
+    context = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    give_up = time.monotonic() + deadline_seconds
+    while not context.join(timeout=5):
+        if time.monotonic() > give_up:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{nprocs} spawned workers still running after {deadline_seconds} s: a stuck rendezvous or "
+                        "collective; rerun the test alone")
 
 
 @pytest.fixture(scope="session")

@@ -6,10 +6,9 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from conftest import BENIGN_PAIRS
+from conftest import BENIGN_PAIRS, spawn_workers
 from safeft import SafetySubspace, SPFConfig, attach_spf
 from safeft.chat import collate, encode_chat, response_token_loss_sum
 from safeft.testing import SAFETY_PAIRS, byte_tokenizer, tiny_llama
@@ -67,7 +66,7 @@ def test_ddp_matches_single_process_for_every_side_and_project_mode(tmp_path):
     subspace = SafetySubspace.estimate(tiny_llama(seed=0), byte_tokenizer(), SAFETY_PAIRS[:1], SPFConfig(rank=4),
                                        show_progress=False)
     subspace.save(tmp_path / "subspace")
-    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    spawn_workers(_worker, (2, str(tmp_path)))
     for name, config_kwargs in CONFIGS.items():
         single = tiny_llama(seed=0)
         start = {k: v.clone() for k, v in single.state_dict().items()}

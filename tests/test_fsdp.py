@@ -10,10 +10,9 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from conftest import BENIGN_PAIRS
+from conftest import BENIGN_PAIRS, spawn_workers
 from safeft import SafetySubspace, SPFConfig, attach_spf
 from safeft.chat import collate, encode_chat, response_token_loss_sum
 from safeft.config import TrainConfig
@@ -146,7 +145,7 @@ def test_fsdp2_matches_single_process(tmp_path):
     subspace = SafetySubspace.estimate(tiny_llama(seed=0), byte_tokenizer(), SAFETY_PAIRS[:2], SPFConfig(rank=RANK),
                                        show_progress=False)
     subspace.save(tmp_path / "subspace")
-    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    spawn_workers(_worker, (2, str(tmp_path)))
     counts = json.loads((tmp_path / "counts.json").read_text())
     for name, lora, options in CONFIGS:
         single = build(lora)
