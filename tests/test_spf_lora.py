@@ -91,6 +91,16 @@ def test_one_sided_rule_refuses_an_adapter_it_cannot_enforce_without_changing_th
     attach_spf(torch.optim.SGD(params, lr=0.1), model, subspace, SPFConfig(rank=8, side="two_sided"))
 
 
+@pytest.mark.parametrize("frozen", ["lora_A", "lora_B"])
+def test_an_adapter_with_one_factor_frozen_is_refused_not_left_unguarded(subspace, frozen):
+    model = lora_model()
+    for t in find_targets(model).values():
+        getattr(t, frozen).requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    with pytest.raises(ValueError, match=f"{frozen} is frozen.*unfreeze {frozen}"):
+        attach_spf(torch.optim.SGD(params, lr=0.1), model, subspace, SPFConfig(rank=8))
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_refresh_under_lora_needs_the_two_sided_rule(tokenizer, subspace, side):
     model = lora_model()

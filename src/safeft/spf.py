@@ -195,7 +195,12 @@ class SPFProjector:
         self.guards: list[_Guard] = []
         for name, target in targets.items():
             basis: Basis = subspace[name]
-            trained = target.is_lora and target.lora_A.requires_grad or target.base.weight.requires_grad
+            if target.is_lora and target.lora_A.requires_grad != target.lora_B.requires_grad:
+                frozen = "lora_A" if target.lora_B.requires_grad else "lora_B"
+                raise ValueError(f"{name}: {frozen} is frozen and the other LoRA factor is trained (LoRA-FA style); "
+                                 "SPF's LoRA guard corrects both factors and would leave this adapter unguarded. "
+                                 f"Train both factors (unfreeze {frozen}) or neither.")
+            trained = target.base.weight.requires_grad or (target.is_lora and target.lora_A.requires_grad)
             if basis.rank == 0 or not trained:
                 continue
             device = local(target.base.weight).device
