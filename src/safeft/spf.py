@@ -96,7 +96,7 @@ class _Batch:
     factor: int  # which of each guard's weights(): the weight or lora_B (0), lora_A (1)
     side: str  # "left": sketches U^T X, basis U; "right": sketches X V, basis V
     basis: Tensor  # (L, m, r) U's or (L, n, r) V's stacked, fp32; each guard's U or V is a view of its slice
-    basis_mm: Tensor  # the basis in the dtype the products use (the tensors' on CUDA bf16/fp16, else basis itself)
+    basis_mm: Tensor  # the basis in the dtype the sketches use (a full weight's on CUDA bf16/fp16, else basis itself)
     before: Tensor | None = None  # fp32 sketches before the optimizer step, (L, r, n) or (L, m, r)
     corrected: Tensor | None = None  # the sketches right after the last correction
     versions: tuple[int, ...] = ()  # the tensors' in-place version counters at that moment
@@ -106,7 +106,10 @@ class _Batch:
 
     def sketches(self) -> Tensor:
         """Return the fp32 sketches of the tensors as they are now."""
-        return P.sketch_batched(torch.stack([x.detach() for x in self.tensors()]), self.basis_mm, self.side)
+        stacked = torch.stack([x.detach() for x in self.tensors()])
+        if self.guards[0].target.is_lora:  # thin factors: sketched in fp32, as the per-target path sketches them
+            stacked = stacked.float()
+        return P.sketch_batched(stacked, self.basis_mm, self.side)
 
 
 def _pad_rows(held: Tensor, rows: slice | None, total: int) -> Tensor:
@@ -249,7 +252,8 @@ class SPFProjector:
                         setattr(g, "U" if side == "left" else "V", basis[j])
                         g.batched = True
                     x = part[0].weights()[factor]
-                    low = x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16)
+                    low = (not part[0].target.is_lora and x.device.type == "cuda"
+                           and x.dtype in (torch.bfloat16, torch.float16))
                     batches.append(_Batch(part, factor, side, basis, basis.to(x.dtype) if low else basis))
         return batches
 
