@@ -371,23 +371,25 @@ def best_per_setting(rows: list[dict], accuracy_slack: float = ACCURACY_SLACK) -
     """Return, per setting with an ``sft`` row that has an accuracy, the defence with the lowest pooled harmful
     score among the rows (``sft`` included) whose pooled accuracy is at least sft's minus ``accuracy_slack``
     points: ``{setting, accuracy_slack, best, harmful_score, accuracy, step_time_vs_sft, eligible, excluded,
-    tied}``, where ``excluded`` lost more accuracy and ``tied`` are eligible labels whose harmful score lies inside
-    the best's 95% interval (the comparison needs more seeds there). ``rows`` are :func:`pooled`'s."""
+    tied}``, where ``excluded`` lost more accuracy (rows without an accuracy are in neither list) and ``tied`` are
+    eligible labels whose harmful score lies inside the best's 95% interval (the comparison needs more seeds
+    there). ``rows`` are :func:`pooled`'s."""
     best = []
     for setting in sorted({r["setting"] for r in rows}):
         group = [r for r in rows if r["setting"] == setting]
         sft = next((r for r in group if r["method"] == "sft" and r.get("accuracy")), None)
         if sft is None:
             continue
-        floor = sft["accuracy"]["rate"] - accuracy_slack
-        eligible = [r for r in group if r.get("accuracy") and r["accuracy"]["rate"] >= floor]
+        floor = sft["accuracy"]["rate"] - accuracy_slack - 1e-9  # exactly `slack` points lower is eligible
+        measured = [r for r in group if r.get("accuracy")]
+        eligible = [r for r in measured if r["accuracy"]["rate"] >= floor]
         winner = min(eligible, key=lambda r: (r["harmful_score"]["rate"], r["task_loss"] or 0.0))
         lo, hi = winner["harmful_score"]["ci"]
         best.append({"setting": setting, "accuracy_slack": accuracy_slack, "best": winner["label"],
                      "harmful_score": winner["harmful_score"]["rate"],
                      "accuracy": winner["accuracy"]["rate"], "step_time_vs_sft": winner["step_time_vs_sft"],
                      "eligible": [r["label"] for r in eligible],
-                     "excluded": [r["label"] for r in group if r not in eligible],
+                     "excluded": [r["label"] for r in measured if r not in eligible],
                      "tied": [r["label"] for r in eligible
                               if r is not winner and lo <= r["harmful_score"]["rate"] <= hi]})
     return best
