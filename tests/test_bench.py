@@ -257,3 +257,17 @@ def test_aligned_models_are_named_by_the_alignment_that_made_them(tmp_path):
     rows = [{"setting": s, "task": "facts", "label": label, **metrics} for s in ("benign", "p0.1", "deep", "lora")
             for label in ("sft", "spf")]
     assert plot_tradeoff([plain, vaccine], rows, tmp_path / "t.png").stat().st_size > 0
+
+
+def test_cost_ratios_pair_runs_of_one_machine_only():
+    from safeft.recipes.bench import machine_name, run_ratio_to_sft
+
+    def run(method, seconds, machine):
+        return {"method": method, "seed": 0, "setting": {"name": "p"},
+                "cost": {"step_seconds_median": seconds, "machine": machine}}
+
+    here = machine_name()
+    assert here  # a name to compare by
+    sft, spf, elsewhere = run("sft", 2.0, here), run("spf", 2.2, here), run("spf", 1.0, "another machine")
+    assert run_ratio_to_sft([sft, spf], spf, "step_seconds_median") == pytest.approx(1.1)
+    assert run_ratio_to_sft([sft, elsewhere], elsewhere, "step_seconds_median") is None  # no cross-machine ratio

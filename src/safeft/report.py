@@ -63,8 +63,8 @@ def bench_markdown(summary: dict, aligned: list[dict], runs: list[dict]) -> str:
             + (f", {accuracy['n']} task test examples" if accuracy else "") + ".",
             "",
             "Rates pool the counts of all seeds (95% Wilson intervals); losses are means over seeds; step time and "
-            "peak memory are medians over seeds of the ratio to SFT in the same setting and seed (measured in this "
-            "bench, on this machine).",
+            "peak memory are medians over seeds of the ratio to SFT in the same setting and seed, on the same machine "
+            "(runs that record different machines are not compared).",
             "",
         ]
     jailbreaks = any(r.get("jailbreak_asr") for r in summary["rows"])

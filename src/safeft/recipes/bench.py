@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import platform
 import re
 import signal
 import statistics
@@ -296,7 +298,8 @@ def run_one(config: BenchConfig, setting: Setting, seed: int, label: str, method
         "format": RUN_FORMAT, "kind": "run", "label": label, **run_identity(config, setting, seed, method),
         "aligned_model": str(aligned_dir), "headline": headline(metrics), "metrics": metrics,
         "cost": {"train_seconds": log["seconds"], "prepare_seconds": log["prepare_seconds"], "steps": log["steps"],
-                 "step_seconds_median": log["step_seconds_median"], "peak_memory_mb": log["peak_memory_mb"]},
+                 "step_seconds_median": log["step_seconds_median"], "peak_memory_mb": log["peak_memory_mb"],
+                 "machine": machine_name()},
         "monitor_last": monitor[-1] if monitor else None, "method_facts": log.get("method_facts", {}),
         "wall_seconds": time.perf_counter() - start, "safeft_version": __version__, "command": command,
     }
@@ -316,11 +319,28 @@ def read_runs(out: str | Path) -> tuple[list[dict], list[dict]]:
     return aligned, runs
 
 
+def machine_name() -> str:
+    """Return what a run's steps ran on: the CUDA device's name, else the CPU's model and core count."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or "CPU"
+    return f"{cpu} x{os.cpu_count()}"
+
+
 def run_ratio_to_sft(runs: list[dict], run: dict, key: str) -> float | None:
-    """Return the run's ``cost[key]`` / SFT's in the same setting and seed, or None where there is no such SFT run."""
-    reference = next((r["cost"][key] for r in runs if r["method"] == "sft" and r["seed"] == run["seed"]
+    """Return the run's ``cost[key]`` / SFT's in the same setting and seed, or None where there is no such SFT run
+    or it ran on another machine (a grid finished over several sittings)."""
+    reference = next((r["cost"] for r in runs if r["method"] == "sft" and r["seed"] == run["seed"]
                       and r["setting"]["name"] == run["setting"]["name"]), None)
-    return run["cost"][key] / reference if reference and run["cost"][key] else None
+    if reference is None or reference.get("machine") != run["cost"].get("machine"):
+        return None
+    return run["cost"][key] / reference[key] if reference[key] and run["cost"][key] else None
 
 
 def _ratio_to_sft(runs: list[dict], key: str) -> dict[tuple[str, str], float | None]:
