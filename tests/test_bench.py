@@ -271,3 +271,18 @@ def test_cost_ratios_pair_runs_of_one_machine_only():
     sft, spf, elsewhere = run("sft", 2.0, here), run("spf", 2.2, here), run("spf", 1.0, "another machine")
     assert run_ratio_to_sft([sft, spf], spf, "step_seconds_median") == pytest.approx(1.1)
     assert run_ratio_to_sft([sft, elsewhere], elsewhere, "step_seconds_median") is None  # no cross-machine ratio
+
+
+def test_seeds_trained_differently_are_not_pooled():
+    from safeft.evaluate.stats import rate
+    from safeft.recipes.bench import pooled
+
+    def run(seed, steps, extra=None):
+        return {"method": "spf", "label": "spf", "seed": seed, "setting": {"name": "p", "task": "facts"},
+                "model": "m", "train": {"seed": seed, "steps": steps, **(extra or {})}, "method_options": {},
+                "metrics": {"harmful_score": rate(8, 80)}, "cost": {"step_seconds_median": 1.0}}
+
+    # seeds differ by their seed; a field only a newer record has is not a difference
+    assert pooled([run(0, 40), run(1, 40, {"lora_targets": None})])[0]["harmful_score"]["n"] == 160
+    with pytest.raises(ValueError, match=r"p/spf: seeds 0 and 1 .*train\.steps.*own out directory"):
+        pooled([run(0, 40), run(1, 80)])  # a stale run file of an earlier, longer grid

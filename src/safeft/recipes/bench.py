@@ -354,6 +354,24 @@ def _ratio_to_sft(runs: list[dict], key: str) -> dict[tuple[str, str], float | N
     return {k: statistics.median(v) for k, v in ratios.items()}
 
 
+def _check_one_recipe(setting: str, label: str, group: list[dict]) -> None:
+    """Raise ``ValueError`` if the seeds about to be pooled were trained or judged differently (a run file left by an
+    earlier grid with other options in the same directory); fields one record lacks are not compared."""
+    first = group[0]
+    for run in group[1:]:
+        differ = []
+        for key in ("model", "judge", "max_new_tokens", "train", "method_options"):
+            a, b = first.get(key), run.get(key)
+            if isinstance(a, dict) and isinstance(b, dict):
+                differ += [f"{key}.{k}" for k in sorted(a.keys() & b.keys()) if k != "seed" and a[k] != b[k]]
+            elif a is not None and b is not None and a != b:
+                differ.append(key)
+        if differ:
+            raise ValueError(f"{setting}/{label}: seeds {first['seed']} and {run['seed']} were made with different "
+                             f"{', '.join(differ)}, so they cannot be pooled; give each grid its own out directory "
+                             "or delete the stale run files")
+
+
 def pooled(runs: list[dict]) -> list[dict]:
     """Return one row per (setting, method label): counts pooled over seeds (rates with Wilson intervals), mean
     losses, and step time / peak memory as ratios to SFT in the same bench. Rows are ordered by setting name, then
@@ -364,6 +382,7 @@ def pooled(runs: list[dict]) -> list[dict]:
     step_ratio, memory_ratio = _ratio_to_sft(runs, "step_seconds_median"), _ratio_to_sft(runs, "peak_memory_mb")
     rows = []
     for (setting, label), group in groups.items():
+        _check_one_recipe(setting, label, group)
         row = {"setting": setting, "task": group[0]["setting"]["task"], "label": label, "method": group[0]["method"],
                "seeds": sorted(r["seed"] for r in group)}
         for key in RATES:
