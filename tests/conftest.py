@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny random Llama, a byte tokenizer with a chat template, and small chat batches."""
 
+import faulthandler
 import time
 
 import pytest
@@ -17,10 +18,18 @@ BENIGN_PAIRS = [
 ]
 
 
+def _watched(rank, worker, seconds, *args):
+    faulthandler.dump_traceback_later(seconds, exit=True)  # a stuck worker prints where it is stuck, then exits
+    worker(rank, *args)
+    faulthandler.cancel_dump_traceback_later()
+
+
 def spawn_workers(worker, args, nprocs=2, deadline_seconds=240):
     """Run ``worker(rank, *args)`` in ``nprocs`` spawned processes; re-raise a worker's error, and fail the test
-    (killing the workers) if they have not all finished after ``deadline_seconds`` instead of hanging the suite."""
-    context = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    (killing the workers) if they have not all finished after ``deadline_seconds`` instead of hanging the suite;
+    a worker still running 30 s before that prints its threads' stacks first."""
+    context = mp.start_processes(_watched, args=(worker, deadline_seconds - 30, *args), nprocs=nprocs, join=False,
+                                 start_method="spawn")
     give_up = time.monotonic() + deadline_seconds
     while not context.join(timeout=5):
         if time.monotonic() > give_up:

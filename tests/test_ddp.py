@@ -58,6 +58,7 @@ def _worker(rank, world_size, workdir):
             assert calls == 0  # DDP all-reduced the gradients already: SPF needs no collective of its own
             save_file({k: v.contiguous() for k, v in model.state_dict().items()},
                       os.path.join(workdir, f"{name}-rank{rank}.st"))
+            del ddp  # freed while its process group lives: a DDP reducer outliving the group can hang on exit
     finally:
         dist.destroy_process_group()
 
