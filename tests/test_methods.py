@@ -1,6 +1,7 @@
 """The method registry: every method trains through the one runner; mix is exact; spf-random is a fair control."""
 
 import json
+from collections import Counter
 from dataclasses import replace
 
 import pytest
@@ -87,14 +88,27 @@ def test_mix_adds_an_exact_number_of_refusal_pairs(ratio, n, added, tmp_path):
     assert [e.prompt for e in again] == [e.prompt for e in mixed]  # seeded
 
 
-def test_mix_reads_safety_data_and_says_when_it_runs_short(tmp_path):
+def test_mix_reads_safety_data_and_replays_it_evenly_when_it_runs_short(tmp_path):
     path = tmp_path / "safety.jsonl"
     path.write_text("\n".join(json.dumps({"prompt": p, "refusal": r}) for p, r in SAFETY_PAIRS) + "\n")
     run = RunContext(out=tmp_path, cache=tmp_path)
     mixed = build_method("mix", {"safety_ratio": 0.3, "safety_data": str(path)}).training_data(task_examples(10), run)
     assert {e.prompt for e in mixed if e.meta.get("source") == "mix"} <= {p for p, _ in SAFETY_PAIRS}
-    with pytest.raises(ValueError, match="needs 5 refusal pairs, only 3"):
-        build_method("mix", {"safety_ratio": 0.5, "safety_data": str(path)}).training_data(task_examples(10), run)
+    with pytest.warns(UserWarning, match="asks for 8 refusal pairs and only 3 are available.*up to 3 times"):
+        mixed = build_method("mix", {"safety_ratio": 0.8, "safety_data": str(path)}).training_data(
+            task_examples(10), run)
+    uses = Counter(e.prompt for e in mixed if e.meta.get("source") == "mix")
+    assert sum(uses.values()) == 8 and set(uses) == {p for p, _ in SAFETY_PAIRS}
+    assert max(uses.values()) - min(uses.values()) <= 1  # replayed in rounds, not at random
+
+
+def test_mix_says_when_no_refusal_pair_is_left(tmp_path):
+    path = tmp_path / "safety.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": p, "refusal": r}) for p, r in SAFETY_PAIRS) + "\n")
+    examples = [ChatExample.from_pair(p, "x") for p, _ in SAFETY_PAIRS]
+    run = RunContext(out=tmp_path, cache=tmp_path, task_prompts=frozenset(e.prompt for e in examples))
+    with pytest.raises(ValueError, match="no refusal pairs outside the fine-tuning data"):
+        build_method("mix", {"safety_ratio": 0.5, "safety_data": str(path)}).training_data(examples, run)
 
 
 def test_random_bases_are_orthonormal_seeded_and_keep_the_ranks(tmp_path):

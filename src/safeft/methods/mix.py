@@ -6,7 +6,9 @@ the harmful-fine-tuning literature (e.g. the "SFT + safety data" baselines of Li
 
 from __future__ import annotations
 
+import math
 import random
+import warnings
 from dataclasses import dataclass
 
 from safeft.data.examples import ChatExample
@@ -19,7 +21,9 @@ class MixOptions:
     safety_ratio: refusal pairs added per training example: ``round(safety_ratio * n)`` pairs join the n
         examples (0.1 adds one per ten), so the count is exact.
     safety_data: a JSONL file of ``{prompt, refusal}`` to draw the pairs from; default: built-in harmful requests
-        of the alignment split with varied refusals, never a request that is in the fine-tuning data.
+        of the alignment split with varied refusals, never a request that is in the fine-tuning data. When it holds
+        fewer pairs than the ratio asks for, they are replayed in rounds (each at most once more than any other),
+        with a warning.
     """
 
     safety_ratio: float = 0.1
@@ -32,7 +36,11 @@ class MixOptions:
 
 
 class Mix(Method):
-    """Add ``round(safety_ratio * n)`` (harmful request, refusal) pairs to the n training examples, shuffled in."""
+    """Add ``round(safety_ratio * n)`` (harmful request, refusal) pairs to the n training examples, shuffled in.
+
+    Returns the task examples and the pairs in a seeded order; the pairs are drawn without replacement while the
+    pool lasts, then replayed in further rounds.
+    """
 
     Config = MixOptions
 
@@ -44,12 +52,19 @@ class Mix(Method):
             pool = [s for s in load_safety_samples(self.config.safety_data) if s.prompt not in run.task_prompts]
         else:
             pool = builtin_safety_samples(None, exclude=run.task_prompts)
+        if not pool:
+            raise ValueError("mix has no refusal pairs outside the fine-tuning data; pass safety_data with rows whose "
+                             "prompts are not in the task data")
         if count > len(pool):
-            raise ValueError(f"safety_ratio {self.config.safety_ratio} needs {count} refusal pairs, only {len(pool)} "
-                             "are available; lower safety_ratio or pass safety_data with more rows")
+            warnings.warn(f"safety_ratio {self.config.safety_ratio} asks for {count} refusal pairs and only "
+                          f"{len(pool)} are available outside the fine-tuning data: each is used up to "
+                          f"{math.ceil(count / len(pool))} times. Pass safety_data with more rows to avoid repeats.",
+                          stacklevel=2)
         rng = random.Random(run.seed)
-        refusals = [ChatExample.from_pair(s.prompt, s.refusal, harmful=True, source="mix")
-                    for s in rng.sample(pool, count)]
+        picked = []
+        while len(picked) < count:  # rounds without replacement; one round when the pool suffices
+            picked += rng.sample(pool, min(len(pool), count - len(picked)))
+        refusals = [ChatExample.from_pair(s.prompt, s.refusal, harmful=True, source="mix") for s in picked]
         mixed = list(examples) + refusals
         rng.shuffle(mixed)
         return mixed
