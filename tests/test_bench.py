@@ -105,6 +105,26 @@ def test_a_bench_killed_mid_run_leaves_no_run_file(tiny_dir, cache, tmp_path):
     assert len(read_runs(out)[1]) == 1  # the finished run survives, the cut one left nothing behind
 
 
+class NoSafetyData(Method):
+    """A method whose input is bad: its run stops on a ValueError, as a user's wrong option would."""
+
+    def training_data(self, examples, run):
+        raise ValueError("no refusal pairs left; pass safety_data")
+
+
+def test_a_run_stopped_by_bad_input_is_reported_as_bad_input_not_as_a_bug(tiny_dir, cache, tmp_path, capfd):
+    out = tmp_path / "bench"
+    register("no-safety-data", NoSafetyData)
+    try:
+        with pytest.raises(ValueError, match="no-safety-data / seed 0 stopped on bad input"):
+            bench(config(tiny_dir, cache, out, methods=("no-safety-data",)))
+    finally:
+        del REGISTRY["no-safety-data"]
+    printed = capfd.readouterr().err
+    assert "Error: no refusal pairs left; pass safety_data" in printed and "Traceback" not in printed
+    assert not (out / "runs" / "sentiment-benign").exists()
+
+
 def test_write_json_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "run.json"
     write_json(path, {"done": 1})

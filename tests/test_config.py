@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from safeft.config import SPFConfig, TrainConfig, coerce, flat_fields, from_dict
-from safeft.options import UsageError, merge, option_help
+from safeft.errors import UsageError
+from safeft.options import merge, option_help
 from safeft.recipes.bench import BenchConfig
 
 CONFIGS = sorted(Path(__file__).parent.parent.joinpath("benchmarks", "configs").glob("*.yaml"))

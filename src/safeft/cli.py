@@ -18,8 +18,9 @@ import typer
 from safeft.analysis import AnalysisConfig
 from safeft.config import DEFAULT_RANK, AlignConfig, DataConfig, SPFConfig, TrainConfig
 from safeft.data import DEFAULT_SAFETY_SAMPLES
+from safeft.errors import UsageError
 from safeft.evaluate.gcg import GCGConfig
-from safeft.options import DEBUG, UsageError, command
+from safeft.options import DEBUG, command
 from safeft.progress import Quiet
 from safeft.recipes.bench import BenchConfig
 

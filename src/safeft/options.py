@@ -25,12 +25,9 @@ from typing import Any
 import typer
 
 from safeft.config import flat_fields, from_flat, type_name
+from safeft.errors import USER_ERRORS, UsageError
 
 CONFIG_HELP = "YAML file of option values (keys are the option names with underscores); flags on the line win."
-
-
-class UsageError(Exception):
-    """A problem with what the user asked for: printed as one line, exit code 2, no traceback."""
 
 
 def field_help(cls) -> dict[str, str]:
@@ -148,10 +145,6 @@ def merge(cls, cli_values: Mapping[str, Any], config_file: Path | None, extra: M
         in_file = sorted(k for k in from_file if k not in given and str(error).startswith(k))
         raise UsageError(f"{error}" + (f" (in --config {config_file})" if in_file else "")) from None
 
-
-# Errors that mean bad input (a value, a file, a setting the run cannot succeed with): exit code 2, one message.
-USER_ERRORS = (UsageError, ValueError, FileExistsError, FileNotFoundError, PermissionError, IsADirectoryError,
-               NotADirectoryError, FloatingPointError, UnicodeDecodeError)
 
 
 class DEBUG:

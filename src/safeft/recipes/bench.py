@@ -19,6 +19,7 @@ import platform
 import re
 import signal
 import statistics
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -195,7 +196,8 @@ def run_in_subprocess(config: BenchConfig, setting: Setting, seed: int, label: s
     """Run one (setting, seed, method) in a fresh process that writes its run file ``path`` when it ends.
 
     A process per run isolates the runs (nothing one leaves in memory or in global state reaches the next) and
-    makes its peak memory its own. Raises ``RuntimeError`` if the run fails; its traceback is printed above.
+    makes its peak memory its own. Raises ``ValueError`` if the run stopped on bad input (its message is printed
+    above) and ``RuntimeError`` if it failed otherwise (its traceback is printed above).
     """
     import multiprocessing
 
@@ -212,6 +214,9 @@ def run_in_subprocess(config: BenchConfig, setting: Setting, seed: int, label: s
             process.join()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+    if process.exitcode == _BAD_INPUT:
+        raise ValueError(f"bench run {setting.name} / {label} / seed {seed} stopped on bad input (the error above); "
+                         "fix it and rerun the bench: finished runs are kept")
     if process.exitcode != 0 or not path.exists():
         raise RuntimeError(f"bench run {setting.name} / {label} / seed {seed} failed (exit code {process.exitcode}); "
                            "its error is printed above. Finished runs are kept: rerun the bench to continue.")
@@ -230,10 +235,19 @@ def _stop_on_sigterm():
     return signal.signal(signal.SIGTERM, interrupt)
 
 
+_BAD_INPUT = 2  # a run's exit code when it stopped on one of the user errors the CLI reports without a traceback
+
+
 def _run_and_write(config, setting, seed, label, method, aligned_dir, cache, command, path) -> None:
+    from safeft.errors import USER_ERRORS
     from safeft.recipes.outputs import write_json
 
-    write_json(path, run_one(config, setting, seed, label, method, aligned_dir, cache, command))
+    try:
+        record = run_one(config, setting, seed, label, method, aligned_dir, cache, command)
+    except USER_ERRORS as error:
+        print(f"Error: {error}", file=sys.stderr, flush=True)
+        sys.exit(_BAD_INPUT)
+    write_json(path, record)
 
 
 def _evaluate_aligned(config: BenchConfig, aligned_dir: Path, report: dict | None, setting: Setting,
