@@ -146,7 +146,6 @@ def merge(cls, cli_values: Mapping[str, Any], config_file: Path | None, extra: M
         raise UsageError(f"{error}" + (f" (in --config {config_file})" if in_file else "")) from None
 
 
-
 class DEBUG:
     """``safeft --debug``: show tracebacks instead of one-line errors."""
 
