@@ -45,4 +45,5 @@ gathered = [torch.zeros_like(weights) for _ in range(world)]
 dist.all_gather(gathered, weights)
 if rank == 0:
     print(f"{world} ranks, {step + 1} steps; ranks agree: {all(torch.equal(g, gathered[0]) for g in gathered)}")
+dist.barrier()  # neither rank tears gloo down while the other still uses it (else: an abort at exit)
 dist.destroy_process_group()
