@@ -45,5 +45,8 @@ gathered = [torch.zeros_like(weights) for _ in range(world)]
 dist.all_gather(gathered, weights)
 if rank == 0:
     print(f"{world} ranks, {step + 1} steps; ranks agree: {all(torch.equal(g, gathered[0]) for g in gathered)}")
-dist.barrier()  # neither rank tears gloo down while the other still uses it (else: an abort at exit)
+# Release DDP (its reducer holds the process group) and wait for both ranks before tearing gloo down: otherwise
+# one rank can abort at exit while the other still talks to it.
+del optimizer, ddp
+dist.barrier()
 dist.destroy_process_group()
