@@ -6,6 +6,11 @@ Reads the bench's run files (``safeft bench``; SPF runs record ``method_facts.su
 ``subspace_fraction``), pools each SPF candidate's seeds per setting (rates with 95% Wilson intervals) and writes
 ``cost_curve.json``, ``cost_curve.md`` and ``cost_curve.png`` into the bench folder: harmful score (and accuracy)
 against guarded directions, one line per setting, with SFT and the aligned model as reference levels.
+
+It also applies the rule the validation grid was written with (``--reference spf --tolerance 1``): the candidate
+with the smallest subspace whose pooled harmful score is at most ``tolerance`` points above the reference's in every
+setting, at accuracy at most ``tolerance`` points below it, is chosen; ``choice`` in the JSON names it with every
+candidate's verdict, or names the reference when none qualifies.
 """
 
 from __future__ import annotations
@@ -46,6 +51,44 @@ def curve(bench_dir: str | Path) -> dict:
             "aligned_harmful_score": aligned_scores[0] if aligned_scores else None}
 
 
+def choose(result: dict, reference: str = "spf", tolerance: float = 1.0) -> dict:
+    """Return ``{"chosen": label, "reference": label, "tolerance": points, "verdicts": {label: reason}}``: the
+    candidate with the smallest subspace share (ties: fewer directions) that, in every setting of ``result``,
+    has a harmful score at most ``tolerance`` points above the reference's and an accuracy at most ``tolerance``
+    points below it (pooled rates, in %); the reference itself when no smaller candidate qualifies. Assumes every
+    setting holds a point labelled ``reference``; a candidate missing from a setting does not qualify."""
+    settings = result["settings"]
+    missing = [name for name, entry in settings.items() if reference not in {p["label"] for p in entry["points"]}]
+    if missing:
+        raise ValueError(f"no run of the reference {reference!r} in {', '.join(missing)}")
+    size: dict[str, tuple[float, float]] = {}
+    for entry in settings.values():
+        for p in entry["points"]:
+            size.setdefault(p["label"], (p["subspace_fraction"], p["directions"]))
+    verdicts: dict[str, str] = {}
+    for label in sorted(size, key=size.get):
+        if size[label] >= size[reference]:
+            continue
+        reasons = []
+        for name, entry in settings.items():
+            points = {p["label"]: p for p in entry["points"]}
+            if label not in points:
+                reasons.append(f"no run in {name}")
+                continue
+            ref, cand = points[reference], points[label]
+            harm = cand["harmful_score"]["rate"] - ref["harmful_score"]["rate"]
+            if harm > tolerance:
+                reasons.append(f"{name}: harmful +{harm:.1f} points")
+            if ref["accuracy"] is not None and cand["accuracy"] is not None:
+                drop = ref["accuracy"]["rate"] - cand["accuracy"]["rate"]
+                if drop > tolerance:
+                    reasons.append(f"{name}: accuracy -{drop:.1f} points")
+        verdicts[label] = "; ".join(reasons) or "qualifies"
+    qualified = [label for label, verdict in verdicts.items() if verdict == "qualifies"]
+    return {"chosen": qualified[0] if qualified else reference, "reference": reference, "tolerance": tolerance,
+            "verdicts": verdicts}
+
+
 def to_markdown(result: dict) -> str:
     lines = [f"Protection against subspace size, from `{result['bench']}` (keyword judge; rates pooled over seeds)."]
     for setting, entry in result["settings"].items():
@@ -59,6 +102,13 @@ def to_markdown(result: dict) -> str:
                          f"{100 * p['subspace_fraction']:.2f}% | {h['rate']:.1f} [{h['ci'][0]:.0f}, {h['ci'][1]:.0f}] "
                          f"| {'-' if a is None else format(a['rate'], '.1f')} | "
                          f"{'-' if p['task_loss'] is None else format(p['task_loss'], '.3f')} |")
+    if "choice" in result:
+        c = result["choice"]
+        none = " (no smaller candidate qualifies)." if c["chosen"] == c["reference"] else "."
+        lines += ["", f"Rule: the smallest subspace within {c['tolerance']:g} point(s) of `{c['reference']}`'s "
+                  "harmful score (not above it by more) and accuracy (not below it by more) in every setting. "
+                  f"**Chosen: `{c['chosen']}`**{none}", ""]
+        lines += [f"- `{label}`: {verdict}" for label, verdict in c["verdicts"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -97,11 +147,17 @@ def plot(result: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("bench_dir", type=Path)
+    parser.add_argument("--reference", default="spf", help="the label of today's default among the bench's methods")
+    parser.add_argument("--tolerance", type=float, default=1.0, help="points of harmful score and accuracy")
     args = parser.parse_args()
     result = curve(args.bench_dir)
     if not result["settings"]:
         raise SystemExit(f"{args.bench_dir}: no SPF run records its subspace size (method_facts); rerun the bench "
                          "with this safeft")
+    try:
+        result["choice"] = choose(result, args.reference, args.tolerance)
+    except ValueError as error:
+        raise SystemExit(f"{args.bench_dir}: {error}; name the default's label with --reference") from None
     (args.bench_dir / "cost_curve.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.bench_dir / "cost_curve.md").write_text(to_markdown(result))
     plot(result, args.bench_dir / "cost_curve.png")

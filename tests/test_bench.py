@@ -63,20 +63,49 @@ def test_bench_runs_resumes_and_rebuilds_its_summary(tiny_dir, cache, tmp_path, 
         bench(changed)  # a finished run made with other settings is never passed off as this grid's
 
 
-def assert_cost_curve(out):
-    """benchmarks/spf_cost_curve.py on a finished bench: SPF's point sits at its recorded number of directions."""
+def cost_curve_module():
     import importlib.util
 
     path = Path(__file__).parent.parent / "benchmarks" / "spf_cost_curve.py"
     spec = importlib.util.spec_from_file_location("spf_cost_curve", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def assert_cost_curve(out):
+    """benchmarks/spf_cost_curve.py on a finished bench: SPF's point sits at its recorded number of directions."""
+    module = cost_curve_module()
     result = module.curve(out)
     (point,) = result["settings"]["sentiment-benign"]["points"]
     assert point["label"] == "spf rank=4" and point["directions"] == 4 * 14  # rank 4 on the tiny model's 14 targets
     assert point["harmful_score"]["n"] == 160 and result["settings"]["sentiment-benign"]["sft"]
     module.plot(result, out / "cost_curve.png")
     assert (out / "cost_curve.png").stat().st_size > 1000 and "| spf rank=4 | 0,1 | 56 |" in module.to_markdown(result)
+
+
+def test_cost_rule_chooses_the_smallest_subspace_within_tolerance_in_every_setting():
+    def point(label, share, harmful, accuracy):
+        return {"label": label, "subspace_fraction": share, "directions": share * 1e5,
+                "harmful_score": {"rate": harmful}, "accuracy": {"rate": accuracy}}
+
+    def result(*settings):
+        return {"settings": {f"s{i}": {"points": points} for i, points in enumerate(settings)}}
+
+    choose = cost_curve_module().choose
+    both = [point("spf", 0.14, 10.0, 80.0), point("r32", 0.07, 10.9, 79.2), point("r8", 0.02, 11.5, 80.0),
+            point("mlp", 0.03, 5.0, 90.0)]
+    bad_in_one = [point("spf", 0.14, 10.0, 80.0), point("r32", 0.07, 9.0, 80.0), point("r8", 0.02, 9.0, 80.0),
+                  point("mlp", 0.03, 10.0, 78.5)]
+    choice = choose(result(both, bad_in_one))
+    assert choice["chosen"] == "r32" and choice["verdicts"]["r32"] == "qualifies"
+    assert "s0: harmful +1.5" in choice["verdicts"]["r8"] and "s1: accuracy -1.5" in choice["verdicts"]["mlp"]
+    assert choose(result(both))["chosen"] == "mlp"  # better than the reference qualifies, and is smaller than r32
+    assert choose(result(both), tolerance=2)["chosen"] == "r8"  # the smallest subspace wins once it qualifies
+    nothing = [point("spf", 0.14, 10.0, 80.0), point("r8", 0.02, 30.0, 80.0)]
+    assert choose(result(nothing))["chosen"] == "spf"
+    with pytest.raises(ValueError, match="no run of the reference 'spf' in s0"):
+        choose(result([point("r8", 0.02, 30.0, 80.0)]))
 
 
 class Killed(Method):
