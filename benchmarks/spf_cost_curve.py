@@ -119,6 +119,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    highest: dict[str, tuple[float, float]] = {}
     for i, (setting, entry) in enumerate(result["settings"].items()):
         color = f"C{i}"
         xs = [p["directions"] for p in entry["points"]]
@@ -126,12 +127,15 @@ def plot(result: dict, path: Path) -> None:
         low = [max(y - p["harmful_score"]["ci"][0], 0) for y, p in zip(ys, entry["points"])]
         high = [max(p["harmful_score"]["ci"][1] - y, 0) for y, p in zip(ys, entry["points"])]
         ax.errorbar(xs, ys, yerr=[low, high], fmt="o", color=color, capsize=3, label=f"SPF, {setting}")
-        for x, y, p in zip(xs, ys, entry["points"]):
-            ax.annotate(p["label"].removeprefix("spf").strip() or "default", (x, y), fontsize=7,
-                        textcoords="offset points", xytext=(4, 4))
+        for x, y, p in zip(xs, ys, entry["points"]):  # one label per candidate, at its highest point
+            if y >= highest.get(p["label"], (0, -1))[1]:
+                highest[p["label"]] = (x, y)
         if entry["sft"]:
             ax.axhline(entry["sft"]["harmful_score"]["rate"], color=color, linestyle="--", linewidth=1,
                        label=f"SFT, {setting}")
+    for label, (x, y) in highest.items():
+        ax.annotate(label.removeprefix("spf").strip() or "default", (x, y), fontsize=7, textcoords="offset points",
+                    xytext=(4, 4))
     if result["aligned_harmful_score"]:
         ax.axhline(result["aligned_harmful_score"]["rate"], color="gray", linestyle=":", label="aligned model")
     ax.set_xscale("log")
