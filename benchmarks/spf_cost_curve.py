@@ -57,21 +57,20 @@ def choose(result: dict, reference: str = "spf", tolerance: float = 1.0) -> dict
     has a harmful score at most ``tolerance`` points above the reference's and an accuracy at most ``tolerance``
     points below it (pooled rates, in %); the reference itself when no smaller candidate qualifies. Assumes every
     setting holds a point labelled ``reference``; a candidate missing from a setting does not qualify."""
-    settings = result["settings"]
-    missing = [name for name, entry in settings.items() if reference not in {p["label"] for p in entry["points"]}]
+    settings = {name: {p["label"]: p for p in entry["points"]} for name, entry in result["settings"].items()}
+    missing = [name for name, points in settings.items() if reference not in points]
     if missing:
         raise ValueError(f"no run of the reference {reference!r} in {', '.join(missing)}")
     size: dict[str, tuple[float, float]] = {}
-    for entry in settings.values():
-        for p in entry["points"]:
-            size.setdefault(p["label"], (p["subspace_fraction"], p["directions"]))
+    for points in settings.values():
+        for label, p in points.items():
+            size.setdefault(label, (p["subspace_fraction"], p["directions"]))
     verdicts: dict[str, str] = {}
     for label in sorted(size, key=size.get):
         if size[label] >= size[reference]:
             continue
         reasons = []
-        for name, entry in settings.items():
-            points = {p["label"]: p for p in entry["points"]}
+        for name, points in settings.items():
             if label not in points:
                 reasons.append(f"no run in {name}")
                 continue
