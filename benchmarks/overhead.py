@@ -74,6 +74,13 @@ def step(model, optimizer, batch, accumulation: int = 1) -> float:
     return time.perf_counter() - start
 
 
+def alternating(trainers: dict, round_index: int) -> list:
+    """The trainers' items in turn, reversed on odd rounds, so that whatever the first step of a round pays
+    (on a CPU, re-faulting the pages the other model's step released) falls on each method equally."""
+    items = list(trainers.items())
+    return items[::-1] if round_index % 2 else items
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -101,7 +108,7 @@ def measure_tokens(base, tokenizer, tokens: int, lora: bool, rounds: int, warmup
     times = {m: [] for m in trainers}
     memory = {m: [] for m in trainers}
     for r in tqdm(range(warmup + rounds), desc=f"{'lora' if lora else 'full'} {tokens} tokens/step"):
-        for m, (model, optimizer, _, _) in trainers.items():
+        for m, (model, optimizer, _, _) in alternating(trainers, r):
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             seconds = step(model, optimizer, batch, per_step // micro)
@@ -119,6 +126,7 @@ def measure_tokens(base, tokenizer, tokens: int, lora: bool, rounds: int, warmup
     out = {"sequences_per_step": per_step, "micro_batch": micro, "accumulation": per_step // micro,
            "sft_step_s": statistics.median(times["sft"]), "spf_step_s": statistics.median(times["spf_update"]),
            "step_ratio": q[1], "step_ratio_iqr": [q[0], q[2]],
+           "step_s_by_round": times,
            "hooks_s": statistics.median(projector.hook_seconds[warmup:]),
            "model_floor": None if lora else 1 + 2 * rank / (3 * tokens),  # LoRA projects only the small factors
            # SPF's state (bases held for the projection) against the training state it sits beside: weights,
@@ -163,7 +171,7 @@ def measure_setting(base, tokenizer, batch, lora: bool, rounds: int, warmup: int
     trainers = {m: make_trainer(base, tokenizer, m, lora, spf_options, scratch) for m in METHODS}
     times = {m: [] for m in METHODS}
     for r in tqdm(range(warmup + rounds), desc="lora" if lora else "full"):
-        for m, (model, optimizer, _, _) in trainers.items():
+        for m, (model, optimizer, _, _) in alternating(trainers, r):
             seconds = step(model, optimizer, batch)
             if r >= warmup:
                 times[m].append(seconds)
@@ -240,8 +248,9 @@ def to_markdown(result: dict) -> str:
             cells += [f"{s[f'{m}_step_s']:.3f}", f"{s[f'{m}_step_ratio']:.3f}x [{lo:.3f}, {hi:.3f}]",
                       f"{s[f'{m}_hooks_s']:.3f} s = {100 * s[f'{m}_hooks_ratio']:.1f}%"]
         lines.append(f"| {setting} | " + " | ".join(cells) + " |")
-    lines += ["", "Ratios: median over rounds of (SPF step / SFT step in the same round), with the interquartile "
-              "range. SPF hooks: median time inside SPF's own pre/post-step hooks, as a share of the SFT step"
+    lines += ["", "Ratios: median over rounds of (SPF step / SFT step in the same round; the methods take turns "
+              "going first), with the interquartile range. SPF hooks: median time inside SPF's own pre/post-step "
+              "hooks, as a share of the SFT step"
               + (" (host time: on CUDA the hooks only launch their kernels, so this is the launch cost)."
                  if result["device"] == "cuda" else ".")]
     p = result["full"]["profile"]
@@ -309,7 +318,7 @@ def main() -> None:
                         help="tokens per optimizer step for the defaults' sweep (comma-separated; '' skips it)")
     parser.add_argument("--sweep-seq-len", type=int, default=512)
     parser.add_argument("--micro-batch", type=int, default=4, help="sequences per forward pass in the sweep")
-    parser.add_argument("--sweep-rounds", type=int, default=5)
+    parser.add_argument("--sweep-rounds", type=int, default=6)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
     spf_options = {"rank": args.rank, "side": args.side, "mode": args.mode, "safety_samples": args.samples}
