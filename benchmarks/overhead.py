@@ -76,7 +76,7 @@ def step(model, optimizer, batch, accumulation: int = 1) -> float:
 
 def alternating(trainers: dict, round_index: int) -> list:
     """The trainers' items in turn, reversed on odd rounds, so that whatever the first step of a round pays
-    (on a CPU, re-faulting the pages the other model's step released) falls on each method equally."""
+    falls on SFT and on SPF equally."""
     items = list(trainers.items())
     return items[::-1] if round_index % 2 else items
 
