@@ -4,7 +4,7 @@
 
 Two copies of one random-weight model (every block matrix trained, AdamW lr 1e-4, one sequence of random tokens per
 step) train with SPF at the library defaults (rank 64, ``right``, ``always``, ``update``), estimated once from 20
-built-in samples: one corrects matrices of equal shape in batched products (``SPFProjector.BATCHED_DEVICES``
+built-in samples: one corrects matrices of equal shape in batched products (``attach_spf(..., batched=True)``
 naming the device), the other one matrix at a time. Written to ``DIR/batched_check.json`` and printed: the
 batches formed, the share of weight entries where the two runs differ and the largest difference (in units of
 the weights' largest entry), and for each run the largest ``||dW V|| / ||dW||`` over targets (what the correction
@@ -28,14 +28,12 @@ from overhead import random_llama
 from safeft import SPFConfig, attach_spf
 from safeft.data import builtin_safety_samples
 from safeft.spf import SPFProjector
-from safeft.subspace import SafetySubspace
+from safeft.spf.subspace import SafetySubspace
 
 
 def train(model, subspace, batched: bool, steps: int, batch: dict) -> tuple[torch.nn.Module, SPFProjector]:
-    device = next(model.parameters()).device.type
-    SPFProjector.BATCHED_DEVICES = (device,) if batched else ()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    projector = attach_spf(optimizer, model, subspace, SPFConfig(monitor_every=0)).projector
+    projector = attach_spf(optimizer, model, subspace, SPFConfig(monitor_every=0), batched=batched).projector
     for _ in range(steps):
         model(**batch).loss.backward()
         optimizer.step()
@@ -68,12 +66,12 @@ def main() -> None:
     kept = {}
     for key, (_, projector) in runs.items():
         params = dict(runs[key][0].named_parameters())
-        name_of = {id(p): n for n, p in params.items()}
         ratios = []
-        for g in projector.guards:
-            n = name_of[id(g.target.base.weight)]
+        for target in projector.stats().targets:
+            n = target.name + ".weight"
             dW = params[n].detach().float() - start[n].float()
-            ratios.append(float((dW @ g.V).norm() / dW.norm()))
+            V = subspace[target.name].V.to(dW.device)
+            ratios.append(float((dW @ V).norm() / dW.norm()))
         kept[key] = max(ratios)
     result = {
         "command": "python " + shlex.join(sys.argv),
@@ -81,12 +79,12 @@ def main() -> None:
         "torch": torch.__version__,
         "model": f"{args.model} ({args.dtype})",
         "steps": args.steps,
-        "batches": sorted(len(b.guards) for b in runs["batched"][1].batches),
-        "guards": len(runs["batched"][1].guards),
+        "batches": sorted(runs["batched"][1].stats().batches),
+        "guards": len(runs["batched"][1].stats().targets),
         "entries_differing": differ / sum(p.numel() for p in start.values()),
         "largest_difference_over_largest_weight": largest,
         "max_dW_V_over_dW": kept,
-        "hooks_median_s": {k: statistics.median(projector.hook_seconds[2:] or projector.hook_seconds)
+        "hooks_median_s": {k: statistics.median(projector.stats().hook_seconds[2:] or projector.stats().hook_seconds)
                            for k, (_, projector) in runs.items()},
     }
     args.out.mkdir(parents=True, exist_ok=True)

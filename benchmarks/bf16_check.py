@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from safeft import projection as P
-from safeft.config import SPFConfig
 from safeft.spf import attach_spf, freeze_unguarded
-from safeft.subspace import SafetySubspace
+from safeft.spf import projection as P
+from safeft.spf.config import SPFConfig
+from safeft.spf.subspace import SafetySubspace
 from safeft.testing import byte_tokenizer, tiny_llama
 
 
@@ -53,17 +53,18 @@ def invariant_check(device: str, steps: int = 20) -> float:
     subspace = SafetySubspace.estimate(model, byte_tokenizer(), samples, SPFConfig(rank=8), show_progress=False)
     freeze_unguarded(model, subspace)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    projector = attach_spf(optimizer, model, subspace).projector
-    start = {g.target.name: g.target.base.weight.detach().float().clone() for g in projector.guards}
+    attach_spf(optimizer, model, subspace)
+    targets = subspace.check_model(model)
+    start = {name: t.base.weight.detach().float().clone() for name, t in targets.items()}
     ids = torch.randint(0, 256, (4, 64), device=device)
     for _ in range(steps):
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     worst = 0.0
-    for g in projector.guards:
-        dW = g.target.base.weight.detach().float() - start[g.target.name]
-        worst = max(worst, float((dW @ g.V).norm() / dW.norm()))
+    for name, t in targets.items():
+        dW = t.base.weight.detach().float() - start[name]
+        worst = max(worst, float((dW @ subspace[name].V.to(dW.device)).norm() / dW.norm()))
     return worst
 
 

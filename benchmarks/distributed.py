@@ -196,7 +196,7 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    from safeft.config import DEFAULT_RANK
+    from safeft.spf.config import DEFAULT_RANK
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="benchmarks/results/distributed", help="output path without extension")

@@ -4,7 +4,7 @@
 
 Computes each target's safety gradient (the library defaults: 20 built-in samples, the refusal onset) as
 ``SafetySubspace.estimate`` sums it, then takes its top-``rank`` singular triplets twice: with
-:func:`safeft.lowrank.dense_svd` (what estimation uses for a sum held as a matrix) and with LAPACK's full SVD.
+:func:`safeft.spf.lowrank.dense_svd` (what estimation uses for a sum held as a matrix) and with LAPACK's full SVD.
 Writes per-target subspace overlaps (mean squared cosine of the principal angles, 1 = the same span) of U and V,
 the largest singular-value error relative to the first value, and the seconds each took.
 """
@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 
 from safeft import SPFConfig
+from safeft.chat import encode_response
 from safeft.data import DEFAULT_SAFETY_SAMPLES, builtin_safety_samples
-from safeft.lowrank import dense_svd, subspace_overlap
 from safeft.models import load_model
-from safeft.subspace import encode_response, gradient_factors
-from safeft.targets import find_targets
+from safeft.spf.estimate import gradient_factors
+from safeft.spf.lowrank import dense_svd, subspace_overlap
+from safeft.spf.targets import find_targets
 
 
 def main() -> None:
@@ -66,7 +67,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     table = (f"Command: `{result['command']}`\n\n"
-             f"Randomized SVD (`safeft.lowrank.dense_svd`) against LAPACK on {len(rows)} safety gradients of "
+             f"Randomized SVD (`safeft.spf.lowrank.dense_svd`) against LAPACK on {len(rows)} safety gradients of "
              f"`{args.model}` (rank {args.rank}, {args.samples} samples, {result['tokens']} tokens):\n\n"
              "| | min | mean |\n|---|---|---|\n"
              f"| U subspace overlap | {summary['overlap_U']['min']:.5f} | {summary['overlap_U']['mean']:.5f} |\n"

@@ -27,11 +27,13 @@ from pathlib import Path
 import torch
 
 from safeft import SPFConfig
+from safeft.chat import encode_response
 from safeft.data import builtin_safety_samples
-from safeft.lowrank import LowRankSum, dense_svd, factor_svd, small_svd, subspace_overlap
 from safeft.models import load_model
-from safeft.subspace import SafetySubspace, encode_response, gradient_factors
-from safeft.targets import find_targets
+from safeft.spf.estimate import gradient_factors
+from safeft.spf.lowrank import LowRankSum, dense_svd, factor_svd, small_svd, subspace_overlap
+from safeft.spf.subspace import SafetySubspace
+from safeft.spf.targets import find_targets
 
 sys.path.insert(0, str(Path(__file__).parent))
 from overhead import random_llama  # noqa: E402
@@ -63,7 +65,7 @@ def sync():
 
 
 def batched_dense_svd(G: torch.Tensor, q: int, oversample: int = 16, power_iterations: int = 4) -> torch.Tensor:
-    """Return ``V: (B, n, q)`` of ``G: (B, m, n)``: :func:`safeft.lowrank.dense_svd` over a batch of equal shapes."""
+    """Return ``V: (B, n, q)`` of ``G: (B, m, n)``: :func:`safeft.spf.lowrank.dense_svd` over equal shapes."""
     B, m, n = G.shape
     if q >= min(m, n) // 4:
         return torch.stack([small_svd(g, q)[2] for g in G])

@@ -26,9 +26,8 @@ sys.path.insert(1, str(Path(__file__).parent))  # overhead.py's model builder; s
 import torch  # noqa: E402
 
 from overhead import random_llama, sync  # noqa: E402
-from safeft import SPFConfig, attach_spf  # noqa: E402
+from safeft import SafetySubspace, SPFConfig, attach_spf  # noqa: E402  (names every version exports)
 from safeft.data import builtin_safety_samples  # noqa: E402
-from safeft.subspace import SafetySubspace  # noqa: E402
 
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 with torch.device(dev):
@@ -63,7 +62,7 @@ for _ in range(25):
         times[k].append(time.perf_counter() - t)
 ratios = [b / a for a, b in zip(times["sft"][5:], times["spf"][5:])]
 hooks = statistics.median(proj.hook_seconds[5:])
-print(f"{sys.argv[1]} {' '.join(sys.argv[5:])}: {len(proj.guards)} guards, hooks median {hooks*1000:.1f} ms, "
+print(f"{sys.argv[1]} {' '.join(sys.argv[5:])}: {len(sub)} targets, hooks median {hooks*1000:.1f} ms, "
       f"SFT step {statistics.median(times['sft'][5:])*1000:.1f} ms, "
       f"SPF step {statistics.median(times['spf'][5:])*1000:.1f} ms, ratio median {statistics.median(ratios):.3f}",
       flush=True)

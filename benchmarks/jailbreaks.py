@@ -34,9 +34,9 @@ MODELS = ("aligned", "sft", "spf")
 def fine_tuned(name: str, aligned_dir: Path, cache: Path, base_model: str, steps: int, options: dict) -> Path:
     """Return the directory of the demo's model fine-tuned with method ``name`` (10% harmful), training it once."""
     from safeft.config import DataConfig, TrainConfig
+    from safeft.io import writing
     from safeft.methods import build_method
     from safeft.recipes.finetune import finetune
-    from safeft.recipes.outputs import writing
 
     out = cache / f"jailbreak-models-{aligned_dir.name}-{steps}" / (name + "".join(f"-{k}{v}" for k, v in
                                                                                  options.items()))
@@ -50,7 +50,7 @@ def fine_tuned(name: str, aligned_dir: Path, cache: Path, base_model: str, steps
 
 def stage(path: Path, compute):
     """Return the JSON in ``path``, computing and writing it first if it does not exist (resumable stages)."""
-    from safeft.recipes.outputs import write_json
+    from safeft.io import write_json
 
     if path.exists():
         return json.loads(path.read_text())

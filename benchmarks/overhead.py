@@ -34,11 +34,11 @@ import torch
 from tqdm.auto import tqdm
 
 from safeft import SPFConfig, attach_spf
-from safeft import projection as P
 from safeft.config import TrainConfig
 from safeft.data import DEFAULT_SAFETY_SAMPLES
 from safeft.methods import RunContext, build_method
 from safeft.models import load_model
+from safeft.spf import projection as P
 from safeft.train import prepare_model
 
 METHODS = ("sft", "spf_grad", "spf_update")
@@ -119,15 +119,15 @@ def measure_tokens(base, tokenizer, tokens: int, lora: bool, rounds: int, warmup
     ratios = [a / b for a, b in zip(times["spf_update"], times["sft"])]
     q = statistics.quantiles(ratios, n=4)
     model, optimizer, projector, _ = trainers["spf_update"]
-    rank = max(g.S.numel() for g in projector.guards)
+    stats = projector.stats()
+    rank = max(g.rank for g in stats.targets)
     trained = [p for p in model.parameters() if p.requires_grad]
-    # the bases it holds, and the update mode's one sketch per target kept between steps
-    spf_state = state_bytes(t for g in projector.guards for t in (g.U, g.S, g.V, *g.corrected))
+    spf_state = stats.state_bytes  # the bases it holds, and the update mode's one sketch per target between steps
     out = {"sequences_per_step": per_step, "micro_batch": micro, "accumulation": per_step // micro,
            "sft_step_s": statistics.median(times["sft"]), "spf_step_s": statistics.median(times["spf_update"]),
            "step_ratio": q[1], "step_ratio_iqr": [q[0], q[2]],
            "step_s_by_round": times,
-           "hooks_s": statistics.median(projector.hook_seconds[warmup:]),
+           "hooks_s": statistics.median(stats.hook_seconds[warmup:]),
            "model_floor": None if lora else 1 + 2 * rank / (3 * tokens),  # LoRA projects only the small factors
            # SPF's state (bases held for the projection) against the training state it sits beside: weights,
            # gradients and AdamW's two moments of what trains, plus the frozen weights
@@ -144,7 +144,9 @@ def profile_projection(projector, repeats: int = 5) -> dict:
     """Split the cost of one grad-mode projection over all targets into its passes over the gradients, with the
     bases as the projector holds them (fp32, on each target's device)."""
     side = projector.config.side
-    pieces = [(g.target.base.weight.grad, g) for g in projector.guards]
+    targets = projector.subspace.check_model(projector.model)
+    pieces = [(t.base.weight.grad, _on(projector.subspace[name], t.base.weight.device)) for name, t in targets.items()
+              if t.base.weight.grad is not None]
     zeros = [torch.zeros_like(P.sketch(G, b.U, b.V, side)) for G, b in pieces]
     ones = [torch.ones_like(b.S) for _, b in pieces]
 
@@ -166,6 +168,13 @@ def profile_projection(projector, repeats: int = 5) -> dict:
     }
 
 
+def _on(basis, device):
+    """Return the basis in fp32 on ``device``, as the projector holds it."""
+    from safeft.spf import Basis
+
+    return Basis(*(x.to(device=device, dtype=torch.float32) for x in (basis.U, basis.S, basis.V)))
+
+
 def measure_setting(base, tokenizer, batch, lora: bool, rounds: int, warmup: int, spf_options: dict,
                     scratch: Path) -> dict:
     trainers = {m: make_trainer(base, tokenizer, m, lora, spf_options, scratch) for m in METHODS}
@@ -178,7 +187,7 @@ def measure_setting(base, tokenizer, batch, lora: bool, rounds: int, warmup: int
     out = {f"{m}_step_s": statistics.median(times[m]) for m in METHODS}
     out["estimation_s"] = [trainers[m][3] for m in METHODS[1:]]
     for m in METHODS[1:]:
-        out[f"{m}_hooks_s"] = statistics.median(trainers[m][2].hook_seconds[warmup:])
+        out[f"{m}_hooks_s"] = statistics.median(trainers[m][2].stats().hook_seconds[warmup:])
         out[f"{m}_median_step_ratio"] = out[f"{m}_step_s"] / out["sft_step_s"]
         # the headline: the median of per-round ratios (each pairs steps taken seconds apart), and its spread
         ratios = [a / b for a, b in zip(times[m], times["sft"])]
@@ -215,9 +224,11 @@ def random_llama(spec: str, dtype):
 def time_estimation_parts(base, tokenizer, samples: int) -> dict:
     """Return the estimation's split: seconds in the gradient pass (forward, backward, the gradient sums) and in
     the factorisation (everything else ``SafetySubspace.estimate`` does), each measured once."""
+    from safeft.chat import encode_response
     from safeft.data import builtin_safety_samples
-    from safeft.subspace import SafetySubspace, encode_response, gradient_factors
-    from safeft.targets import find_targets
+    from safeft.spf.estimate import gradient_factors
+    from safeft.spf.subspace import SafetySubspace
+    from safeft.spf.targets import find_targets
 
     config, pairs = SPFConfig(), builtin_safety_samples(samples)
     sync()

@@ -17,75 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
-from safeft.recipes.bench import pooled, read_runs
-
-
-def curve(bench_dir: str | Path) -> dict:
-    """Return ``{"settings": {name: {"sft": row, "aligned": rate, "points": [...]}}}`` from a bench's run files;
-    each point is an SPF label with its median directions and subspace share and its pooled rates."""
-    aligned, runs = read_runs(bench_dir)
-    rows = {(r["setting"], r["label"]): r for r in pooled(runs)}
-    facts: dict[tuple[str, str], list[dict]] = {}
-    for run in runs:
-        if run.get("method_facts", {}).get("subspace_directions") is not None:
-            facts.setdefault((run["setting"]["name"], run["label"]), []).append(run["method_facts"])
-    settings: dict[str, dict] = {}
-    for (setting, label), found in sorted(facts.items()):
-        row = rows[(setting, label)]
-        entry = settings.setdefault(setting, {"sft": None, "points": []})
-        entry["points"].append({
-            "label": label, "seeds": row["seeds"],
-            "directions": statistics.median(f["subspace_directions"] for f in found),
-            "subspace_fraction": statistics.median(f["subspace_fraction"] for f in found),
-            "harmful_score": row["harmful_score"], "accuracy": row["accuracy"], "task_loss": row["task_loss"]})
-    for setting, entry in settings.items():
-        entry["points"].sort(key=lambda p: p["directions"])
-        sft = rows.get((setting, "sft"))
-        entry["sft"] = {"harmful_score": sft["harmful_score"], "accuracy": sft["accuracy"]} if sft else None
-    # the aligned model's harmful score does not depend on the task: its requests are the same in every setting
-    aligned_scores = [a["metrics"]["harmful_score"] for a in aligned if a["metrics"].get("harmful_score")]
-    return {"bench": str(bench_dir), "settings": settings,
-            "aligned_harmful_score": aligned_scores[0] if aligned_scores else None}
-
-
-def choose(result: dict, reference: str = "spf", tolerance: float = 1.0) -> dict:
-    """Return ``{"chosen": label, "reference": label, "tolerance": points, "verdicts": {label: reason}}``: the
-    candidate with the smallest subspace share (ties: fewer directions) that, in every setting of ``result``,
-    has a harmful score at most ``tolerance`` points above the reference's and an accuracy at most ``tolerance``
-    points below it (pooled rates, in %); the reference itself when no smaller candidate qualifies. Assumes every
-    setting holds a point labelled ``reference``; a candidate missing from a setting does not qualify."""
-    settings = {name: {p["label"]: p for p in entry["points"]} for name, entry in result["settings"].items()}
-    missing = [name for name, points in settings.items() if reference not in points]
-    if missing:
-        raise ValueError(f"no run of the reference {reference!r} in {', '.join(missing)}")
-    size: dict[str, tuple[float, float]] = {}
-    for points in settings.values():
-        for label, p in points.items():
-            size.setdefault(label, (p["subspace_fraction"], p["directions"]))
-    verdicts: dict[str, str] = {}
-    for label in sorted(size, key=size.get):
-        if size[label] >= size[reference]:
-            continue
-        reasons = []
-        for name, points in settings.items():
-            if label not in points:
-                reasons.append(f"no run in {name}")
-                continue
-            ref, cand = points[reference], points[label]
-            harm = cand["harmful_score"]["rate"] - ref["harmful_score"]["rate"]
-            if harm > tolerance:
-                reasons.append(f"{name}: harmful +{harm:.1f} points")
-            if ref["accuracy"] is not None and cand["accuracy"] is not None:
-                drop = ref["accuracy"]["rate"] - cand["accuracy"]["rate"]
-                if drop > tolerance:
-                    reasons.append(f"{name}: accuracy -{drop:.1f} points")
-        verdicts[label] = "; ".join(reasons) or "qualifies"
-    qualified = [label for label, verdict in verdicts.items() if verdict == "qualifies"]
-    return {"chosen": qualified[0] if qualified else reference, "reference": reference, "tolerance": tolerance,
-            "verdicts": verdicts}
+from safeft.recipes.selection import choose_smallest_subspace, cost_curve
 
 
 def to_markdown(result: dict) -> str:
@@ -153,12 +87,12 @@ def main() -> None:
     parser.add_argument("--reference", default="spf", help="the label of today's default among the bench's methods")
     parser.add_argument("--tolerance", type=float, default=1.0, help="points of harmful score and accuracy")
     args = parser.parse_args()
-    result = curve(args.bench_dir)
+    result = cost_curve(args.bench_dir)
     if not result["settings"]:
         raise SystemExit(f"{args.bench_dir}: no SPF run records its subspace size (method_facts); rerun the bench "
                          "with this safeft")
     try:
-        result["choice"] = choose(result, args.reference, args.tolerance)
+        result["choice"] = choose_smallest_subspace(result, args.reference, args.tolerance)
     except ValueError as error:
         raise SystemExit(f"{args.bench_dir}: {error}; name the default's label with --reference") from None
     (args.bench_dir / "cost_curve.json").write_text(json.dumps(result, indent=2) + "\n")

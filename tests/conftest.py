@@ -1,4 +1,9 @@
-"""Shared fixtures: a tiny random Llama, a byte tokenizer with a chat template, and small chat batches."""
+"""Shared fixtures: a tiny random Llama, a byte tokenizer with a chat template, and small chat batches.
+
+``pytest -q`` runs the fast offline unit and property tests; ``pytest -q --all`` also runs the tests marked
+``slow`` (they start processes: torchrun, spawned workers, benches, the example scripts) and ``integration`` (the
+real default model, converted once and cached).
+"""
 
 import faulthandler
 import time
@@ -37,6 +42,19 @@ def spawn_workers(worker, args, nprocs=2, deadline_seconds=240):
                 process.kill()
             pytest.fail(f"{nprocs} spawned workers still running after {deadline_seconds} s: a stuck rendezvous or "
                         "collective; rerun the test alone")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--all", action="store_true", help="also run the slow and integration tests")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--all") or config.getoption("markexpr"):
+        return
+    heavy = [item for item in items if item.get_closest_marker("slow") or item.get_closest_marker("integration")]
+    if heavy:
+        config.hook.pytest_deselected(items=heavy)
+        items[:] = [item for item in items if item not in heavy]
 
 
 @pytest.fixture(scope="session")

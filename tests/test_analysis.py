@@ -8,8 +8,8 @@ from typer.testing import CliRunner
 
 from safeft.analysis import AnalysisConfig, analyze, entropy_rank
 from safeft.cli import app
-from safeft.lowrank import energy_rank, factor_svd, factored_cosine, factored_inner, subspace_overlap
-from safeft.subspace import SafetySample
+from safeft.data.examples import SafetySample
+from safeft.spf.lowrank import energy_rank, factor_svd, factored_cosine, factored_inner, subspace_overlap
 from safeft.testing import byte_tokenizer, tiny_llama
 
 
@@ -105,7 +105,7 @@ def test_cli_writes_json_plot_and_summary(tmp_path):
 def test_a_running_sum_is_exact_as_factors_and_as_a_matrix():
     """Batches of factors add up exactly, before and after the sum is held as the matrix, which it is once the
     factors would be larger; a large matrix's many thin batches stay factors (no directions dropped)."""
-    from safeft.lowrank import LowRankSum
+    from safeft.spf.lowrank import LowRankSum
 
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(40, 6, generator=g), torch.randn(30, 6, generator=g)) for _ in range(5)]
@@ -127,7 +127,7 @@ def test_a_running_sum_is_exact_as_factors_and_as_a_matrix():
 
 
 def test_dense_svd_matches_lapack_on_a_decaying_spectrum():
-    from safeft.lowrank import dense_svd
+    from safeft.spf.lowrank import dense_svd
 
     m, n, q = 300, 200, 20
     S = torch.logspace(0, -3, n)  # 1 down to 1e-3, like the safety gradients' spectra
@@ -147,7 +147,7 @@ def test_dense_svd_matches_lapack_on_a_decaying_spectrum():
 def test_gram_svd_matches_lapack_and_completes_a_rank_deficient_matrix(shape):
     """The accelerator's small SVD (an fp64 Gram eigendecomposition) gives LAPACK's triplets on a decaying
     spectrum, and orthonormal bases also past the matrix's rank."""
-    from safeft.lowrank import gram_svd
+    from safeft.spf.lowrank import gram_svd
 
     a, b = shape
     k = min(a, b)

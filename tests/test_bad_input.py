@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from safeft.cli import app
-from safeft.recipes.outputs import writing
+from safeft.io import writing
 from safeft.testing import CHATML_TEMPLATE, byte_tokenizer, tiny_llama
 
 runner = CliRunner()

@@ -243,13 +243,7 @@ def test_booster_adds_the_simulated_step_gradient(tokenizer, tmp_path):
 # --- choosing options on validation data --------------------------------------------------------------------------
 
 def test_options_are_chosen_by_the_written_rule():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "select_options", Path(__file__).parent.parent / "benchmarks" / "select_options.py")
-    select = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(select)
+    from safeft.recipes.selection import choose_options
 
     def row(method, label, harmful, accuracy, loss=0.1):
         return {"method": method, "label": label, "options": {}, "setting": "val", "seed": 0,
@@ -260,7 +254,7 @@ def test_options_are_chosen_by_the_written_rule():
             row("lisa", "b", 20, 79.5),       # within 1 point
             row("lisa", "c", 20, 85, 0.05),   # same harmful score, lower task loss: chosen
             row("mix", "m1", 10, 50), row("mix", "m2", 30, 60)]  # none keeps accuracy: the most accurate
-    chosen = select.choose(rows)
+    chosen = choose_options(rows)
     assert chosen["lisa"]["label"] == "c" and "lowest validation harmful score" in chosen["lisa"]["why"]
     assert chosen["mix"]["label"] == "m2" and "no candidate" in chosen["mix"]["why"]
     assert "sft" not in chosen

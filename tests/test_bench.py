@@ -10,9 +10,9 @@ import pytest
 
 import safeft.recipes.bench as bench_module
 from safeft.config import AlignConfig, Setting, TrainConfig
+from safeft.io import write_json
 from safeft.methods import REGISTRY, Method, register
 from safeft.recipes.bench import BenchConfig, bench, read_runs, run_path, summarize
-from safeft.recipes.outputs import write_json
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +27,7 @@ def config(tiny_dir, cache, out, methods=("sft", "spf rank=4"), seeds=(0,)) -> B
                        max_new_tokens=2, cache=str(cache))
 
 
+@pytest.mark.slow
 def test_bench_runs_resumes_and_rebuilds_its_summary(tiny_dir, cache, tmp_path, monkeypatch):
     out = tmp_path / "bench"
     summary = bench(config(tiny_dir, cache, out, seeds=(0, 1)))
@@ -63,25 +64,24 @@ def test_bench_runs_resumes_and_rebuilds_its_summary(tiny_dir, cache, tmp_path, 
         bench(changed)  # a finished run made with other settings is never passed off as this grid's
 
 
-def cost_curve_module():
-    import importlib.util
-
-    path = Path(__file__).parent.parent / "benchmarks" / "spf_cost_curve.py"
-    spec = importlib.util.spec_from_file_location("spf_cost_curve", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def assert_cost_curve(out):
-    """benchmarks/spf_cost_curve.py on a finished bench: SPF's point sits at its recorded number of directions."""
-    module = cost_curve_module()
-    result = module.curve(out)
+    """The cost curve of a finished bench: SPF's point sits at its recorded number of directions; the benchmark
+    script writes its table and plot from it."""
+    import subprocess
+    import sys
+
+    from safeft.recipes.selection import cost_curve
+
+    result = cost_curve(out)
     (point,) = result["settings"]["sentiment-benign"]["points"]
     assert point["label"] == "spf rank=4" and point["directions"] == 4 * 14  # rank 4 on the tiny model's 14 targets
     assert point["harmful_score"]["n"] == 160 and result["settings"]["sentiment-benign"]["sft"]
-    module.plot(result, out / "cost_curve.png")
-    assert (out / "cost_curve.png").stat().st_size > 1000 and "| spf rank=4 | 0,1 | 56 |" in module.to_markdown(result)
+    script = Path(__file__).parent.parent / "benchmarks" / "spf_cost_curve.py"
+    done = subprocess.run([sys.executable, str(script), str(out), "--reference", "spf rank=4"], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    assert (out / "cost_curve.png").stat().st_size > 1000 and "| spf rank=4 | 0,1 | 56 |" in (
+        out / "cost_curve.md").read_text()
 
 
 def test_cost_rule_chooses_the_smallest_subspace_within_tolerance_in_every_setting():
@@ -92,7 +92,8 @@ def test_cost_rule_chooses_the_smallest_subspace_within_tolerance_in_every_setti
     def result(*settings):
         return {"settings": {f"s{i}": {"points": points} for i, points in enumerate(settings)}}
 
-    choose = cost_curve_module().choose
+    from safeft.recipes.selection import choose_smallest_subspace as choose
+
     both = [point("spf", 0.14, 10.0, 80.0), point("r32", 0.07, 10.9, 79.2), point("r8", 0.02, 11.5, 80.0),
             point("mlp", 0.03, 5.0, 90.0)]
     bad_in_one = [point("spf", 0.14, 10.0, 80.0), point("r32", 0.07, 9.0, 80.0), point("r8", 0.02, 9.0, 80.0),
@@ -121,6 +122,7 @@ class Killed(Method):
         return [Kill()]
 
 
+@pytest.mark.slow
 def test_a_bench_killed_mid_run_leaves_no_run_file(tiny_dir, cache, tmp_path):
     out = tmp_path / "bench"
     register("killed", Killed)
@@ -141,6 +143,7 @@ class NoSafetyData(Method):
         raise ValueError("no refusal pairs left; pass safety_data")
 
 
+@pytest.mark.slow
 def test_a_run_stopped_by_bad_input_is_reported_as_bad_input_not_as_a_bug(tiny_dir, cache, tmp_path, capfd):
     out = tmp_path / "bench"
     register("no-safety-data", NoSafetyData)
@@ -206,6 +209,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 def test_a_terminated_bench_stops_its_run_process_too(tiny_dir, cache, tmp_path):
     import subprocess
     import sys
@@ -232,7 +236,7 @@ def test_a_terminated_bench_stops_its_run_process_too(tiny_dir, cache, tmp_path)
 
 
 def test_a_second_bench_on_the_same_directory_is_refused(tiny_dir, cache, tmp_path):
-    from safeft.recipes.outputs import locked
+    from safeft.io import locked
 
     out = tmp_path / "bench"
     with locked(out), pytest.raises(FileExistsError, match="another safeft run .* is writing"):
@@ -256,6 +260,7 @@ def test_run_files_from_before_a_field_existed_still_count_as_finished(tmp_path)
         _finished(grid, tmp_path, setting, 0, label, method)
 
 
+@pytest.mark.slow
 def test_a_bench_with_jailbreaks_reports_their_asr(tiny_dir, cache, tmp_path):
     grid = replace(config(tiny_dir, cache, tmp_path / "bench", methods=("sft",)), jailbreaks="builtin",
                    jailbreak_requests=1)

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -92,6 +93,7 @@ def test_align_finetune_eval(tiny_dir, tmp_path):
     assert "--overwrite" in fails("eval", "--model", run, "--out", out)
 
 
+@pytest.mark.slow
 def test_demo_is_a_bench_of_sft_and_spf(tiny_dir, tmp_path):
     out = tmp_path / "demo"
     invoke("demo", "--model", tiny_dir, "--out", out, "--cache", tmp_path / "cache", "--steps", 1, "--batch-size", 4,
@@ -115,6 +117,7 @@ def test_version_and_methods():
     assert all(name in listed for name in ("sft", "spf", "spf-paper", "spf-random", "mix"))
 
 
+@pytest.mark.slow
 def test_demo_lora_rank_adds_lora_rows_beside_full_fine_tuning():
     from safeft.cli import DEMO_LORA_LEARNING_RATE, DemoCommand
     from safeft.config import from_flat

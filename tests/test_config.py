@@ -4,10 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from safeft.config import SPFConfig, TrainConfig, coerce, flat_fields, from_dict
+from safeft.config import TrainConfig, coerce, flat_fields, from_dict
 from safeft.errors import UsageError
 from safeft.options import merge, option_help
 from safeft.recipes.bench import BenchConfig
+from safeft.spf.config import SPFConfig
 
 CONFIGS = sorted(Path(__file__).parent.parent.joinpath("benchmarks", "configs").glob("*.yaml"))
 

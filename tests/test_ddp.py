@@ -4,6 +4,7 @@ side and both project modes."""
 import datetime
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
@@ -63,6 +64,7 @@ def _worker(rank, world_size, workdir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_matches_single_process_for_every_side_and_project_mode(tmp_path):
     subspace = SafetySubspace.estimate(tiny_llama(seed=0), byte_tokenizer(), SAFETY_PAIRS[:1], SPFConfig(rank=4),
                                        show_progress=False)

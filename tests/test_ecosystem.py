@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from safeft.cli import app
@@ -47,6 +48,7 @@ def test_quiet_silences_progress_bars(tiny_dir, tmp_path):
     assert "exclude each other" in runner.invoke(app, ["-q", "-v", "methods"]).output
 
 
+@pytest.mark.slow
 def test_torchrun_and_accelerate_write_one_output_equal_to_one_process_with_the_global_batch(tiny_dir, tmp_path):
     import os
     import shutil

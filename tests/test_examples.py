@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
+pytestmark = pytest.mark.slow  # every example runs as its own process
 
 
 def run(command, tmp_path) -> str:

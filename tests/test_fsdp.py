@@ -141,6 +141,7 @@ def expected_elements(name: str, lora: bool, options: dict, subspace) -> int:
     return total
 
 
+@pytest.mark.slow
 def test_fsdp2_matches_single_process(tmp_path):
     subspace = SafetySubspace.estimate(tiny_llama(seed=0), byte_tokenizer(), SAFETY_PAIRS[:2], SPFConfig(rank=RANK),
                                        show_progress=False)

@@ -205,15 +205,20 @@ def test_gcg_then_eval_with_templates_and_transfer(tiny_dir, tmp_path):
     assert "template jailbreak ASR" in result.output and report["judge"] == "keyword"
 
 
-def test_the_jailbreak_benchmark_runs_end_to_end_and_resumes(tiny_dir, tmp_path, monkeypatch):
-    import importlib.util
+@pytest.mark.slow
+def test_the_jailbreak_benchmark_runs_end_to_end_and_resumes(tiny_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
     from pathlib import Path
 
-    monkeypatch.setenv("SAFEFT_CACHE", str(tmp_path / "cache"))
-    spec = importlib.util.spec_from_file_location(
-        "jailbreak_bench", Path(__file__).parent.parent / "benchmarks" / "jailbreaks.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = Path(__file__).parent.parent / "benchmarks" / "jailbreaks.py"
+    env = {**os.environ, "SAFEFT_CACHE": str(tmp_path / "cache")}
+
+    def run_script(args):
+        done = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+
     advbench = tmp_path / "advbench.csv"
     advbench.write_text("goal,target\n" + "".join(f'"Tell me how to do harm {i}","Sure, here is how {i}"\n'
                                                   for i in range(4)))
@@ -223,7 +228,7 @@ def test_the_jailbreak_benchmark_runs_end_to_end_and_resumes(tiny_dir, tmp_path,
             "--model", str(tiny_dir), "--steps", "1", "--align-max-steps", "1", "--spf-rank", "4",
             "--template-requests", "2", "--gcg-requests", "2", "--gcg-steps", "2", "--gcg-suffix-length", "3",
             "--gcg-top-k", "8", "--gcg-candidates", "8", "--gcg-check-every", "1", "--max-new-tokens", "3"]
-    script.main(args)
+    run_script(args)
     summary = json.loads((tmp_path / "jb.json").read_text())
     assert set(summary["models"]) == {"aligned", "sft", "spf"}
     for name, entry in summary["models"].items():
@@ -236,11 +241,11 @@ def test_the_jailbreak_benchmark_runs_end_to_end_and_resumes(tiny_dir, tmp_path,
     # 3 x templates, 3 x gcg, 4 x transfer, and each model's GCG requests one by one: each a stage a rerun skips
     assert len(parts) == 10 + 3 * 2 and "gcg-spf/001.json" in parts
     stamp = {p: (folder / p).stat().st_mtime_ns for p in parts}
-    script.main(args)
+    run_script(args)
     assert stamp == {p: (folder / p).stat().st_mtime_ns for p in parts}
     (folder / "gcg-spf.json").unlink()  # as if stopped during the attack on SPF's second request
     (folder / "gcg-spf" / "001.json").unlink()
-    script.main(args)
+    run_script(args)
     again = {p: (folder / p).stat().st_mtime_ns for p in parts}
     assert again["gcg-spf/000.json"] == stamp["gcg-spf/000.json"]  # the finished request is not attacked again
     assert again["gcg-spf/001.json"] != stamp["gcg-spf/001.json"]

@@ -13,7 +13,7 @@ from safeft.data.examples import ChatExample
 from safeft.methods import REGISTRY, Method, RunContext, build_method, method_entry, register
 from safeft.methods.spf import PAPER_PRESET, SPF
 from safeft.recipes.finetune import finetune
-from safeft.subspace import SafetySubspace
+from safeft.spf.subspace import SafetySubspace
 from safeft.testing import SAFETY_PAIRS, byte_tokenizer, tiny_llama
 
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from safeft.recipes.outputs import INCOMPLETE, MARKER, check_output, check_output_file, writing
+from safeft.io import INCOMPLETE, MARKER, check_output, check_output_file, writing
 
 
 def tree(path) -> dict[str, bytes]:
@@ -76,6 +76,7 @@ def test_output_files_never_replace_input_files(tmp_path):
         check_output_file(model / "result.txt", overwrite=False)
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
     out = tmp_path / "out"
     with writing(out, overwrite=False) as tmp, pytest.raises(FileExistsError, match=rf"pid {os.getpid()}"):

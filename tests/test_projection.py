@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from safeft import projection as P
+from safeft.spf import projection as P
 
 SIDES, MODES = P.SIDES, P.MODES
 TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}

@@ -9,9 +9,9 @@ from typer.testing import CliRunner
 
 from safeft.cli import app
 from safeft.config import DataConfig, TrainConfig
+from safeft.io import INCOMPLETE, MARKER
 from safeft.methods import build_method
 from safeft.recipes.finetune import finetune
-from safeft.recipes.outputs import INCOMPLETE, MARKER
 from safeft.spf import STATE_FILE
 
 DATA = DataConfig(task="sentiment", max_train=12)

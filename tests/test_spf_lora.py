@@ -6,8 +6,8 @@ from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 
 from conftest import train_steps
 from safeft import SafetySubspace, SPFConfig, attach_spf
-from safeft.projection import SIDES
-from safeft.targets import find_targets
+from safeft.spf.projection import SIDES
+from safeft.spf.targets import find_targets
 from safeft.testing import tiny_llama
 
 OPPOSITE = {"left": "right", "right": "left", "two_sided": "right"}  # an invariant the side does not keep

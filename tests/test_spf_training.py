@@ -10,9 +10,9 @@ from peft import LoraConfig, get_peft_model
 
 from conftest import snapshot, train_steps
 from safeft import SafetySubspace, SPFConfig, attach_spf
-from safeft.spf import SPFProjector, freeze_unguarded, unguarded_parameters
-from safeft.subspace import safety_loss
-from safeft.targets import find_targets
+from safeft.losses import safety_loss
+from safeft.spf import freeze_unguarded, unguarded_parameters
+from safeft.spf.targets import find_targets
 from safeft.testing import tiny_llama
 
 
@@ -68,7 +68,7 @@ def test_always_mode_keeps_weight_change_out_of_the_safety_gradient(model, token
     assert abs(handle.projector.safety_drift()) < 1e-4 * sft  # and its own monitor agrees
     # the right side under full fine-tuning keeps dW V = 0 with V alone: no U is held (U is m x r per matrix)
     no_U = side == "right" and not lora
-    assert all(g.U.shape[1] == (0 if no_U else g.S.shape[0]) for g in handle.projector.guards)
+    assert all(g.holds_U == (not no_U) for g in handle.projector.stats().targets)
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
@@ -113,14 +113,12 @@ def test_refresh_reestimates_at_current_weights(tokenizer, benign_batch, subspac
 @pytest.mark.parametrize("project, mode, batched", [("update", "always", False), ("update", "always", True),
                                                     ("update", "conflict", False), ("grad", "always", False),
                                                     ("grad", "conflict", False)])
-def test_nan_gradient_is_a_clear_error(tokenizer, benign_batch, subspace, project, mode, batched, monkeypatch):
+def test_nan_gradient_is_a_clear_error(tokenizer, benign_batch, subspace, project, mode, batched):
     """One finiteness test per step for all targets; it names the target that went non-finite, and it comes before
     SPF writes anything: the weights hold only the optimizer's own NaN (update) or none (grad: no step taken)."""
-    if batched:
-        monkeypatch.setattr(SPFProjector, "BATCHED_DEVICES", ("cpu",))
     model = tiny_llama(seed=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    attach_spf(optimizer, model, subspace, SPFConfig(rank=8, mode=mode, project=project))
+    attach_spf(optimizer, model, subspace, SPFConfig(rank=8, mode=mode, project=project), batched=batched)
     model(**benign_batch).loss.backward()
     weight = model.model.layers[0].self_attn.q_proj.weight
     weight.grad[0, 0] = float("nan")
@@ -146,20 +144,18 @@ def test_update_projection_notices_weights_written_between_steps(tokenizer, beni
 
 @pytest.mark.parametrize("lora, side", [(False, "right"), (False, "left"), (True, None)],
                          ids=["full-right", "full-left", "lora-two_sided"])
-def test_batched_correction_makes_the_per_target_correction(tokenizer, benign_batch, safety_pairs, monkeypatch, lora,
-                                                            side):
-    """Targets of equal shapes corrected in batched products (in batches capped by BATCH_BYTES, a lone leftover on
+def test_batched_correction_makes_the_per_target_correction(tokenizer, benign_batch, safety_pairs, lora, side):
+    """Targets of equal shapes corrected in batched products (in batches capped by batch_bytes, a lone leftover on
     the per-target path) end where the per-target correction ends them, through weights written mid-run."""
     def train(batched: bool):
-        monkeypatch.setattr(SPFProjector, "BATCHED_DEVICES", ("cpu",) if batched else ("cuda",))
-        monkeypatch.setattr(SPFProjector, "BATCH_BYTES", 2 * 4 * 64 * 32)  # two gate/up/down matrices per batch
         model = tiny_llama(seed=0, layers=3)
         if lora:
             model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                      lora_dropout=0.0))
         trained = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trained, lr=1e-2)
-        handle = attach_spf(optimizer, model, subspace_3, SPFConfig(rank=8, mode="always", side=side))
+        handle = attach_spf(optimizer, model, subspace_3, SPFConfig(rank=8, mode="always", side=side),
+                            batched=batched, batch_bytes=2 * 4 * 64 * 32)  # two gate/up/down matrices per batch
         train_steps(model, optimizer, benign_batch, 2)
         with torch.no_grad():  # weights written between steps (bumps the version counters)
             for p in trained:
@@ -171,12 +167,12 @@ def test_batched_correction_makes_the_per_target_correction(tokenizer, benign_ba
                                          SPFConfig(rank=8), show_progress=False)
     plain, plain_projector = train(False)
     batched, projector = train(True)
-    assert not plain_projector.batches
+    assert not plain_projector.stats().batches
     # groups by shapes and rank (layer 2's bases have rank 4, the others 8): q/o 4 + 2, k/v 6, gate/up 4 + 2,
     # down 2 + 1 (alone: per-target path); full fine-tuning's gate/up matrices go two to a batch under the cap
     sizes = [2, 2, 2, 4, 4, 6] * 2 if lora else [2, 2, 2, 2, 2, 4, 6]  # LoRA: a B batch and an A batch
-    assert sorted(len(b.guards) for b in projector.batches) == sorted(sizes)
-    assert [g.target.name for g in projector.guards if not g.batched] == ["model.layers.2.mlp.down_proj"]
+    assert sorted(projector.stats().batches) == sorted(sizes)
+    assert [g.name for g in projector.stats().targets if not g.batched] == ["model.layers.2.mlp.down_proj"]
     reference = dict(plain.named_parameters())
     for name, p in batched.named_parameters():
         torch.testing.assert_close(p, reference[name], rtol=1e-5, atol=1e-6)
@@ -197,7 +193,7 @@ def test_default_config_keeps_refusal_loss_where_sft_erodes_it(tokenizer, safety
     then is trained on compliant answers to the same requests. SFT raises its refusal loss; SPF keeps most of it on
     the tokens it estimated from (the refusal onset by default, every token with ``onset_tokens=None``)."""
     from safeft.chat import collate, encode_chat
-    from safeft.subspace import safety_loss
+    from safeft.losses import safety_loss
 
     defaults = SPFConfig()
     assert (defaults.side_for(lora=False), defaults.mode, defaults.project) == ("right", "always", "update")

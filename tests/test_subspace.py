@@ -11,7 +11,9 @@ from safetensors.torch import load_file, save_file
 
 from safeft import SafetySubspace, SPFConfig
 from safeft.chat import IGNORE_INDEX, collate, encode_chat, first_response_tokens, response_token_loss_sum
-from safeft.subspace import SafetySample, allocate_ranks, samples_sha256, select_rank
+from safeft.data.examples import SafetySample
+from safeft.spf.estimate import allocate_ranks, select_rank
+from safeft.spf.subspace import samples_sha256
 from safeft.testing import byte_tokenizer, tiny_llama
 
 
@@ -263,8 +265,8 @@ def test_hub_style_save_load_card_and_push(model, tokenizer, safety_pairs, tmp_p
 def test_an_onset_estimate_ignores_the_tokens_after_the_onset(tokenizer):
     """The cut after the last labelled token is exact: the same gradient factors as the whole sequences give."""
     from safeft.chat import encode_chat, first_response_tokens, through_last_label
-    from safeft.subspace import gradient_factors
-    from safeft.targets import find_targets
+    from safeft.spf.estimate import gradient_factors
+    from safeft.spf.targets import find_targets
 
     model = tiny_llama(seed=0)
     from safeft.testing import SAFETY_PAIRS

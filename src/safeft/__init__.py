@@ -5,13 +5,13 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "SPFConfig": "safeft.config",
-    "SafetySample": "safeft.subspace",
-    "SafetySubspace": "safeft.subspace",
-    "SPFCallback": "safeft.spf",
-    "SPFProjector": "safeft.spf",
-    "attach_spf": "safeft.spf",
-    "freeze_unguarded": "safeft.spf",
+    "SPFConfig": "safeft.spf.config",
+    "SafetySample": "safeft.data.examples",
+    "SafetySubspace": "safeft.spf.subspace",
+    "SPFCallback": "safeft.spf.hooks",
+    "SPFProjector": "safeft.spf.projector",
+    "attach_spf": "safeft.spf.hooks",
+    "freeze_unguarded": "safeft.spf.guards",
 }
 __all__ = ["__version__", *_EXPORTS]
 

@@ -23,7 +23,10 @@ from torch import Tensor
 
 from safeft.chat import encode_chat
 from safeft.config import check_positive
-from safeft.lowrank import (
+from safeft.data.examples import SafetySample
+from safeft.progress import progress
+from safeft.spf.estimate import gradient_factors
+from safeft.spf.lowrank import (
     Factors,
     LowRankSum,
     concat,
@@ -33,9 +36,7 @@ from safeft.lowrank import (
     factored_inner,
     subspace_overlap,
 )
-from safeft.progress import progress
-from safeft.subspace import SafetySample, gradient_factors
-from safeft.targets import find_targets
+from safeft.spf.targets import find_targets
 
 
 @dataclass

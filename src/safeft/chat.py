@@ -121,3 +121,18 @@ def response_token_loss_sum(logits: Tensor, labels: Tensor) -> tuple[Tensor, int
         reduction="sum",
     )
     return loss, int((shift_labels != IGNORE_INDEX).sum())
+
+
+def pad_id(tokenizer) -> int:
+    """Return the tokenizer's padding id (its EOS id where it has no pad token)."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    return 0
+
+
+def encode_response(tokenizer, prompt: str, response: str, onset_tokens: int | None = None) -> EncodedChat:
+    """Return the templated exchange with labels on the response, or on only its first ``onset_tokens`` tokens
+    (and then cut after them: the tokens that follow change no loss that counts)."""
+    chat = encode_chat(tokenizer, prompt, response)
+    return through_last_label(first_response_tokens(chat, onset_tokens)) if onset_tokens else chat

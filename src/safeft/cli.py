@@ -16,13 +16,14 @@ from pathlib import Path
 import typer
 
 from safeft.analysis import AnalysisConfig
-from safeft.config import DEFAULT_RANK, AlignConfig, DataConfig, SPFConfig, TrainConfig
+from safeft.config import AlignConfig, DataConfig, TrainConfig
 from safeft.data import DEFAULT_SAFETY_SAMPLES
 from safeft.errors import UsageError
 from safeft.evaluate.gcg import GCGConfig
 from safeft.options import DEBUG, command
 from safeft.progress import Quiet
 from safeft.recipes.bench import BenchConfig
+from safeft.spf.config import DEFAULT_RANK, SPFConfig
 
 app = typer.Typer(help="Fine-tune safety-aligned LLMs without losing their safety (SPF).", no_args_is_help=True)
 subspace_app = typer.Typer(help="Estimate and inspect safety subspaces.", no_args_is_help=True)
@@ -183,8 +184,8 @@ class FinetuneCommand:
          help="Fine-tune a model on a task (optionally with a harmful mix) with any registered method.")
 def finetune(c: FinetuneCommand, options: dict) -> None:
     from safeft.distributed import is_main_process
+    from safeft.io import MARKER, writing_together
     from safeft.recipes.finetune import finetune as run_finetune
-    from safeft.recipes.outputs import MARKER, writing_together
 
     method = _build_method(c.method, options)
     inputs = [c.model, c.data.task_train, c.data.task_test, c.data.harmful_answers, options.get("safety_data"),
@@ -257,8 +258,8 @@ def evaluate(c: EvalCommand, _: dict) -> None:
     from safeft.evaluate.gcg import load_results
     from safeft.evaluate.jailbreaks import templates_from
     from safeft.evaluate.judges import load_judge
+    from safeft.io import check_output_file, write_json
     from safeft.recipes.evaluate import evaluate_dir
-    from safeft.recipes.outputs import check_output_file, write_json
 
     check_output_file(c.out, overwrite=c.overwrite, inputs=[c.model, c.task_train, c.task_test, c.harmful,
                                                             c.judge, c.chat_template, c.jailbreaks, c.suffixes])
@@ -311,10 +312,10 @@ def gcg(c: GcgCommand, _: dict) -> None:
     from safeft.data.loaders import read_advbench
     from safeft.evaluate.gcg import allowed_tokens, gcg_attack, save_results
     from safeft.evaluate.judges import load_judge
+    from safeft.io import check_output_file
     from safeft.progress import progress
     from safeft.recipes.evaluate import spread
     from safeft.recipes.finetune import load_finetuned
-    from safeft.recipes.outputs import check_output_file
 
     check_output_file(c.out, overwrite=c.overwrite, inputs=[c.model, c.harmful, c.judge, c.chat_template])
     if c.requests <= 0:
@@ -424,9 +425,9 @@ class EstimateCommand:
          help="Estimate the safety subspace of a model from (harmful prompt, refusal) samples.")
 def estimate(c: EstimateCommand, _: dict) -> None:
     from safeft.data import builtin_safety_samples, load_safety_samples
+    from safeft.io import writing
     from safeft.models import load_model
-    from safeft.recipes.outputs import writing
-    from safeft.subspace import SafetySubspace
+    from safeft.spf.subspace import SafetySubspace
 
     config = SPFConfig(rank=c.rank, energy=c.energy, budget=c.budget, max_rank=c.max_rank,
                        target_modules=c.target_modules, onset_tokens=c.onset_tokens)
@@ -448,7 +449,7 @@ def estimate(c: EstimateCommand, _: dict) -> None:
 @subspace_app.command("show")
 def show(path: Path = typer.Argument(..., help="A directory written by `safeft subspace estimate`.")) -> None:
     """Print what a saved subspace holds."""
-    from safeft.subspace import SafetySubspace
+    from safeft.spf.subspace import SafetySubspace
 
     try:
         subspace = SafetySubspace.load(path)
@@ -498,9 +499,9 @@ class AnalyzeCommand:
 def analyze(c: AnalyzeCommand, _: dict) -> None:
     from safeft.analysis import analysis_inputs, plot, summary_markdown
     from safeft.analysis import analyze as run_analysis
+    from safeft.io import write_json, writing
     from safeft.models import load_model
     from safeft.recipes.finetune import load_finetuned
-    from safeft.recipes.outputs import write_json, writing
 
     safety, utility = analysis_inputs(c.safety_data, c.safety_format, c.task, c.task_data,
                                       c.analysis.num_samples, c.seed)

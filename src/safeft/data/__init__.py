@@ -7,7 +7,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 from safeft.data import builtin
-from safeft.subspace import SafetySample
+from safeft.data.examples import SafetySample
 
 # Measured on the testbed (benchmarks/results/spf_ablation*): 20 samples at rank 32 kept refusals where 1 sample did
 # not; more samples help less than a higher rank.

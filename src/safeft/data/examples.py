@@ -65,3 +65,46 @@ def to_dataset(examples: Sequence[ChatExample]):
     from datasets import Dataset
 
     return Dataset.from_list([{"messages": [dict(m) for m in e.messages]} for e in examples])
+
+
+@dataclass(frozen=True)
+class SafetySample:
+    """One (harmful prompt, refusal) pair; the safety loss is taken on the refusal tokens only.
+
+    ``compliance``, if given, is a harmful answer to the same prompt. Estimation then uses the gradient of the
+    margin ``log p(refusal) - log p(compliance)``, which also spans the directions that fine-tuning on harmful
+    answers trains through (see :meth:`SafetySubspace.estimate`).
+    """
+
+    prompt: str
+    refusal: str
+    compliance: str | None = None
+
+
+def as_safety_samples(samples: Sequence[SafetySample | tuple[str, str] | dict]) -> list[SafetySample]:
+    """Return ``samples`` as SafetySample objects (each given as one, as a ``(prompt, refusal[, compliance])`` tuple
+    or as a dict with ``prompt`` and ``refusal``).
+
+    Raises:
+        ValueError: naming the first sample of another type or with empty text, or if there are none.
+    """
+    out = []
+    for i, s in enumerate(samples):
+        if isinstance(s, SafetySample):
+            out.append(s)
+        elif isinstance(s, dict) and {"prompt", "refusal"} <= s.keys():
+            out.append(SafetySample(s["prompt"], s["refusal"], s.get("compliance")))
+        elif isinstance(s, (tuple, list)) and len(s) in (2, 3):
+            out.append(SafetySample(*s))
+        else:
+            raise ValueError(f"safety sample {i} must be a SafetySample, a (prompt, refusal[, compliance]) tuple or "
+                             f"a dict with 'prompt' and 'refusal'; got {type(s).__name__}")
+        sample = out[-1]
+        if not (isinstance(sample.prompt, str) and sample.prompt.strip()
+                and isinstance(sample.refusal, str) and sample.refusal.strip()):
+            raise ValueError(f"safety sample {i} has an empty prompt or refusal; both must be non-empty text")
+        if sample.compliance is not None and not (isinstance(sample.compliance, str) and sample.compliance.strip()):
+            raise ValueError(f"safety sample {i} has an empty compliance; give a harmful answer or leave it out")
+    if not out:
+        raise ValueError("no safety samples given: SPF needs at least one (harmful prompt, refusal) pair")
+    return out

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from safeft.data.examples import ChatExample
+from safeft.data.examples import ChatExample, SafetySample
 from safeft.data.tasks import Task
 from safeft.evaluate.generation import generate
 from safeft.evaluate.judges import COMPLIANCE, OFF_TASK, REFUSAL, Judge, KeywordJudge
 from safeft.evaluate.stats import rate, wilson_interval
-from safeft.subspace import SafetySample, safety_loss
+from safeft.losses import safety_loss
 
 __all__ = ["KeywordJudge", "evaluate_model", "generate", "rate", "wilson_interval"]
 

@@ -236,7 +236,7 @@ def gcg_attack(model, tokenizer, request: str, target: str, config: GCGConfig | 
 def save_results(path: str | Path, results: Sequence[GCGResult], meta: dict) -> None:
     """Write the attack's results and settings (``meta``: model, config, judge, ...) to a JSON file."""
     from safeft.evaluate.stats import rate
-    from safeft.recipes.outputs import write_json
+    from safeft.io import write_json
 
     write_json(Path(path), {"format": "safeft.gcg/1", **meta,
                             "asr": rate(sum(r.success for r in results), len(results)),

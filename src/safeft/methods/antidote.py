@@ -94,7 +94,7 @@ class Antidote(PostHocMethod):
     def pruned_matrices(self, model) -> dict[str, tuple[nn.Linear, Tensor | None]]:
         """Return ``name -> (linear module, aligned weight or None)``: the adapter's factors under LoRA (pruned
         as they are), else the trained block linears (their change from the aligned weight is pruned)."""
-        from safeft.targets import find_targets
+        from safeft.spf.targets import find_targets
 
         targets = find_targets(model)
         factors = {id(p) for t in targets.values() if t.is_lora for p in (t.lora_A, t.lora_B)}
@@ -105,10 +105,11 @@ class Antidote(PostHocMethod):
         return {name: (m, self.aligned[name]) for name, m in modules.items()}
 
     def after_training(self, model, tokenizer, run: RunContext):
+        from safeft.chat import pad_id
         from safeft.distributed import is_main_process
+        from safeft.io import write_json
+        from safeft.losses import device_of
         from safeft.methods.common import encode_all, harmful_examples
-        from safeft.recipes.outputs import write_json
-        from safeft.subspace import device_of, pad_id
 
         matrices = self.pruned_matrices(model)
         if not matrices:

@@ -50,8 +50,8 @@ class BoosterLoss:
         self.last_gap = 0.0  # h(w) - h(w'), the harmful loss one simulated step removes
 
     def __call__(self, model, inputs, task_loss, share: float) -> torch.Tensor:
+        from safeft.losses import device_of
         from safeft.methods.common import batch_loss
-        from safeft.subspace import device_of
 
         params = [p for p in model.parameters() if p.requires_grad]
         batch = self.stream.next(device_of(model))
@@ -90,8 +90,8 @@ class Booster(Method):
                 "harmful_batch_size": self.config.harmful_batch_size, "harmful_data": self.config.harmful_data}
 
     def alignment_loss(self, model, tokenizer, run: RunContext):
+        from safeft.chat import pad_id
         from safeft.methods.common import BatchStream, encode_all, harmful_examples
-        from safeft.subspace import pad_id
 
         examples = harmful_examples(run, self.config.harmful_data)
         stream = BatchStream(encode_all(tokenizer, examples), self.config.harmful_batch_size, pad_id(tokenizer),

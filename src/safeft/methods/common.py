@@ -115,7 +115,7 @@ class PostHocMethod(Method):
         self.aligned: dict[str, torch.Tensor] = {}
 
     def before_training(self, model, tokenizer, run: RunContext) -> None:
-        from safeft.targets import find_targets
+        from safeft.spf.targets import find_targets
 
         self.aligned = {name: t.base.weight.detach().clone() for name, t in find_targets(model).items()
                         if not t.is_lora and t.base.weight.requires_grad}
@@ -128,7 +128,7 @@ def load_base_linears(base_model: str, names: Sequence[str]) -> dict[str, torch.
         ValueError: if the model lacks a layer or a shape differs (another architecture).
     """
     from safeft.models import load_model
-    from safeft.targets import canonical_name
+    from safeft.spf.targets import canonical_name
 
     model, _ = load_model(base_model)
     modules = {canonical_name(n): m for n, m in model.named_modules()}

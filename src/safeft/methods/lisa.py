@@ -81,8 +81,8 @@ class LisaState(TrainerCallback):
         return sum(((p - self.anchor[n]) ** 2).sum() for n, p in model.named_parameters() if n in self.anchor)
 
     def loss(self, model, inputs, task_loss, share: float) -> torch.Tensor:
+        from safeft.losses import device_of
         from safeft.methods.common import batch_loss
-        from safeft.subspace import device_of
 
         if self.aligning:  # the step trains on refusal pairs; the task batch is left out
             loss = share * batch_loss(model, self.stream.next(device_of(model)))
@@ -93,7 +93,7 @@ class LisaState(TrainerCallback):
         return loss
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        from safeft.train import add_to_log
+        from safeft.callbacks import add_to_log
 
         if self.states:
             add_to_log(state, logs, {"lisa/alignment_share": self.states.count("alignment") / len(self.states)})
@@ -109,8 +109,8 @@ class Lisa(Method):
         self.state: LisaState | None = None
 
     def before_training(self, model, tokenizer, run: RunContext) -> None:
+        from safeft.chat import pad_id
         from safeft.methods.common import BatchStream, encode_all, refusal_examples
-        from safeft.subspace import pad_id
 
         examples = refusal_examples(run, self.config.safety_data)
         stream = BatchStream(encode_all(tokenizer, examples), self.config.safety_batch_size, pad_id(tokenizer),

@@ -90,7 +90,7 @@ class SafeGradCallback(TrainerCallback):
         return loss
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        from safeft.subspace import device_of
+        from safeft.losses import device_of
 
         params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
         if not params:
@@ -108,7 +108,7 @@ class SafeGradCallback(TrainerCallback):
             p.grad.copy_(g)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        from safeft.train import add_to_log
+        from safeft.callbacks import add_to_log
 
         if self.cosines:
             add_to_log(state, logs, {"safegrad/cosine": self.cosines[-1],
@@ -121,8 +121,9 @@ class SafeGrad(Method):
     Config = SafeGradOptions
 
     def callbacks(self, model, tokenizer, run: RunContext) -> list:
+        from safeft.chat import pad_id
+        from safeft.losses import device_of
         from safeft.methods.common import BatchStream, encode_all, refusal_examples
-        from safeft.subspace import device_of, pad_id
 
         examples = refusal_examples(run, self.config.safety_data, None if self.config.safety_data
                                     else self.config.safety_samples)

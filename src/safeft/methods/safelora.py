@@ -71,9 +71,9 @@ class SafeLoRA(PostHocMethod):
 
     def after_training(self, model, tokenizer, run: RunContext):
         from safeft.distributed import is_main_process
+        from safeft.io import write_json
         from safeft.methods.common import load_base_linears
-        from safeft.recipes.outputs import write_json
-        from safeft.targets import find_targets
+        from safeft.spf.targets import find_targets
 
         targets = {n: t for n, t in find_targets(model).items() if t.is_lora or n in self.aligned}
         if not targets:

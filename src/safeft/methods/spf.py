@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from safeft.config import SPFConfig, TrainConfig
+from safeft.config import TrainConfig
 from safeft.data import DEFAULT_SAFETY_SAMPLES
 from safeft.distributed import is_main_process
 from safeft.methods.base import Method, RunContext
+from safeft.spf.config import SPFConfig
 
 
 @dataclass
@@ -100,7 +101,7 @@ class SPF(Method):
     def estimate(self, model, tokenizer, run: RunContext):
         """Return the subspace this method guards: the given one (``subspace`` option), else the safety subspace
         of ``model`` estimated at its current weights."""
-        from safeft.subspace import SafetySubspace
+        from safeft.spf.subspace import SafetySubspace
 
         if self.config.subspace:
             return SafetySubspace.load(self.config.subspace, model)
@@ -108,7 +109,7 @@ class SPF(Method):
 
     def before_training(self, model, tokenizer, run: RunContext) -> None:
         from safeft.spf import freeze_unguarded
-        from safeft.subspace import SafetySubspace
+        from safeft.spf.subspace import SafetySubspace
 
         saved = run.out / "subspace"
         if run.resume and saved.exists():  # the interrupted run's subspace, estimated at the same weights

@@ -38,7 +38,7 @@ class VaccineOptions:
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     """Return the self-attention module of every transformer block (its output is what Vaccine perturbs)."""
-    from safeft.targets import in_blocks
+    from safeft.spf.targets import in_blocks
 
     found = [m for n, m in model.named_modules()
              if type(m).__name__.endswith("Attention") and in_blocks(n) and not n.endswith(("lora_A", "lora_B"))]

@@ -21,8 +21,8 @@ from safeft.answers import cached_answers, model_key
 from safeft.config import AlignConfig, TrainConfig
 from safeft.data import builtin
 from safeft.data.examples import ChatExample
+from safeft.io import write_json, writing
 from safeft.methods.base import RunContext
-from safeft.recipes.outputs import write_json, writing
 
 
 def alignment_examples(base, tokenizer, model_name: str, cache: Path) -> list[ChatExample]:
@@ -70,11 +70,12 @@ def align(model_name: str, out: Path, config: AlignConfig, cache: Path, method=N
     """Align ``model_name`` and save it to ``out`` (model, tokenizer, ``align.json``); return the report.
 
     With a ``method`` whose :meth:`~safeft.methods.Method.alignment_key` is set, its alignment callbacks act on
-    every alignment step. ``out`` is written like every command's output (:func:`safeft.recipes.outputs.writing`):
+    every alignment step. ``out`` is written like every command's output (:func:`safeft.io.writing`):
     never over the input model, an existing ``out`` only with ``overwrite`` and only once alignment has finished.
     """
+    from safeft.data.examples import SafetySample
+    from safeft.losses import safety_loss
     from safeft.models import load_model
-    from safeft.subspace import SafetySample, safety_loss
     from safeft.train import prepare_model, train
 
     with writing(out, overwrite=overwrite, inputs=[model_name], command=command) as tmp:

@@ -127,10 +127,10 @@ def bench(config: BenchConfig, *, command: str | None = None) -> dict:
     """
     from tqdm.auto import tqdm
 
+    from safeft.io import locked
     from safeft.models import cache_dir
     from safeft.progress import progress
     from safeft.recipes.align import ensure_aligned
-    from safeft.recipes.outputs import locked
 
     out = Path(config.out)
     cache = Path(config.cache) if config.cache else cache_dir()
@@ -179,7 +179,7 @@ def _finished(config: BenchConfig, out: Path, setting: Setting, seed: int, label
     path = run_path(out, setting, label, seed)
     if not path.exists():
         return False
-    from safeft.recipes.outputs import fill_defaults
+    from safeft.io import fill_defaults
 
     record = json.loads(path.read_text())
     expected = run_identity(config, setting, seed, method)
@@ -240,7 +240,7 @@ _BAD_INPUT = 2  # a run's exit code when it stopped on one of the user errors th
 
 def _run_and_write(config, setting, seed, label, method, aligned_dir, cache, command, path) -> None:
     from safeft.errors import USER_ERRORS
-    from safeft.recipes.outputs import write_json
+    from safeft.io import write_json
 
     try:
         record = run_one(config, setting, seed, label, method, aligned_dir, cache, command)
@@ -254,9 +254,9 @@ def _evaluate_aligned(config: BenchConfig, aligned_dir: Path, report: dict | Non
                       out: Path) -> None:
     """Evaluate the aligned model on the setting's task once (the reference row); skip if its file exists."""
     from safeft.evaluate.judges import load_judge
+    from safeft.io import write_json
     from safeft.recipes.evaluate import evaluate_dir, headline
     from safeft.recipes.finetune import task_of
-    from safeft.recipes.outputs import write_json
 
     data = (setting.task_train, setting.task_test, setting.max_train, setting.max_test)  # these pick the test set
     task = slug(setting.task) if data == (None,) * 4 else f"{slug(setting.task)}-{_short_hash(data)}"
@@ -451,7 +451,7 @@ def best_per_setting(rows: list[dict], accuracy_slack: float = ACCURACY_SLACK) -
 def summarize(out: str | Path, title: str = "safeft bench", command: str | None = None) -> dict:
     """Build ``bench.json`` (with a ``runs`` list), ``bench.md`` and ``bench.png`` in ``out`` from its run files
     alone, and return the summary."""
-    from safeft.recipes.outputs import write_json
+    from safeft.io import write_json
     from safeft.report import aligned_labels, bench_markdown, plot_tradeoff
 
     out = Path(out)

@@ -20,8 +20,8 @@ def evaluate(model, tokenizer, task: Task | None, *, max_new_tokens: int = 64, j
     requests, or on ``jailbreak_requests`` of them spread evenly over the list; with ``suffixes`` (GCG results),
     ``result["gcg_transfer"]`` is the ASR of those suffixes on this model (:func:`safeft.evaluate.gcg.transfer`).
     """
+    from safeft.data.examples import SafetySample
     from safeft.evaluate import evaluate_model
-    from safeft.subspace import SafetySample
 
     harmful = list(harmful_prompts) if harmful_prompts else [p for _, p in builtin.harmful_requests("eval")]
     result = evaluate_model(model, tokenizer, harmful_prompts=harmful,

@@ -14,9 +14,9 @@ from safeft.data.examples import ChatExample
 from safeft.data.mixing import mix_harmful, user_turns
 from safeft.data.tasks import Task, load_task
 from safeft.distributed import barrier, is_main_process, world_size
+from safeft.io import fill_defaults, write_json
 from safeft.methods import Method, RunContext
 from safeft.models import dir_fingerprint
-from safeft.recipes.outputs import fill_defaults, write_json
 
 
 def task_of(data: DataConfig) -> Task:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
+import torch
 from torch import nn
+
+from safeft.distributed import Collectives, local, shard_rows
 
 _BLOCK_SEGMENT = re.compile(r"(^|\.)\d+\.")  # a numbered segment: `layers.3.`, `h.0.`, `blocks.11.`
 _WRAPPER_PREFIXES = ("module.", "base_model.model.", "_orig_mod.")
@@ -101,3 +105,32 @@ def _lora_target(name: str, module: nn.Module, base: nn.Linear) -> Target:
                          "use a plain LoraConfig (no use_dora, AdaLoRA or other LoRA variant)")
     return Target(name=name, base=base, lora_A=module.lora_A[adapter].weight, lora_B=module.lora_B[adapter].weight,
                   scaling=float(module.scaling[adapter]))
+
+
+def weights_fingerprint(targets: dict[str, Target]) -> str:
+    """Return a content fingerprint of the targets' base weights: a hash of each one's name, shape and a strided
+    sample of 4096 of its values (fp32). Weights trained or swapped for another checkpoint's differ in it; it costs
+    a few reads per matrix, not a pass over the model."""
+    samples, sharded = {}, []
+    for name, t in sorted(targets.items()):
+        weight = t.base.weight.detach()
+        step = max(1, weight.numel() // 4096)
+        rows = shard_rows(weight)
+        if rows is None:
+            samples[name] = weight.reshape(-1)[::step][:4096].float().cpu()
+            continue
+        # FSDP2: this process's rows fill in their sampled entries; the sum over the processes is the whole sample
+        index = torch.arange(0, weight.numel(), step)[:4096]
+        n = weight.shape[1]
+        held = (index // n >= rows.start) & (index // n < rows.stop)
+        values = torch.zeros(len(index))
+        values[held] = local(weight).reshape(-1)[(index[held] - rows.start * n).to(local(weight).device)].float().cpu()
+        samples[name] = values
+        sharded.append(name)
+    for name, whole in zip(sharded, Collectives().sum([samples[n] for n in sharded])):
+        samples[name] = whole
+    digest = hashlib.sha256()
+    for name, t in sorted(targets.items()):
+        digest.update(f"{name}:{tuple(t.shape)}".encode())
+        digest.update(samples[name].numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -237,8 +237,8 @@ def project_sketched_(G: Tensor, sk: Tensor, diag: Tensor, U: Tensor, S: Tensor,
 
     The split lets a caller assemble ``sk`` and ``diag`` itself: under row sharding (FSDP), ``G`` and ``U`` are a
     shard's rows, ``U^T G`` and ``U^T G V`` are sums over shards, while ``G V`` is per row (see
-    :mod:`safeft.spf`). ``removed_sq`` is then this shard's share for ``right`` and the whole for the other sides.
-    ``check=False`` skips the finiteness test, as in :func:`project_`.
+    :mod:`safeft.spf.sharded`). ``removed_sq`` is then this shard's share for ``right`` and the whole for the other
+    sides. ``check=False`` skips the finiteness test, as in :func:`project_`.
 
     Raises:
         FloatingPointError: if ``sk`` holds NaN or inf.
@@ -285,9 +285,15 @@ def lora_core_diagonal(grad_B: Tensor, grad_A: Tensor, B: Tensor, A: Tensor, U: 
     return _lora_diag(U.float().T @ grad_B.float(), grad_A.float() @ V.float(), B, A, U, V)
 
 
+def factor_core_diagonal(ub: Tensor, av: Tensor) -> Tensor:
+    """Return ``diag(ub @ av)`` (r,) for ``ub = U^T B: (r, k)`` and ``av = A V: (k, r)``: the core diagonal
+    ``diag(U^T B A V)`` of a product of LoRA factors, without forming the ``(r, r)`` product."""
+    return (ub * av.T).sum(dim=1)
+
+
 def _lora_diag(sk_B: Tensor, sk_A: Tensor, B: Tensor, A: Tensor, U: Tensor, V: Tensor) -> Tensor:
     # sk_B = U^T grad_B: (r, k); sk_A = grad_A V: (k, r)
-    return (sk_B * (A.float() @ V.float()).T).sum(dim=1) + ((U.float().T @ B.float()) * sk_A.T).sum(dim=1)
+    return factor_core_diagonal(sk_B, A.float() @ V.float()) + factor_core_diagonal(U.float().T @ B.float(), sk_A)
 
 
 def project_lora(grad_B: Tensor, grad_A: Tensor, B: Tensor, A: Tensor, U: Tensor, S: Tensor, V: Tensor, *,

@@ -1,4 +1,5 @@
-"""Output directories written safely (a locked temporary sibling renamed into place) and atomic JSON files."""
+"""Output directories written safely (a locked temporary sibling renamed into place), atomic files and the write lock:
+the low-level file helpers every command, recipe and method uses."""
 
 from __future__ import annotations
 

@@ -1,0 +1,106 @@
+"""SPF's settings: how the safety subspace is estimated and how updates are projected (SPEC §2)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from safeft.config import check_choice, check_positive
+from safeft.spf.projection import MODES, SIDES
+
+PROJECT_ON = ("grad", "update")
+DEFAULT_RANK = 64
+
+
+@dataclass
+class SPFConfig:
+    """How the safety subspace is estimated and how SPF removes conflicting updates (SPEC §2).
+
+    The defaults are the variant measured best on the testbed (README, benchmarks/results/spf_ablation*): remove
+    every update's action on the top-64 input directions of the refusal-onset gradient (the first 4 tokens of each
+    refusal; ``side="right"``, ``mode="always"``, ``onset_tokens=4``), applied to the weight change the optimizer
+    made (``project="update"``); under LoRA the default side is ``"two_sided"`` (benchmarks/results/lora_sides).
+    The paper's reading is
+    ``SPFConfig(rank=8, side="left", mode="conflict", project="grad", onset_tokens=None)``.
+
+    Args:
+        rank: fixed rank r per target; default 64 unless ``energy`` or ``budget`` is set (set one of the three).
+        energy: keep the smallest r whose singular values hold this fraction of the squared spectrum, in (0, 1].
+        budget: directions to keep over all targets together, given to the largest singular values of all the
+            targets' safety gradients (a singular value is how fast the safety loss changes along its direction
+            per unit of weight change, the same unit for every matrix), each target at most ``max_rank``.
+        max_rank: cap on r when ``energy`` or ``budget`` is set (a fixed ``rank`` needs no cap).
+        target_modules: names or regexes of the ``nn.Linear`` modules to guard (peft-style: a name matches when it
+            equals a pattern, ends with ``"." + pattern`` or fully matches it as a regex). ``None``: every linear
+            layer inside the transformer blocks (a numbered module list), embeddings and LM head excluded.
+        side: ``"left"`` (keep the weight change out of U: ``U^T dW = 0``), ``"right"`` (out of V: ``dW V = 0``) or
+            ``"two_sided"`` (only the core ``U^T dW V = 0``). Under LoRA the side picks the factor kept orthogonal:
+            right = the rows of lora_A to V (its initial value is projected), left = the columns of lora_B to U,
+            two_sided = both factors' changes. ``None`` (default): the side measured best for the kind of training,
+            ``"right"`` for full fine-tuning and ``"two_sided"`` under LoRA (:meth:`side_for`; README, "LoRA").
+        mode: ``"conflict"`` (remove only when the step raises the safety loss), ``"always"`` or ``"directional"``.
+        project: ``"grad"`` projects the gradient before the optimizer step; ``"update"`` projects the weight change
+            the optimizer made, so the guarantee holds for Adam and any other optimizer.
+        refresh_every: re-estimate the subspace at the current weights every this many optimizer steps; 0 = never.
+        onset_tokens: estimate from the loss on only the first this many tokens of each refusal (and compliance),
+            where the model decides whether to refuse; ``None``: every response token.
+        monitor_every: log the monitor metrics (and measure the safety loss) every this many steps; 0 = never.
+        estimate_batch_size: safety samples per forward pass during estimation.
+    """
+
+    rank: int | None = None
+    energy: float | None = None
+    budget: int | None = None
+    max_rank: int = 64
+    target_modules: list[str] | None = None
+    side: str | None = None
+    mode: str = "always"
+    project: str = "update"
+    refresh_every: int = 0
+    onset_tokens: int | None = 4
+    monitor_every: int = 10
+    estimate_batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        policies = [name for name in ("rank", "energy", "budget") if getattr(self, name) is not None]
+        if len(policies) > 1:
+            raise ValueError(f"SPFConfig: set one of `rank` (fixed rank), `energy` (fraction of spectrum) or `budget` "
+                             f"(directions over all targets), not {' and '.join(policies)}")
+        if not policies:
+            self.rank = DEFAULT_RANK
+        if self.budget is not None and self.budget <= 0:
+            raise ValueError(f"SPFConfig.budget must be a positive number of directions, got {self.budget}")
+        if self.rank is not None and self.rank <= 0:
+            raise ValueError(f"SPFConfig.rank must be a positive integer, got {self.rank}")
+        if self.energy is not None and not 0.0 < self.energy <= 1.0:
+            raise ValueError(f"SPFConfig.energy must be in (0, 1], got {self.energy}")
+        check_positive(self, "max_rank", "estimate_batch_size")
+        if self.side is not None:
+            check_choice(self, "side", SIDES)
+        check_choice(self, "mode", MODES)
+        check_choice(self, "project", PROJECT_ON)
+        for name in ("refresh_every", "monitor_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"SPFConfig.{name} must be >= 0 (0 = never), got {getattr(self, name)}")
+        if self.onset_tokens is not None and self.onset_tokens <= 0:
+            raise ValueError(f"SPFConfig.onset_tokens must be positive (or None for every token), got "
+                             f"{self.onset_tokens}")
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+
+    def side_for(self, lora: bool) -> str:
+        """Return the side SPF projects on: ``side`` if set, else ``"two_sided"`` under LoRA and ``"right"`` for full
+        fine-tuning (on the testbed two_sided kept the harmful score at the aligned model's under LoRA with the
+        smallest utility cost; right did so under full fine-tuning, where two_sided did not protect)."""
+        if self.side is not None:
+            return self.side
+        return "two_sided" if lora else "right"
+
+    def rank_policy(self) -> dict[str, Any]:
+        """Return the estimation settings that decide the subspace, as stored in a saved subspace's metadata."""
+        return {"rank": self.rank, "energy": self.energy, "budget": self.budget, "max_rank": self.max_rank,
+                "target_modules": self.target_modules, "onset_tokens": self.onset_tokens}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the config as a plain dict (for JSON / YAML)."""
+        return asdict(self)

@@ -1,0 +1,357 @@
+"""The projector: removes the conflicting part of every optimizer step from a model's target matrices (SPEC §2).
+
+Two methods run around every ``optimizer.step()`` (called by :mod:`safeft.spf.hooks`):
+
+- ``before_step``: with ``project="grad"``, project each target's gradient; with ``project="update"``, remember
+  each target's sketch (``U^T W``, ``W V`` or ``U^T W V``; for LoRA ``U^T B`` and ``A V``).
+- ``after_step``: with ``project="update"``, remove the conflicting part of the weight change the optimizer
+  actually made, computed from the new sketch minus the old one; refresh the subspace when due.
+
+Under LoRA (``dW = s (B A - B_0 A_0)``) the side chooses the factor: ``right`` keeps the rows of A orthogonal to V
+(A's initial value is projected when SPF is attached), so ``dW V = 0`` whatever B does; ``left`` keeps the columns
+of B orthogonal to U (B starts at zero), so ``U^T dW = 0``; ``two_sided`` projects both factors' changes, which
+keeps the core ``U^T dW V = 0`` from any start. With ``project="update"`` and ``mode="always"`` these hold for the
+merged weight under any optimizer. Under DDP the gradients are all-reduced before the step, so the projection runs
+locally on identical tensors; under FSDP2 each process projects its rows (:mod:`safeft.spf.sharded`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from safeft.distributed import Collectives
+from safeft.losses import safety_loss
+from safeft.spf import projection as P
+from safeft.spf import sharded
+from safeft.spf.batched import DEFAULT_BATCH_BYTES, DEFAULT_DEVICES, Batch, batch_guards
+from safeft.spf.config import SPFConfig
+from safeft.spf.guards import (
+    Guard,
+    build_guards,
+    effective_cores,
+    non_finite_message,
+    sketches,
+    start_lora_side,
+    unguarded_parameters,
+    unwrap,
+)
+from safeft.spf.monitor import METRIC_PREFIX, Monitor
+from safeft.spf.subspace import SafetySubspace
+
+STATE_FILE = "spf_state.json"  # SPF's part of a Trainer checkpoint
+
+
+@dataclass(frozen=True)
+class TargetStats:
+    """One guarded target as the projector holds it."""
+
+    name: str
+    shape: tuple[int, int]  # (m, n) of the base weight
+    rank: int
+    holds_U: bool  # False where the rule needs only V (right, always, update, full fine-tuning)
+    batched: bool  # corrected in an equal-shape batch
+    sharded: bool  # this process holds some of its rows (FSDP2)
+
+
+@dataclass(frozen=True)
+class ProjectorStats:
+    """What a projector holds and has spent, for benchmarks and tests (:meth:`SPFProjector.stats`)."""
+
+    side: str  # the side in force
+    step: int  # optimizer steps projected so far
+    targets: tuple[TargetStats, ...]  # the guarded targets
+    batches: tuple[int, ...]  # targets per equal-shape batch
+    state_bytes: int  # bases, singular values and remembered sketches, all guards
+    hook_seconds: tuple[float, ...]  # wall time of before_step + after_step, per optimizer step
+    collective_calls: int  # SPF's own all-reduces since the counter's last reset (FSDP2)
+    collective_elements: tuple[int, ...]  # numbers summed per call
+
+
+class SPFProjector:
+    """Removes the conflicting part of every optimizer step from a model's target matrices.
+
+    Args:
+        model: the model being trained (plain, peft LoRA or DDP-wrapped).
+        subspace: its safety subspace; checked against the model's targets and shapes.
+        config: side, mode, project, refresh and monitor settings; defaults to ``SPFConfig()``. ``self.config`` is
+            a copy with the side in force (``config.side_for(lora)`` when the side is left to the default).
+        tokenizer: needed only to refresh the subspace or measure the safety loss on its samples.
+        batched: correct the update of equal-shape targets in batched products (``mode="always"``,
+            ``project="update"``; the same correction): True everywhere, False never, None on CUDA only (on a CPU
+            the stacked copies cost more than the per-target loop).
+        batch_bytes: at most this much fp32 removal per batched product.
+    """
+
+    def __init__(self, model: nn.Module, subspace: SafetySubspace, config: SPFConfig | None = None, tokenizer=None,
+                 *, batched: bool | None = None, batch_bytes: int = DEFAULT_BATCH_BYTES):
+        self.model = unwrap(model)
+        config = config or SPFConfig()
+        lora = any(t.is_lora for t in subspace.check_model(self.model, warn_other_weights=True).values())
+        self.config = replace(config, side=config.side_for(lora))  # the side in force, never None
+        self.tokenizer = tokenizer
+        self.batch_devices = {True: None, False: (), None: DEFAULT_DEVICES}[batched]
+        self.batch_bytes = batch_bytes
+        self.step = 0
+        self.drift_before_refresh = 0.0
+        self.hook_seconds: list[float] = []
+        self._before_seconds = 0.0
+        self.collectives = Collectives()  # SPF's own all-reduces under FSDP2, counted
+        self.monitor = Monitor()
+        self._use(subspace)
+        if self.config.refresh_every and self.config.side != "two_sided" and lora:
+            raise ValueError(f"refresh_every under LoRA needs side='two_sided': side={self.config.side!r} keeps one "
+                             "LoRA factor orthogonal to the basis, and a new basis would break that without changing "
+                             "the model. Drop refresh_every or use side='two_sided'.")
+        unguarded = unguarded_parameters(self.model, subspace)
+        if unguarded:
+            names = ", ".join(list(unguarded)[:3])
+            warnings.warn(f"SPF guards {len(self.guards)} matrices, but {len(unguarded)} other trainable tensors "
+                          f"({sum(p.numel() for p in unguarded.values())} parameters, e.g. {names}) are not guarded "
+                          "and can still erode the refusals. Freeze them before building the optimizer "
+                          "(safeft.spf.freeze_unguarded) unless you mean to train them.", stacklevel=2)
+
+    def _use(self, subspace: SafetySubspace) -> None:
+        """Guard the model with ``subspace`` from now on (at attachment and at every refresh)."""
+        self.subspace = subspace
+        self.guards: list[Guard] = build_guards(self.model, subspace, self.config)
+        self.sharded = any(g.sharded for g in self.guards)
+        self.batches: list[Batch] = batch_guards(self.guards, self.config, self.batch_devices, self.batch_bytes)
+        for guard in self.guards:
+            if guard.target.is_lora:
+                start_lora_side(guard, self.config.side, self.collectives)
+        for guard, core in zip(self.guards, effective_cores(self.guards, self.collectives)):
+            guard.start_core = core
+
+    def stats(self) -> ProjectorStats:
+        """Return what this projector guards, holds and has spent so far."""
+        held = [t for g in self.guards for t in g.state_tensors()] + [t for b in self.batches
+                                                                       for t in (b.basis, b.basis_mm)]
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held if t.numel()}
+        return ProjectorStats(
+            side=self.config.side, step=self.step,
+            targets=tuple(TargetStats(g.target.name, g.target.shape, g.S.shape[0], g.holds_U, g.batched, g.sharded)
+                         for g in self.guards),
+            batches=tuple(len(b.guards) for b in self.batches),
+            state_bytes=sum(storages.values()),
+            hook_seconds=tuple(self.hook_seconds), collective_calls=self.collectives.calls,
+            collective_elements=tuple(self.collectives.elements))
+
+    # --- the two hooks around optimizer.step() -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        """Project gradients (``project="grad"``) or remember the pre-step sketches (``project="update"``)."""
+        start = time.perf_counter()
+        # the gradient norm costs a pass over every gradient: measure it only on the step the monitor reports
+        measure = bool(self.config.monitor_every) and (self.step + 1) % self.config.monitor_every == 0
+        if self.config.project == "grad":
+            whole = [g for g in self.guards if not g.sharded]
+            if self.sharded:
+                sharded.project_gradients([g for g in self.guards if g.sharded], self.config, self.collectives,
+                                          self.monitor, measure)
+            self._check_finite([self._project_gradient(g, measure) for g in whole])
+        else:
+            for batch in self.batches:
+                batch.remember_before()
+            for guard in self.guards:
+                if guard.batched:
+                    continue
+                if not guard.sharded and guard.corrected and guard.versions == tuple(w._version
+                                                                                     for w in guard.weights()):
+                    guard.before = guard.corrected  # nothing wrote to the weights since the last correction
+                else:
+                    guard.before = sketches(guard, self.config.side)  # under FSDP2 this process's parts
+        self._before_seconds = time.perf_counter() - start
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Correct the weight change (``project="update"``); count the step; refresh the subspace when due."""
+        start = time.perf_counter()
+        if self.config.project == "update":
+            if self.sharded:
+                sharded.project_updates([g for g in self.guards if g.sharded], self.config, self.collectives,
+                                        self.monitor)
+            self._project_updates([g for g in self.guards if not g.sharded and not g.batched], self.batches)
+            for guard in self.guards:
+                guard.before = ()
+            for batch in self.batches:
+                batch.before = None
+        self.step += 1
+        self.monitor.steps += 1
+        if self.config.refresh_every and self.step % self.config.refresh_every == 0:
+            self.refresh()
+        self.hook_seconds.append(self._before_seconds + time.perf_counter() - start)
+
+    def _check_finite(self, inner_products: list[tuple[str, Tensor] | None]) -> None:
+        """Raise a clear error if any target's conflict inner product (non-finite whenever its gradient is) is not
+        finite: one host sync for all targets."""
+        named = [x for x in inner_products if x is not None]
+        if named and not torch.isfinite(torch.stack([inner.to(named[0][1].device) for _, inner in named]).sum()):
+            raise FloatingPointError(non_finite_message(next(
+                (name for name, inner in named if not torch.isfinite(inner)), "(one of them)")))
+
+    def _project_gradient(self, guard: Guard, measure: bool) -> tuple[str, Tensor] | None:
+        """Project one guard's gradient in place; return its name and conflict inner product for the caller's
+        finiteness test (None when it has no gradient)."""
+        t, cfg = guard.target, self.config
+        grads = guard.grads()
+        if any(g is None for g in grads):
+            return None
+        grad_sq = sum(torch.linalg.vector_norm(g, dtype=torch.float32) ** 2 for g in grads) if measure else None
+        try:
+            if t.is_lora:
+                stats = P.project_lora_(*grads, t.lora_B, t.lora_A, guard.U, guard.S, guard.V, side=cfg.side,
+                                        mode=cfg.mode, check=False)
+            else:
+                stats = P.project_(grads[0], guard.U, guard.S, guard.V, side=cfg.side, mode=cfg.mode, check=False)
+        except FloatingPointError:
+            raise FloatingPointError(non_finite_message(t.name)) from None
+        self.monitor.count(stats.fired, stats.removed_sq, grad_sq)
+        return t.name, stats.inner_before
+
+    def _project_updates(self, guards: list[Guard], batches: list[Batch]) -> None:
+        """Correct the weight change of every (unsharded) guard and batch from its sketches before and after the step.
+
+        Two passes with one host sync between them, not one per target: the first sketches every change (and
+        tests for conflicts), one fused norm over all of them tests finiteness before any weight is touched, the
+        second removes; on an accelerator the per-target work is then a few kernel launches, and a batch's a few
+        for all its targets."""
+        if not guards and not batches:
+            return
+        afters = [sketches(g, self.config.side) for g in guards]
+        flat = list(torch._foreach_sub([a for after in afters for a in after], [b for g in guards for b in g.before]))
+        deltas, i = [], 0  # the sketches of the weight change the optimizer made, per guard
+        for after in afters:
+            deltas.append(flat[i:i + len(after)])
+            i += len(after)
+        batch_deltas = [b.sketches() - b.before for b in batches]
+        delta_norm = torch.nn.utils.get_total_norm(flat + batch_deltas)
+        if not torch.isfinite(delta_norm):
+            named = [(g.target.name, d) for g, d in zip(guards, deltas)]
+            named += [(g.target.name, [d[j]]) for b, d in zip(batches, batch_deltas) for j, g in enumerate(b.guards)]
+            bad = (name for name, d in named if not all(torch.isfinite(x).all() for x in d))
+            raise FloatingPointError(non_finite_message(next(bad, "(one of them)")))
+        removed = []
+        for guard, after, delta in zip(guards, afters, deltas):
+            removed += self._remove_update(guard, after, delta, *self._removal_mask(guard, after, delta))
+        for batch, delta in zip(batches, batch_deltas):  # "always": each change is removed whole
+            batch.remove(delta)
+        removed += batch_deltas
+        whole = flat + batch_deltas
+        if len(removed) == len(whole) and all(r is d for r, d in zip(removed, whole)):
+            removed_sq = delta_norm ** 2  # every change removed whole (mode "always", every factor projected)
+        else:
+            removed_sq = torch.nn.utils.get_total_norm(removed) ** 2 if removed else torch.zeros(())
+        corrected = len(guards) + len({id(g) for b in batches for g in b.guards})
+        self.monitor.checked += corrected
+        self.monitor.add("removed_sq", removed_sq)
+        if self.config.mode == "always":
+            self.monitor.add("fired", float(corrected))
+
+    def _removal_mask(self, guard: Guard, after: tuple[Tensor, ...], deltas: list[Tensor]
+                      ) -> tuple[Tensor | None, Tensor | None]:
+        """Return the mask of the directions to remove from one guard's change (None: every direction, mode
+        "always") and whether any is removed (a 0-d tensor; None under "always", counted by the caller)."""
+        t, cfg = guard.target, self.config
+        if cfg.mode == "always":  # every direction goes: no conflict test to make, no mask to apply
+            return None, None
+        if t.is_lora:
+            (ub_old, av_old), (ub_new, av_new) = guard.before, after  # diag(U^T dW V):
+            diag = t.scaling * (P.factor_core_diagonal(ub_new, av_new) - P.factor_core_diagonal(ub_old, av_old))
+        else:
+            diag = P.core_diagonal(deltas[0], guard.U, guard.V, cfg.side)
+        mask = P.removal_mask(-diag, guard.S, cfg.mode)  # a weight change dW acts like a step along -dW
+        return mask, (mask.sum() > 0).float()
+
+    def _remove_update(self, guard: Guard, after: tuple[Tensor, ...], deltas: list[Tensor], mask: Tensor | None,
+                       fired: Tensor | None) -> list[Tensor]:
+        """Remove the masked part of one guard's (finite) weight change from its weights; remember the corrected
+        sketches for the next step; count it. Return the removed parts' sketches (projected factors only)."""
+        t, cfg = guard.target, self.config
+        sides, projected = (("left", "right"), P.lora_projected_factors(cfg.side)) if t.is_lora else (
+            (cfg.side,), (True,))  # under LoRA B is sketched left, A right
+        removed = [P.masked_sketch(d, mask, side) if on else None for d, side, on in zip(deltas, sides, projected)]
+        for weight, delta, side, on in zip(guard.weights(), deltas, sides, projected):
+            if on:
+                P.subtract_(weight.data, delta, guard.U, guard.V, mask, side)  # .data: no version bump, no autograd
+        # the sketches now; a projected factor's whole change is removed under "always", so it is back where it was
+        guard.corrected = tuple(a if r is None else b if mask is None else a - r
+                                for a, b, r in zip(after, guard.before, removed))
+        guard.versions = tuple(w._version for w in guard.weights())
+        if fired is not None:
+            self.monitor.add("fired", fired)  # per guard: on the guard's own device, no sync
+        return [r for r in removed if r is not None]
+
+    # --- refresh, monitor and state ----------------------------------------------------------------------------
+
+    def safety_drift(self) -> float:
+        """Return the predicted first-order change of the safety loss since SPF started: ``sum <U S V^T, W - W_0>``."""
+        cores = effective_cores(self.guards, self.collectives)
+        drift = sum(float((g.S * torch.diagonal(c - g.start_core)).sum())
+                    for g, c in zip(self.guards, cores) if g.holds_U)
+        return self.drift_before_refresh + drift
+
+    def refresh(self) -> None:
+        """Re-estimate the subspace at the current weights from the same samples and rank policy."""
+        if self.tokenizer is None:
+            raise ValueError("refreshing the safety subspace needs the tokenizer: pass tokenizer= to attach_spf")
+        if self.sharded:
+            raise ValueError("refresh_every is not supported under FSDP2: estimate the subspace once before "
+                             "training (every process from the same samples) and set refresh_every to 0")
+        self.drift_before_refresh = self.safety_drift()
+        policy = self.subspace.config
+        fresh = SafetySubspace.estimate(self.model, self.tokenizer, self.subspace.samples, policy, show_progress=False)
+        self._use(fresh)
+
+    def metrics(self, measure_loss: bool = True) -> dict[str, float]:
+        """Return the monitor metrics since the last call and start a new interval.
+
+        ``spf/conflict_rate``: fraction of (target, step) pairs where removal ran; ``spf/removed_norm``: norm of
+        what was removed, per step; ``spf/removed_norm_frac`` (grad mode): that norm over the gradient norm, on the
+        steps where the monitor reports (measuring it costs a pass over the gradients); ``spf/safety_drift``:
+        predicted first-order safety-loss change so far (0 by construction for the right side with ``always`` and
+        ``project="update"`` under full fine-tuning, where the step's ``dW V = 0`` fixes the core and no U is held;
+        rounding of low-precision weights is not seen there); ``spf/safety_loss``: measured on the safety samples
+        (needs the tokenizer), on the tokens the subspace was estimated from (with ``onset_tokens``, each refusal's
+        first tokens), so that it is the loss whose change ``safety_drift`` predicts. Under FSDP2 every process
+        must call it (the shares are summed in one all-reduce).
+        """
+        out = self.monitor.report(self.collectives if self.sharded else None)
+        out[f"{METRIC_PREFIX}safety_drift"] = self.safety_drift()
+        if measure_loss and self.tokenizer is not None:
+            out[f"{METRIC_PREFIX}safety_loss"] = safety_loss(self.model, self.tokenizer, self.subspace.samples,
+                                                             onset_tokens=self.subspace.config.onset_tokens)
+        self.monitor.reset()
+        return out
+
+    def save_state(self, folder: str | Path) -> None:
+        """Write what a resumed run needs to continue as this one would have into ``folder``: the step count, the
+        safety drift so far and, once refreshed, the current subspace (``spf_state.json``, ``spf_subspace/``)."""
+        folder = Path(folder)
+        refreshed = bool(self.config.refresh_every) and self.step >= self.config.refresh_every
+        if refreshed:
+            self.subspace.save(folder / "spf_subspace", overwrite=True)
+        (folder / STATE_FILE).write_text(json.dumps({"step": self.step, "safety_drift": self.safety_drift(),
+                                                     "refreshed": refreshed}) + "\n")
+
+    def load_state(self, folder: str | Path) -> None:
+        """Continue from a state written by :meth:`save_state` (call it with the checkpoint's weights loaded)."""
+        folder = Path(folder)
+        state = json.loads((folder / STATE_FILE).read_text())
+        if state["refreshed"]:
+            self._use(SafetySubspace.load(folder / "spf_subspace", self.model))
+        self.step = state["step"]
+        self.drift_before_refresh = state["safety_drift"]
+        for guard, core in zip(self.guards, effective_cores(self.guards, self.collectives)):
+            guard.start_core = core  # the drift so far is carried over
+
+    def monitor_due(self) -> bool:
+        """Return True when ``monitor_every`` says the metrics should be logged after the current step."""
+        return bool(self.config.monitor_every) and self.step % self.config.monitor_every == 0
