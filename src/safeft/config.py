@@ -21,7 +21,9 @@ class TrainConfig:
     Args:
         steps: optimizer steps; 0 means ``epochs`` passes over the data.
         epochs: passes over the data when ``steps`` is 0.
-        learning_rate, weight_decay, warmup_ratio: AdamW and its schedule.
+        learning_rate, weight_decay: AdamW's.
+        warmup_ratio: warm the learning rate up linearly over this share of the run's steps, in [0, 1).
+        warmup_steps: warm up over this many optimizer steps instead (0 = use ``warmup_ratio``).
         batch_size: examples per optimizer step.
         max_length: tokens per example (longer ones are cut).
         lora_r: LoRA rank; 0 = full fine-tuning of the transformer-block matrices (embeddings and head frozen).
@@ -43,6 +45,7 @@ class TrainConfig:
     learning_rate: float = 5e-5
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0
+    warmup_steps: int = 0
     batch_size: int = 8
     max_length: int = 256
     lora_r: int = 0
@@ -65,6 +68,14 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.epochs must be > 0 when steps is 0, got {self.epochs}")
         if self.learning_rate <= 0:
             raise ValueError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"TrainConfig.warmup_ratio is a share of the run's steps, in [0, 1); got "
+                             f"{self.warmup_ratio} (use warmup_steps for a number of steps)")
+        if self.warmup_steps < 0:
+            raise ValueError(f"TrainConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError(f"set TrainConfig.warmup_ratio ({self.warmup_ratio}) or warmup_steps "
+                             f"({self.warmup_steps}), not both")
         check_positive(self, "batch_size", "max_length", "gradient_accumulation")
         for name in ("logging_steps", "lora_alpha"):
             if getattr(self, name) < 0:
