@@ -98,9 +98,17 @@ def test_builtin_data_sizes_and_disjoint_splits():
     align = {p for _, p in builtin.harmful_requests("align")}
     val = {p for _, p in builtin.harmful_requests("val")}
     held_out = {p for _, p in builtin.harmful_requests("eval")}
-    assert not (align & held_out) and not (align & val) and not (val & held_out)
-    assert len(builtin.benign_requests()) >= 100
-    assert not set(builtin.benign_requests("align")) & set(builtin.benign_requests("eval"))
+    check = {p for _, p in builtin.harmful_requests("check")}
+    assert not (align & held_out) and not (align & val) and not (val & held_out) and check <= val
+    assert len(val) >= 100  # enough to resolve a choice made on validation data
+    benign = {split: builtin.benign_requests(split) for split in ("align", "val", "eval")}
+    assert len(benign["val"]) >= 100 and len(benign["eval"]) >= 200
+    assert all(len(set(rows)) == len(rows) for rows in benign.values())  # no request twice
+    for a, b in (("align", "val"), ("align", "eval"), ("val", "eval")):
+        assert not set(benign[a]) & set(benign[b]), (a, b)
+    for split in ("val", "eval"):  # at least half only look harmful
+        kinds = [kind for kind, _ in builtin.over_refusal_requests(split)]
+        assert sum(kind != "plain" for kind in kinds) >= len(kinds) / 2 and len(set(kinds)) == 7
     refusals = {builtin.refusal_for(p) for p in align}
     assert len(refusals) > 40  # varied phrasings, not one memorised string
     for task in ("facts", "sentiment"):
@@ -128,7 +136,7 @@ def test_scorers():
 
 def test_validation_split_holds_out_training_data_never_the_test_split(tmp_path):
     from safeft.config import Setting
-    from safeft.recipes.bench import harmful_prompts
+    from safeft.recipes.bench import split_of
 
     task, val = load_task("facts"), load_task("facts", validation=True)
     prompts = lambda rows: {e.prompt for e in rows}  # noqa: E731
@@ -143,5 +151,4 @@ def test_validation_split_holds_out_training_data_never_the_test_split(tmp_path)
     assert len(sst.test) == 5 and all(e.prompt in prompts(load_examples("sst2", path)) for e in sst.test)
     setting = Setting(validation=True)
     assert setting.name == "val-benign"
-    assert set(harmful_prompts(setting)) == {p for _, p in builtin.harmful_requests("val")}
-    assert harmful_prompts(Setting()) is None  # the evaluation split
+    assert split_of(setting) == "val" and split_of(Setting()) == "eval"

@@ -86,16 +86,8 @@ def bench_markdown(summary: dict, aligned: list[dict], runs: list[dict]) -> str:
                      f"{format_rate(r['accuracy'])} | {_number(r['safety_loss'])} | {_number(r['task_loss'])} | "
                      f"{_number(r['step_time_vs_sft'], 2, 'x')} | {_number(r['peak_memory_vs_sft'], 2, 'x')} |"
                      + (f" {format_rate(r.get('jailbreak_asr'))} |" if jailbreaks else ""))
-    if summary.get("best"):
-        lines += ["", "Best defence per setting: the lowest harmful score among the methods whose accuracy is within "
-                  f"{summary['best'][0]['accuracy_slack']:g} point of SFT's (SFT included); tied = a score inside "
-                  "the best's 95% interval.", "",
-                  "| setting | best | harmful % | accuracy % | step time vs SFT | tied | lost accuracy |",
-                  "|---|---|---|---|---|---|---|"]
-        for b in summary["best"]:
-            lines.append(f"| {b['setting']} | {b['best']} | {b['harmful_score']:.1f} | {b['accuracy']:.1f} | "
-                         f"{_number(b['step_time_vs_sft'], 2, 'x')} | {', '.join(b['tied']) or '-'} | "
-                         f"{', '.join(b['excluded']) or '-'} |")
+    if summary.get("verdicts"):
+        lines += verdict_markdown(summary["verdicts"])
     if any(len(r["seeds"]) > 1 for r in summary["rows"]):
         lines += ["", "Harmful score % per seed:", ""]
         for r in summary["rows"]:
@@ -115,6 +107,45 @@ def bench_markdown(summary: dict, aligned: list[dict], runs: list[dict]) -> str:
             lines.append(f"- {key[0]} / {key[1]} / seed {r['seed']}: **{s['verdict']}**: \"{s['prompt']}\" -> "
                          f"\"{response}\"")
     return "\n".join(lines) + "\n"
+
+
+STATUS_MARK = {"wins": "**W**", "ties": "T", "loses": "L", "excluded": "x"}
+
+
+def format_difference(entry: dict | None) -> str:
+    """Return ``"+d [lo, hi]"`` (points) for a :func:`~safeft.evaluate.stats.paired_difference` dict."""
+    if not entry or entry.get("diff") is None:
+        return "n/a"
+    ci = entry.get("ci")
+    return f"{entry['diff']:+.1f}" + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else " (no interval)")
+
+
+def verdict_markdown(verdicts: dict[str, list[dict]]) -> list[str]:
+    """Return markdown lines: per rule, each setting's winner, its margin over the runner-up and every method's
+    status (``W`` wins, ``T`` ties, ``L`` loses, ``x`` excluded by a gate); ``verdicts`` maps a rule to
+    :func:`safeft.recipes.selection.decide`'s result."""
+    from safeft.recipes.selection import RULES, WIN_RULE
+
+    lines = ["", "## Who wins each setting", ""]
+    lines += [f"- Rule {rule}: {text}." for rule, text in RULES.items()]
+    lines += [f"- {WIN_RULE}", ""]
+    if not any(verdicts.values()):
+        return lines + ["No setting has an SFT run with an accuracy to compare against.", ""]
+    for rule, entries in verdicts.items():
+        labels = list(dict.fromkeys(label for e in entries for label in e["methods"]))
+        lines += [f"Rule {rule}:", "",
+                  "| setting | winner | runner-up | winner - runner-up, harmful points [95% CI] | "
+                  + " | ".join(labels) + " |", "|---|---|---|---|" + "---|" * len(labels)]
+        for e in entries:
+            cells = [STATUS_MARK[e["methods"][label]["status"]] if label in e["methods"] else "-" for label in labels]
+            lines.append(f"| {e['setting']} | {e['winner'] or '-'} | {e['runner_up'] or '-'} | "
+                         f"{format_difference(e['margin'])} | " + " | ".join(cells) + " |")
+        excluded = [f"{e['setting']} / {label}: {m['why']}" for e in entries for label, m in e["methods"].items()
+                    if m["status"] == "excluded"]
+        if excluded:
+            lines += ["", "Excluded: " + "; ".join(excluded) + "."]
+        lines.append("")
+    return lines
 
 
 def plot_tradeoff(aligned: list[dict], rows: list[dict], path: str | Path) -> Path:

@@ -25,12 +25,17 @@ Scorer = Callable[[str, ChatExample], bool]
 
 @dataclass(frozen=True)
 class Task:
-    """A downstream task: training and test examples, and ``score(response, example) -> correct``."""
+    """A downstream task: training and test examples, and ``score(response, example) -> correct``.
+
+    ``answer_tokens``: tokens to generate per test answer when fewer than the evaluation's ``max_new_tokens`` decide
+    the score (a label task reads only the first word; greedy decoding makes the first tokens the same however
+    many follow), None to generate them all."""
 
     name: str
     train: list[ChatExample]
     test: list[ChatExample]
     score: Scorer | None
+    answer_tokens: int | None = None
 
     def accuracy(self, responses: list[str], examples: list[ChatExample] | None = None) -> tuple[int, int] | None:
         """Return ``(correct, total)`` of ``responses`` against the test examples, or None if unscored."""
@@ -80,8 +85,10 @@ def sentiment_task() -> Task:
                                                           source="sentiment"))
     for split in rows.values():
         random.Random(0).shuffle(split)
-    return Task("sentiment", rows[True], rows[False], score_label)
+    return Task("sentiment", rows[True], rows[False], score_label, LABEL_TOKENS)
 
+
+LABEL_TOKENS = 8  # a class label is its first word: "Sci/Tech" is 3 tokens of SmolLM2's tokenizer, "negative" 1
 
 BUILTIN_TASKS = {"facts": facts_task, "sentiment": sentiment_task}
 FILE_SCORERS: dict[str, Scorer | None] = {"sst2": score_label, "agnews": score_label, "gsm8k": score_final_number,
@@ -115,7 +122,7 @@ def load_task(name: str, train_path: str | None = None, test_path: str | None = 
             random.Random(seed).shuffle(train)
             cut = max(1, len(train) // 5)
             train, test = train[cut:], train[:cut]
-        task = Task(name, train, test, FILE_SCORERS[name])
+        task = Task(name, train, test, FILE_SCORERS[name], LABEL_TOKENS if FILE_SCORERS[name] is score_label else None)
     else:
         raise ValueError(f"unknown task {name!r}: built-in {sorted(BUILTIN_TASKS)} or a file format "
                          f"{sorted(FILE_SCORERS)} with --task-train")
@@ -123,8 +130,8 @@ def load_task(name: str, train_path: str | None = None, test_path: str | None = 
         train = list(task.train)
         random.Random(f"validation-{seed}").shuffle(train)
         cut = max(1, len(train) // 5)
-        task = Task(task.name, train[cut:], train[:cut], task.score)
+        task = Task(task.name, train[cut:], train[:cut], task.score, task.answer_tokens)
     rng = random.Random(seed)
     train = rng.sample(task.train, max_train) if max_train and max_train < len(task.train) else task.train
     test = rng.sample(task.test, max_test) if max_test and max_test < len(task.test) else task.test
-    return Task(task.name, train, test, task.score)
+    return Task(task.name, train, test, task.score, task.answer_tokens)

@@ -30,12 +30,15 @@ class SPFOptions(SPFConfig):
             the gradient of the refusal-vs-compliance margin.
         subspace: a saved subspace (a directory from ``safeft subspace estimate`` or ``save_pretrained``) to use
             instead of estimating one; it must fit the model (names, shapes; other weights warn).
+        keep_trainable: regular expressions of parameters SPF does not project (under full fine-tuning the blocks'
+            norm weights) to leave trainable; by default every one is frozen, since nothing would guard it.
     """
 
     safety_samples: int = DEFAULT_SAFETY_SAMPLES
     safety_data: str | None = None
     margin: bool = False
     subspace: str | None = None
+    keep_trainable: list[str] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -118,7 +121,7 @@ class SPF(Method):
             self.subspace = self.estimate(model, tokenizer, run)  # every process: the same weights, the same subspace
             if is_main_process():
                 self.subspace.save(saved, overwrite=True)
-        freeze_unguarded(model, self.subspace)  # norm weights under full fine-tuning: nothing would guard them
+        freeze_unguarded(model, self.subspace, self.config.keep_trainable or ())  # nothing would guard them
 
     def facts(self, model) -> dict:
         """Return the guarded subspace's size: ``subspace_directions`` (ranks summed over targets) and

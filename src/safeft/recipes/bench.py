@@ -267,19 +267,18 @@ def _evaluate_aligned(config: BenchConfig, aligned_dir: Path, report: dict | Non
     if path.exists():
         return
     metrics = evaluate_dir(aligned_dir, task_of(setting), max_new_tokens=config.max_new_tokens,
-                           judge=load_judge(config.judge), harmful_prompts=harmful_prompts(setting),
+                           judge=load_judge(config.judge), split=split_of(setting),
                            **_jailbreak_options(config))
-    write_json(path, {"format": RUN_FORMAT, "kind": "aligned", "task": setting.task, "model": config.model,
+    write_json(path, {"format": RUN_FORMAT, "kind": "aligned", "task": setting.task, "split": split_of(setting),
+                      "model": config.model,
                       "aligned_model": str(aligned_dir), "alignment": report, "metrics": metrics,
                       "headline": headline(metrics)})
 
 
-def harmful_prompts(setting: Setting) -> list[str] | None:
-    """Return the harmful requests a setting is scored on: the validation split's for a validation setting, else
-    None (the evaluation split)."""
-    from safeft.data import builtin
-
-    return [p for _, p in builtin.harmful_requests("val")] if setting.validation else None
+def split_of(setting: Setting) -> str:
+    """Return the split of built-in requests a setting is scored on: ``"val"`` for a validation setting (where
+    hyper-parameters are chosen), else ``"eval"``."""
+    return "val" if setting.validation else "eval"
 
 
 def run_one(config: BenchConfig, setting: Setting, seed: int, label: str, method, aligned_dir: Path, cache: Path,
@@ -301,7 +300,7 @@ def run_one(config: BenchConfig, setting: Setting, seed: int, label: str, method
     model, tokenizer, log = finetune(aligned_dir, data, method, train_config, scratch, cache,
                                      save_model=config.keep_models)
     metrics = evaluate(model, tokenizer, task_of(setting), max_new_tokens=config.max_new_tokens,
-                       judge=load_judge(config.judge), harmful_prompts=harmful_prompts(setting),
+                       judge=load_judge(config.judge), split=split_of(setting),
                        **_jailbreak_options(config))
     if not config.keep_models:  # ~0.5 GB of weights (and SPF's subspace) per run: the bench keeps the numbers
         shutil.rmtree(scratch, ignore_errors=True)
@@ -313,7 +312,7 @@ def run_one(config: BenchConfig, setting: Setting, seed: int, label: str, method
         "aligned_model": str(aligned_dir), "headline": headline(metrics), "metrics": metrics,
         "cost": {"train_seconds": log["seconds"], "prepare_seconds": log["prepare_seconds"], "steps": log["steps"],
                  "step_seconds_median": log["step_seconds_median"], "peak_memory_mb": log["peak_memory_mb"],
-                 "machine": machine_name()},
+                 **machine_info()},
         "monitor_last": monitor[-1] if monitor else None, "method_facts": log.get("method_facts", {}),
         "wall_seconds": time.perf_counter() - start, "safeft_version": __version__, "command": command,
     }
@@ -347,12 +346,20 @@ def machine_name() -> str:
     return f"{cpu} x{os.cpu_count()}"
 
 
+def machine_info() -> dict:
+    """Return what a run's cost was measured on: ``machine`` (:func:`machine_name`), ``torch`` (its version) and
+    ``threads`` (torch's intra-op threads); ratios between runs are only taken where all three agree."""
+    import torch
+
+    return {"machine": machine_name(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
 def run_ratio_to_sft(runs: list[dict], run: dict, key: str) -> float | None:
     """Return the run's ``cost[key]`` / SFT's in the same setting and seed, or None where there is no such SFT run
     or it ran on another machine (a grid finished over several sittings)."""
     reference = next((r["cost"] for r in runs if r["method"] == "sft" and r["seed"] == run["seed"]
                       and r["setting"]["name"] == run["setting"]["name"]), None)
-    if reference is None or reference.get("machine") != run["cost"].get("machine"):
+    if reference is None or any(reference.get(k) != run["cost"].get(k) for k in ("machine", "torch", "threads")):
         return None
     return run["cost"][key] / reference[key] if reference[key] and run["cost"][key] else None
 
@@ -417,41 +424,11 @@ def pooled(runs: list[dict]) -> list[dict]:
     return rows
 
 
-ACCURACY_SLACK = 1.0  # points of accuracy a defence may lose against sft and still be compared on harm
-
-
-def best_per_setting(rows: list[dict], accuracy_slack: float = ACCURACY_SLACK) -> list[dict]:
-    """Return, per setting with an ``sft`` row that has an accuracy, the defence with the lowest pooled harmful
-    score among the rows (``sft`` included) whose pooled accuracy is at least sft's minus ``accuracy_slack``
-    points: ``{setting, accuracy_slack, best, harmful_score, accuracy, step_time_vs_sft, eligible, excluded,
-    tied}``, where ``excluded`` lost more accuracy (rows without an accuracy are in neither list) and ``tied`` are
-    eligible labels whose harmful score lies inside the best's 95% interval (the comparison needs more seeds
-    there). ``rows`` are :func:`pooled`'s."""
-    best = []
-    for setting in sorted({r["setting"] for r in rows}):
-        group = [r for r in rows if r["setting"] == setting]
-        sft = next((r for r in group if r["method"] == "sft" and r.get("accuracy")), None)
-        if sft is None:
-            continue
-        floor = sft["accuracy"]["rate"] - accuracy_slack - 1e-9  # exactly `slack` points lower is eligible
-        measured = [r for r in group if r.get("accuracy")]
-        eligible = [r for r in measured if r["accuracy"]["rate"] >= floor]
-        winner = min(eligible, key=lambda r: (r["harmful_score"]["rate"], r["task_loss"] or 0.0))
-        lo, hi = winner["harmful_score"]["ci"]
-        best.append({"setting": setting, "accuracy_slack": accuracy_slack, "best": winner["label"],
-                     "harmful_score": winner["harmful_score"]["rate"],
-                     "accuracy": winner["accuracy"]["rate"], "step_time_vs_sft": winner["step_time_vs_sft"],
-                     "eligible": [r["label"] for r in eligible],
-                     "excluded": [r["label"] for r in measured if r not in eligible],
-                     "tied": [r["label"] for r in eligible
-                              if r is not winner and lo <= r["harmful_score"]["rate"] <= hi]})
-    return best
-
-
 def summarize(out: str | Path, title: str = "safeft bench", command: str | None = None) -> dict:
     """Build ``bench.json`` (with a ``runs`` list), ``bench.md`` and ``bench.png`` in ``out`` from its run files
     alone, and return the summary."""
     from safeft.io import write_json
+    from safeft.recipes.selection import RULES, decide
     from safeft.report import aligned_labels, bench_markdown, plot_tradeoff
 
     out = Path(out)
@@ -464,7 +441,7 @@ def summarize(out: str | Path, title: str = "safeft bench", command: str | None 
                      "metrics": {k: a["metrics"][k] for k in RATES + ("safety_loss", "task_loss")}}
                     for a, name in zip(aligned, aligned_labels(aligned))],
         "rows": rows,
-        "best": best_per_setting(rows),
+        "verdicts": {rule: decide(runs, aligned, rule) for rule in RULES},
         "runs": [{"setting": r["setting"]["name"], "task": r["setting"]["task"], "method": r["method"],
                   "label": r["label"], "seed": r["seed"], **{k: r["headline"][k] for k in HEADLINE_KEYS},
                   "jailbreak_asr": r["headline"].get("jailbreak_asr"),

@@ -10,11 +10,12 @@ from safeft.data.tasks import Task
 
 
 def evaluate(model, tokenizer, task: Task | None, *, max_new_tokens: int = 64, judge=None,
-             harmful_prompts: Sequence[str] | None = None, jailbreaks: Sequence | None = None,
+             harmful_prompts: Sequence[str] | None = None, split: str = "eval", jailbreaks: Sequence | None = None,
              jailbreak_requests: int | None = None, suffixes: Sequence | None = None) -> dict:
     """Return every measure of ``model`` (see :func:`safeft.evaluate.evaluate_model`): harmful score on the
-    built-in evaluation requests (or ``harmful_prompts``), over-refusal on the built-in benign evaluation requests,
-    safety loss on those harmful requests with varied refusals, and the task's accuracy and loss.
+    built-in harmful requests of ``split`` (``"eval"``, or ``"val"`` to choose hyper-parameters; or
+    ``harmful_prompts``), over-refusal on the built-in benign requests of that split (split by kind), safety loss
+    on those harmful requests with varied refusals, and the task's accuracy and loss.
 
     With ``jailbreaks`` (templates), ``result["jailbreaks"]`` is their ASR (:func:`template_attack`) on the harmful
     requests, or on ``jailbreak_requests`` of them spread evenly over the list; with ``suffixes`` (GCG results),
@@ -23,9 +24,10 @@ def evaluate(model, tokenizer, task: Task | None, *, max_new_tokens: int = 64, j
     from safeft.data.examples import SafetySample
     from safeft.evaluate import evaluate_model
 
-    harmful = list(harmful_prompts) if harmful_prompts else [p for _, p in builtin.harmful_requests("eval")]
-    result = evaluate_model(model, tokenizer, harmful_prompts=harmful,
-                            benign_prompts=builtin.benign_requests("eval"), task=task,
+    harmful = list(harmful_prompts) if harmful_prompts else [p for _, p in builtin.harmful_requests(split)]
+    benign = builtin.over_refusal_requests(split)
+    result = evaluate_model(model, tokenizer, harmful_prompts=harmful, benign_prompts=[p for _, p in benign],
+                            benign_kinds=[k for k, _ in benign], task=task,
                             safety_pairs=[SafetySample(p, builtin.refusal_for(p)) for p in harmful], judge=judge,
                             max_new_tokens=max_new_tokens)
     if jailbreaks:

@@ -7,6 +7,8 @@ factor into its side's invariant when SPF is attached, the sketches of a guard's
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -94,15 +96,15 @@ def unguarded_parameters(model: nn.Module, subspace: SafetySubspace) -> dict[str
     return {name: p for name, p in model.named_parameters() if p.requires_grad and id(p) not in guarded}
 
 
-def freeze_unguarded(model: nn.Module, subspace: SafetySubspace, keep: tuple[str, ...] = ()) -> list[str]:
+def freeze_unguarded(model: nn.Module, subspace: SafetySubspace, keep: Sequence[str] = ()) -> list[str]:
     """Freeze (``requires_grad_(False)``) every trainable parameter SPF does not project; return their names.
 
-    Call it before building the optimizer. ``keep``: names (or name endings) of unguarded parameters to leave
-    trainable on purpose. On the testbed, leaving the blocks' norm weights trainable raised the harmful-mix score by
-    0-6 points per seed (README, "Unguarded parameters")."""
+    Call it before building the optimizer. ``keep``: regular expressions; an unguarded parameter whose name one of
+    them matches (``re.search``, e.g. ``"norm"``) stays trainable on purpose. On the testbed, leaving the blocks'
+    norm weights trainable raised the harmful-mix score by 0-6 points per seed (README, "Unguarded parameters")."""
     frozen = []
     for name, p in unguarded_parameters(model, subspace).items():
-        if any(name == k or name.endswith("." + k) for k in keep):
+        if any(re.search(k, name) for k in keep):
             continue
         p.requires_grad_(False)
         frozen.append(name)
