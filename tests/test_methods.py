@@ -179,3 +179,42 @@ def test_spf_records_the_side_in_force_for_the_training():
     assert spf.options(TrainConfig())["side"] == "right"
     assert spf.options(TrainConfig(lora_r=8))["side"] == "two_sided"
     assert build_method("spf", {"side": "left"}).options(TrainConfig(lora_r=8))["side"] == "left"  # a set side is kept
+
+
+# --- combined methods and SPF's candidates for deep fine-tuning and task overlap (issue 35) -----------------------
+
+def test_combined_methods_run_every_part_and_route_each_option_to_its_owners(tiny_dir, tmp_path):
+    method = build_method("spf+mix", {"rank": 4, "safety_ratio": 0.25})
+    assert method.name == "spf+mix" and [p.name for p in method.parts] == ["spf", "mix"]
+    train = TrainConfig(steps=2, batch_size=4)
+    assert method.options(train)["spf"]["rank"] == 4 and method.options(train)["mix"]["safety_ratio"] == 0.25
+    _, _, log = finetune(tiny_dir, DataConfig(task="sentiment", max_train=16), method, train, tmp_path,
+                         tmp_path / "c")
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["method"] == "spf+mix" and config["examples"] == 20  # mix's 4 refusal pairs joined the 16
+    assert (tmp_path / "subspace").is_dir() and log["method_facts"]["subspace_directions"] > 0  # and SPF guarded
+    assert any("spf/safety_drift" in e for e in log["log_history"])
+    with pytest.raises(ValueError, match="unknown key.*bogus"):
+        build_method("spf+mix", {"bogus": 1})
+    with pytest.raises(ValueError, match="vaccine and booster both bring an alignment stage"):
+        build_method("vaccine+booster")
+    label, entry = method_entry("spf+mix safety_ratio=0.05")
+    assert label == "spf+mix safety_ratio=0.05" and entry.parts[1].config.safety_ratio == 0.05
+
+
+def test_a_task_aware_subspace_drops_the_directions_the_task_gradient_leans_on(tiny_dir, tmp_path):
+    data = DataConfig(task="sentiment", max_train=16)
+    train = TrainConfig(steps=1, batch_size=4)
+    sizes, facts = {}, {}
+    for threshold in (1.0, 0.05):
+        out = tmp_path / str(threshold)
+        method = build_method("spf", {"rank": 8, "task_overlap": threshold, "task_rank": 4, "task_examples": 8})
+        _, _, log = finetune(tiny_dir, data, method, train, out, tmp_path / "c")
+        saved = SafetySubspace.load(out / "subspace")
+        sizes[threshold] = sum(b.rank for b in saved.bases.values())
+        facts[threshold] = log["method_facts"]
+        assert saved.metadata["task_aware"]["directions_kept"] == sizes[threshold]
+    assert facts[1.0]["directions_dropped"] == 0  # a share never exceeds 1: nothing dropped
+    assert 0 < sizes[0.05] < sizes[1.0] and facts[0.05]["directions_dropped"] == sizes[1.0] - sizes[0.05]
+    # what SPF removes of the task's own gradient shrinks once the task's directions are no longer guarded
+    assert facts[0.05]["task_gradient_removed_after"] < facts[0.05]["task_gradient_removed_before"] <= 1

@@ -278,3 +278,36 @@ def test_update_monitor_reports_what_the_correction_removed(tokenizer, benign_ba
     assert metrics["spf/conflict_rate"] == pytest.approx(changed)
     if mode == "always":
         assert changed == 1.0
+
+
+def test_refresh_on_a_rising_safety_loss_and_accumulated_bases(tokenizer, benign_batch, subspace, monkeypatch):
+    """refresh_on_rise re-estimates on the monitor steps where the safety loss has risen by more than the margin since
+    the estimate in force; accumulate keeps guarding the old span beside the fresh one."""
+    from safeft.spf.projector import SPFProjector
+
+    losses, seen = iter([1.0, 1.05, 1.3, 1.32, 1.1]), {}  # at attachment, then after steps 1-4 (once per step)
+
+    def measured(self):
+        if self.step not in seen:
+            seen[self.step] = next(losses)
+        return seen[self.step]
+
+    monkeypatch.setattr(SPFProjector, "safety_loss", measured)
+    model = tiny_llama(seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    config = SPFConfig(max_rank=16, refresh_on_rise=0.2, accumulate=True, monitor_every=1)  # the fixture: rank 8
+    handle = attach_spf(optimizer, model, subspace, config, tokenizer)
+    first = handle.projector.subspace
+    train_steps(model, optimizer, benign_batch, 4)
+    stats = handle.projector.stats()
+    assert stats.refreshes == (2,) and stats.refresh_seconds > 0  # 1.3 - 1.0 > 0.2; then 1.32 - 1.3 and 1.1 are not
+    merged = handle.projector.subspace
+    assert merged.metadata["accumulated"] == 1
+    name = next(iter(first.bases))
+    old_V, new_V = first[name].V, merged[name].V
+    assert old_V.shape[1] < new_V.shape[1] <= 16  # up to max_rank: the fresh directions joined the old ones
+    assert float((new_V.T @ old_V).pow(2).sum() / old_V.shape[1]) > 0.99  # every old direction is still guarded
+    with pytest.raises(ValueError, match="accumulate merges bases at a refresh"):
+        SPFConfig(accumulate=True)
+    with pytest.raises(ValueError, match="accumulate keeps each side's span"):
+        SPFConfig(accumulate=True, refresh_every=5, mode="conflict")

@@ -5,6 +5,7 @@ below. A name maps to a class and a preset of its options, so presets (``spf-pap
 
     from safeft.methods import build_method
     method = build_method("spf", {"rank": 32})      # options are validated by the method's dataclass
+    both = build_method("spf+mix", {"safety_ratio": 0.05})  # methods combined: each option goes to its owners
 """
 
 from __future__ import annotations
@@ -81,11 +82,25 @@ def _lookup(name: str) -> tuple[type[Method], dict[str, Any]]:
 
 
 def build_method(name: str, options: Mapping[str, Any] | None = None) -> Method:
-    """Return the method registered as ``name`` with its preset, overridden by ``options``.
+    """Return the method registered as ``name`` with its preset, overridden by ``options``; ``"a+b"`` combines
+    registered methods (:class:`~safeft.methods.composite.Composite`), each option going to every part that has it.
 
     Raises:
         ValueError: for an unknown method, an option it does not have, or a value its options reject.
     """
+    if "+" in name:
+        from safeft.methods.composite import Composite
+
+        names = [part.strip() for part in name.split("+")]
+        options = dict(options or {})
+        owned = {n: set(option_names(n)) for n in names}
+        stray = sorted(k for k in options if not any(k.replace("-", "_") in o for o in owned.values()))
+        if stray:
+            raise ValueError(f"method {name!r}: unknown key(s) {', '.join(stray)}; valid keys: "
+                             f"{', '.join(sorted(set().union(*owned.values())))}")
+        parts = [build_method(n, {k: v for k, v in options.items() if k.replace("-", "_") in owned[n]})
+                 for n in names]
+        return Composite(parts, "+".join(names))
     cls, preset = _lookup(name)
     config = from_dict(cls.Config, {**preset, **dict(options or {})}, f"method {name!r}")
     return cls(config, name)

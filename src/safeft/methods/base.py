@@ -43,6 +43,8 @@ class RunContext:
         task_prompts: the user turns of the training data as the method receives it (before its own changes):
             safety data drawn by a method leaves these prompts out, so a defence never uses the attack's requests.
         resume: the run continues an interrupted one in ``out``; a method may reuse what it wrote there.
+        examples: the training data as the method receives it (before its own changes), harmful rows included: a
+            defender holds the data, not the knowledge of which rows were slipped in.
     """
 
     out: Path
@@ -52,6 +54,7 @@ class RunContext:
     harmful_answers: str | None = None
     task_prompts: frozenset[str] = field(default_factory=frozenset)
     resume: bool = False
+    examples: tuple[ChatExample, ...] = ()
 
 
 class Method:

@@ -32,6 +32,11 @@ class SPFOptions(SPFConfig):
             instead of estimating one; it must fit the model (names, shapes; other weights warn).
         keep_trainable: regular expressions of parameters SPF does not project (under full fine-tuning the blocks'
             norm weights) to leave trainable; by default every one is frozen, since nothing would guard it.
+        task_overlap: a task-aware subspace: estimate the fine-tuning data's gradient (``task_examples`` of its
+            rows, seeded, as given: harmful rows included) and drop every safety direction whose share in that
+            gradient's top-``task_rank`` span on the side in force exceeds this, in (0, 1]; None: keep all.
+        task_rank: directions per target of the task's gradient that ``task_overlap`` compares against.
+        task_examples: training rows the task's gradient is estimated from.
     """
 
     safety_samples: int = DEFAULT_SAFETY_SAMPLES
@@ -39,11 +44,19 @@ class SPFOptions(SPFConfig):
     margin: bool = False
     subspace: str | None = None
     keep_trainable: list[str] | None = None
+    task_overlap: float | None = None
+    task_rank: int = 16
+    task_examples: int = 32
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.safety_samples <= 0:
             raise ValueError(f"safety_samples must be positive, got {self.safety_samples}")
+        if self.task_overlap is not None and not 0.0 < self.task_overlap <= 1.0:
+            raise ValueError(f"task_overlap is a share of a direction, in (0, 1]; got {self.task_overlap}")
+        if self.task_rank <= 0 or self.task_examples <= 0:
+            raise ValueError(f"task_rank and task_examples must be positive, got {self.task_rank} and "
+                             f"{self.task_examples}")
 
 
 @dataclass
@@ -76,6 +89,8 @@ class SPF(Method):
     def __init__(self, config=None, name: str | None = None):
         super().__init__(config, name or "spf")
         self.subspace = None
+        self.task_facts: dict = {}
+        self.callback = None
 
     def options(self, train: TrainConfig) -> dict:
         """Return the options with the side in force for ``train`` (``right``, or ``two_sided`` under LoRA, when the
@@ -103,12 +118,39 @@ class SPF(Method):
 
     def estimate(self, model, tokenizer, run: RunContext):
         """Return the subspace this method guards: the given one (``subspace`` option), else the safety subspace
-        of ``model`` estimated at its current weights."""
+        of ``model`` estimated at its current weights; with ``task_overlap``, without the directions the task's own
+        gradient leans on (:meth:`~safeft.spf.subspace.SafetySubspace.without_task_directions`)."""
         from safeft.spf.subspace import SafetySubspace
 
         if self.config.subspace:
             return SafetySubspace.load(self.config.subspace, model)
-        return SafetySubspace.estimate(model, tokenizer, self.safety_samples(run), self.config)
+        subspace = SafetySubspace.estimate(model, tokenizer, self.safety_samples(run), self.config)
+        if self.config.task_overlap is not None:
+            subspace = self.task_aware(subspace, model, tokenizer, run)
+        return subspace
+
+    def task_aware(self, subspace, model, tokenizer, run: RunContext):
+        """Return ``subspace`` without the directions the fine-tuning data's gradient leans on, and keep in
+        ``task_facts`` how much of that gradient the subspace removed before and after (the overlap's measure)."""
+        import random
+
+        from safeft.spf.estimate import Basis, span_energy, task_gradients
+
+        if not run.examples:
+            raise ValueError("task_overlap needs the fine-tuning data (run.examples) to estimate the task's gradient")
+        rows = random.Random(run.seed).sample(list(run.examples), min(self.config.task_examples, len(run.examples)))
+        side = self.config.side_for(lora=any(t.is_lora for t in subspace.check_model(model).values()))
+        targets = subspace.check_model(model)
+        gradients = task_gradients(model, tokenizer, rows, targets, batch_size=self.config.estimate_batch_size)
+        task = {name: Basis(*g.svd(self.config.task_rank)) for name, g in gradients.items() if not g.empty}
+        filtered = subspace.without_task_directions(task, side, self.config.task_overlap)
+        removed = {}
+        for label, guarded in (("before", subspace), ("after", filtered)):
+            parts = [span_energy(gradients[name], guarded[name], side) for name in targets]
+            removed[label] = sum(p for p, _ in parts) / max(sum(t for _, t in parts), 1e-30)
+        self.task_facts = {"task_gradient_removed_before": removed["before"],
+                           "task_gradient_removed_after": removed["after"], **filtered.metadata["task_aware"]}
+        return filtered
 
     def before_training(self, model, tokenizer, run: RunContext) -> None:
         from safeft.spf import freeze_unguarded
@@ -128,13 +170,20 @@ class SPF(Method):
         ``subspace_fraction`` (its stored numbers, U, S and V, as a share of the model's parameters)."""
         if self.subspace is None:
             return {}
-        return {"subspace_directions": sum(b.rank for b in self.subspace.bases.values()),
-                "subspace_fraction": self.subspace.numel() / sum(p.numel() for p in model.parameters())}
+        facts = {"subspace_directions": sum(b.rank for b in self.subspace.bases.values()),
+                 "subspace_fraction": self.subspace.numel() / sum(p.numel() for p in model.parameters()),
+                 **self.task_facts}
+        projector = getattr(self.callback, "projector", None)
+        if projector is not None and (self.config.refresh_every or self.config.refresh_on_rise is not None):
+            stats = projector.stats()
+            facts.update({"refreshes": list(stats.refreshes), "refresh_seconds": stats.refresh_seconds})
+        return facts
 
     def callbacks(self, model, tokenizer, run: RunContext) -> list:
         from safeft.spf import SPFCallback
 
-        return [SPFCallback(self.subspace, self.config, tokenizer)]  # the callback resolves a default side
+        self.callback = SPFCallback(self.subspace, self.config, tokenizer)  # it resolves a default side
+        return [self.callback]
 
 
 class SPFRandom(SPF):

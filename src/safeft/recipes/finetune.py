@@ -68,7 +68,8 @@ def finetune(model_dir: str | Path, data: DataConfig, method: Method, train_conf
     task = task_of(data)
     examples = training_examples(task, data, train_config.seed, cache)
     run = RunContext(out=out, cache=cache, seed=train_config.seed, base_model=data.base_model or "default",
-                     harmful_answers=data.harmful_answers, task_prompts=user_turns(examples), resume=resume)
+                     harmful_answers=data.harmful_answers, task_prompts=user_turns(examples), resume=resume,
+                     examples=tuple(examples))
     examples = method.training_data(examples, run)
     model = prepare_model(model, train_config)
     start = time.perf_counter()

@@ -42,6 +42,11 @@ class SPFConfig:
         project: ``"grad"`` projects the gradient before the optimizer step; ``"update"`` projects the weight change
             the optimizer made, so the guarantee holds for Adam and any other optimizer.
         refresh_every: re-estimate the subspace at the current weights every this many optimizer steps; 0 = never.
+        refresh_on_rise: re-estimate when the safety loss (measured every ``monitor_every`` steps on the safety
+            samples' onset tokens) has risen by more than this many nats since the last estimate; None = never.
+        accumulate: on a refresh, guard the union of the old and the fresh bases instead of the fresh one alone
+            (per target the ``max_rank`` strongest directions of the union, weighted by their singular values);
+            for one side (``left`` or ``right``) with ``mode="always"``, where each side's span is what is kept.
         onset_tokens: estimate from the loss on only the first this many tokens of each refusal (and compliance),
             where the model decides whether to refuse; ``None``: every response token.
         monitor_every: log the monitor metrics (and measure the safety loss) every this many steps; 0 = never.
@@ -57,6 +62,8 @@ class SPFConfig:
     mode: str = "always"
     project: str = "update"
     refresh_every: int = 0
+    refresh_on_rise: float | None = None
+    accumulate: bool = False
     onset_tokens: int | None = 4
     monitor_every: int = 10
     estimate_batch_size: int = 8
@@ -82,6 +89,15 @@ class SPFConfig:
         for name in ("refresh_every", "monitor_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"SPFConfig.{name} must be >= 0 (0 = never), got {getattr(self, name)}")
+        if self.refresh_on_rise is not None and not (self.refresh_on_rise > 0 and self.monitor_every > 0):
+            raise ValueError(f"SPFConfig.refresh_on_rise must be a positive number of nats, with monitor_every > 0 "
+                             f"(the safety loss is measured on the monitor's steps); got refresh_on_rise="
+                             f"{self.refresh_on_rise}, monitor_every={self.monitor_every}")
+        if self.accumulate and not (self.refresh_every or self.refresh_on_rise):
+            raise ValueError("SPFConfig.accumulate merges bases at a refresh: set refresh_every or refresh_on_rise")
+        if self.accumulate and (self.side == "two_sided" or self.mode != "always"):
+            raise ValueError(f"SPFConfig.accumulate keeps each side's span, for side='left' or 'right' with "
+                             f"mode='always'; got side={self.side!r}, mode={self.mode!r}")
         if self.onset_tokens is not None and self.onset_tokens <= 0:
             raise ValueError(f"SPFConfig.onset_tokens must be positive (or None for every token), got "
                              f"{self.onset_tokens}")

@@ -164,3 +164,36 @@ def estimate_bases(model: nn.Module, tokenizer, samples: Sequence[SafetySample],
     bases = {name: Basis(b.U[:, :ranks[name]].contiguous(), b.S[:ranks[name]].contiguous(),
                          b.V[:, :ranks[name]].contiguous()) for name, b in bases.items()}
     return targets, bases
+
+
+def task_gradients(model: nn.Module, tokenizer, examples: Sequence, targets: dict[str, Target], *,
+                   batch_size: int = 8) -> dict[str, LowRankSum]:
+    """Return each target's gradient of the mean response loss over ``examples``
+    (:class:`~safeft.data.examples.ChatExample`, every assistant token) at the current weights, as thin factors: what
+    the fine-tuning data's first steps would move."""
+    from safeft.chat import encode_messages
+
+    encoded = [encode_messages(tokenizer, e.messages) for e in examples]
+    return gradient_factors(model, targets, encoded, tokenizer, batch_size=batch_size)
+
+
+def span_energy(gradient: LowRankSum, basis: Basis, side: str) -> tuple[float, float]:
+    """Return ``(||P(G)||^2, ||G||^2)`` for a factored gradient ``G = L R^T`` and the part ``P`` of it that ``side``
+    removes with ``basis`` (right: ``G V V^T``, left: ``U U^T G``, two_sided: ``U U^T G V V^T``), through thin
+    products."""
+    if gradient.empty:
+        return 0.0, 0.0
+    L, R = gradient.factors()
+    total = float(((L.T @ L) * (R.T @ R)).sum())
+    U, V = basis.U.to(L.device, torch.float32), basis.V.to(L.device, torch.float32)
+    left = L if side == "right" else U @ (U.T @ L)  # (m, t)
+    right = R if side == "left" else V @ (V.T @ R)  # (n, t)
+    return float(((left.T @ left) * (right.T @ right)).sum()), total
+
+
+def task_overlaps(safety: Basis, task: Basis, side: str) -> Tensor:
+    """Return, per safety direction ``i`` (r,), the share of it that lies in the task's span on ``side``:
+    ``||V_t^T v_i||^2`` (right), ``||U_t^T u_i||^2`` (left), the larger of the two (two_sided)."""
+    left = (task.U.float().T @ safety.U.float()).pow(2).sum(0)
+    right = (task.V.float().T @ safety.V.float()).pow(2).sum(0)
+    return {"left": left, "right": right, "two_sided": torch.maximum(left, right)}[side]

@@ -180,3 +180,27 @@ def subspace_overlap(a: Tensor, b: Tensor) -> float:
 def concat(factors: Sequence[Factors], scale: float = 1.0) -> Factors:
     """Return the factors of ``scale * sum_i L_i R_i^T``."""
     return torch.cat([f[0] for f in factors], 1) * scale, torch.cat([f[1] for f in factors], 1)
+
+
+def weighted_span(blocks: Sequence[tuple[Tensor, Tensor]], k: int) -> tuple[Tensor, Tensor]:
+    """Return the top ``k`` directions of the union of weighted bases: ``Q: (d, q)`` orthonormal and ``s: (q,)``, the
+    leading left singular vectors and values of ``[X_1 diag(S_1), X_2 diag(S_2), ...]``, ``q = min(k, d, sum r_i)``.
+
+    Each block is ``(X: (d, r_i), S: (r_i,))`` with orthonormal columns. A direction held by several blocks keeps the
+    root of its summed squared weights; numerically zero directions are dropped."""
+    stacked = torch.cat([X.float() * S.float() for X, S in blocks], dim=1)  # (d, sum r_i)
+    if stacked.shape[1] == 0:
+        return stacked[:, :0], stacked.new_zeros(0)
+    Q, s, _ = torch.linalg.svd(stacked, full_matrices=False)
+    q = min(k, int((s > s[0] * 1e-6).sum()) if s[0] > 0 else 0)
+    return Q[:, :q].contiguous(), s[:q].contiguous()
+
+
+def complete_columns(X: Tensor, q: int) -> Tensor:
+    """Return ``q`` orthonormal columns ``(d, q)`` whose first ones span ``X`` (``(d, p)``, orthonormal, ``p <= q
+    <= d``), completed with directions orthogonal to it (from a fixed seed, so the result is deterministic)."""
+    if X.shape[1] >= q:
+        return X[:, :q].contiguous()
+    R = torch.randn(X.shape[0], q - X.shape[1], generator=torch.Generator().manual_seed(0), dtype=X.dtype)
+    R = R - X @ (X.T @ R)
+    return torch.cat([X, torch.linalg.qr(R)[0]], dim=1).contiguous()

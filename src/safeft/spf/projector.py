@@ -69,7 +69,9 @@ class ProjectorStats:
     targets: tuple[TargetStats, ...]  # the guarded targets
     batches: tuple[int, ...]  # targets per equal-shape batch
     state_bytes: int  # bases, singular values and remembered sketches, all guards
-    hook_seconds: tuple[float, ...]  # wall time of before_step + after_step, per optimizer step
+    hook_seconds: tuple[float, ...]  # wall time of before_step + after_step, per optimizer step (refreshes included)
+    refreshes: tuple[int, ...]  # the steps after which the subspace was re-estimated
+    refresh_seconds: float  # wall time of those re-estimates
     collective_calls: int  # SPF's own all-reduces since the counter's last reset (FSDP2)
     collective_elements: tuple[int, ...]  # numbers summed per call
 
@@ -100,15 +102,23 @@ class SPFProjector:
         self.batch_bytes = batch_bytes
         self.step = 0
         self.drift_before_refresh = 0.0
+        self.refreshes: list[int] = []  # the steps after which the subspace was re-estimated
+        self.refresh_seconds = 0.0
+        self._measured: tuple[int, float] | None = None  # (step, safety loss) last measured
+        self.loss_at_estimate: float | None = None  # the safety loss when the subspace in force was estimated
         self.hook_seconds: list[float] = []
         self._before_seconds = 0.0
         self.collectives = Collectives()  # SPF's own all-reduces under FSDP2, counted
         self.monitor = Monitor()
         self._use(subspace)
-        if self.config.refresh_every and self.config.side != "two_sided" and lora:
-            raise ValueError(f"refresh_every under LoRA needs side='two_sided': side={self.config.side!r} keeps one "
+        if self.config.refresh_on_rise is not None:
+            if tokenizer is None:
+                raise ValueError("refresh_on_rise measures the safety loss: pass tokenizer= to attach_spf")
+            self.loss_at_estimate = self.safety_loss()
+        if (self.config.refresh_every or self.config.refresh_on_rise) and self.config.side != "two_sided" and lora:
+            raise ValueError(f"refreshing under LoRA needs side='two_sided': side={self.config.side!r} keeps one "
                              "LoRA factor orthogonal to the basis, and a new basis would break that without changing "
-                             "the model. Drop refresh_every or use side='two_sided'.")
+                             "the model. Drop refresh_every / refresh_on_rise or use side='two_sided'.")
         unguarded = unguarded_parameters(self.model, subspace)
         if unguarded:
             names = ", ".join(list(unguarded)[:3])
@@ -140,7 +150,8 @@ class SPFProjector:
                          for g in self.guards),
             batches=tuple(len(b.guards) for b in self.batches),
             state_bytes=sum(storages.values()),
-            hook_seconds=tuple(self.hook_seconds), collective_calls=self.collectives.calls,
+            hook_seconds=tuple(self.hook_seconds), refreshes=tuple(self.refreshes),
+            refresh_seconds=self.refresh_seconds, collective_calls=self.collectives.calls,
             collective_elements=tuple(self.collectives.elements))
 
     # --- the two hooks around optimizer.step() -------------------------------------------------------------------
@@ -185,9 +196,30 @@ class SPFProjector:
                 batch.before = None
         self.step += 1
         self.monitor.steps += 1
-        if self.config.refresh_every and self.step % self.config.refresh_every == 0:
+        if self.refresh_due():
+            refresh_start = time.perf_counter()
             self.refresh()
+            self.refresh_seconds += time.perf_counter() - refresh_start
         self.hook_seconds.append(self._before_seconds + time.perf_counter() - start)
+
+    def refresh_due(self) -> bool:
+        """Return True when the subspace should be re-estimated after the current step: every ``refresh_every``
+        steps, or on a monitor step where the safety loss has risen by more than ``refresh_on_rise`` since the
+        estimate in force."""
+        cfg = self.config
+        if cfg.refresh_every and self.step % cfg.refresh_every == 0:
+            return True
+        return (cfg.refresh_on_rise is not None and self.monitor_due()
+                and self.safety_loss() - self.loss_at_estimate > cfg.refresh_on_rise)
+
+    def safety_loss(self) -> float:
+        """Return the safety loss on the subspace's samples and onset tokens at the current weights (measured once
+        per step: the monitor and the refresh rule share it)."""
+        if self._measured is None or self._measured[0] != self.step:
+            loss = safety_loss(self.model, self.tokenizer, self.subspace.samples,
+                               onset_tokens=self.subspace.config.onset_tokens)
+            self._measured = (self.step, loss)
+        return self._measured[1]
 
     def _check_finite(self, inner_products: list[tuple[str, Tensor] | None]) -> None:
         """Raise a clear error if any target's conflict inner product (non-finite whenever its gradient is) is not
@@ -308,7 +340,12 @@ class SPFProjector:
         self.drift_before_refresh = self.safety_drift()
         policy = self.subspace.config
         fresh = SafetySubspace.estimate(self.model, self.tokenizer, self.subspace.samples, policy, show_progress=False)
+        if self.config.accumulate:
+            fresh = self.subspace.union(fresh, self.config.side, self.config.max_rank)
         self._use(fresh)
+        self.refreshes.append(self.step)
+        if self.config.refresh_on_rise is not None:
+            self.loss_at_estimate = self.safety_loss()  # a refresh changes no weight: the loss now is the estimate's
 
     def metrics(self, measure_loss: bool = True) -> dict[str, float]:
         """Return the monitor metrics since the last call and start a new interval.
@@ -326,8 +363,9 @@ class SPFProjector:
         out = self.monitor.report(self.collectives if self.sharded else None)
         out[f"{METRIC_PREFIX}safety_drift"] = self.safety_drift()
         if measure_loss and self.tokenizer is not None:
-            out[f"{METRIC_PREFIX}safety_loss"] = safety_loss(self.model, self.tokenizer, self.subspace.samples,
-                                                             onset_tokens=self.subspace.config.onset_tokens)
+            out[f"{METRIC_PREFIX}safety_loss"] = self.safety_loss()
+        if self.config.refresh_every or self.config.refresh_on_rise is not None:
+            out[f"{METRIC_PREFIX}refreshes"] = float(len(self.refreshes))
         self.monitor.reset()
         return out
 
@@ -335,11 +373,12 @@ class SPFProjector:
         """Write what a resumed run needs to continue as this one would have into ``folder``: the step count, the
         safety drift so far and, once refreshed, the current subspace (``spf_state.json``, ``spf_subspace/``)."""
         folder = Path(folder)
-        refreshed = bool(self.config.refresh_every) and self.step >= self.config.refresh_every
+        refreshed = bool(self.refreshes)
         if refreshed:
             self.subspace.save(folder / "spf_subspace", overwrite=True)
         (folder / STATE_FILE).write_text(json.dumps({"step": self.step, "safety_drift": self.safety_drift(),
-                                                     "refreshed": refreshed}) + "\n")
+                                                     "refreshed": refreshed, "refreshes": self.refreshes,
+                                                     "loss_at_estimate": self.loss_at_estimate}) + "\n")
 
     def load_state(self, folder: str | Path) -> None:
         """Continue from a state written by :meth:`save_state` (call it with the checkpoint's weights loaded)."""
@@ -349,6 +388,8 @@ class SPFProjector:
             self._use(SafetySubspace.load(folder / "spf_subspace", self.model))
         self.step = state["step"]
         self.drift_before_refresh = state["safety_drift"]
+        self.refreshes = list(state.get("refreshes", []))
+        self.loss_at_estimate = state.get("loss_at_estimate", self.loss_at_estimate)
         for guard, core in zip(self.guards, effective_cores(self.guards, self.collectives)):
             guard.start_core = core  # the drift so far is carried over
 

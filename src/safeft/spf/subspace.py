@@ -140,6 +140,51 @@ class SafetySubspace(ModelHubMixin, library_name="safeft", tags=["safeft", "safe
 
         return model_card(self)
 
+    def without_task_directions(self, task: dict[str, Basis], side: str, threshold: float) -> SafetySubspace:
+        """Return this subspace without the directions the fine-tuning task needs: per target, every safety direction
+        whose share in ``task[name]``'s span on ``side`` (:func:`~safeft.spf.estimate.task_overlaps`) exceeds
+        ``threshold`` is dropped (its U, S and V columns together). The metadata records ``task_aware``: the
+        threshold, the task rank and the directions kept and dropped."""
+        from safeft.spf.estimate import task_overlaps
+
+        bases, dropped = {}, 0
+        for name, b in self.bases.items():
+            keep = task_overlaps(b, task[name], side) <= threshold if name in task and b.rank else \
+                torch.ones(b.rank, dtype=torch.bool)
+            dropped += int((~keep).sum())
+            bases[name] = Basis(b.U[:, keep].contiguous(), b.S[keep].contiguous(), b.V[:, keep].contiguous())
+        kept = sum(b.rank for b in bases.values())
+        metadata = {**self.metadata, "ranks": {name: b.rank for name, b in bases.items()},
+                    "task_aware": {"threshold": threshold, "side": side,
+                                   "task_rank": max((t.rank for t in task.values()), default=0),
+                                   "directions_kept": kept, "directions_dropped": dropped}}
+        return SafetySubspace(bases, metadata)
+
+    def union(self, fresh: SafetySubspace, side: str, max_rank: int) -> SafetySubspace:
+        """Return the subspace that guards both this one's and ``fresh``'s directions on ``side`` (``left``: the
+        spans of U, ``right``: of V), each target's union cut to its ``max_rank`` strongest directions
+        (:func:`~safeft.spf.lowrank.weighted_span`). The other side's bases are merged the same way (completed to as
+        many orthonormal columns), so the artifact stays valid, but their columns no longer pair with this side's as
+        an SVD's do: use the result with ``mode="always"`` on ``side``. Metadata: ``fresh``'s, with ``accumulated``
+        counting the merges."""
+        from safeft.spf.lowrank import complete_columns, weighted_span
+
+        if side not in ("left", "right"):
+            raise ValueError(f"a union of subspaces keeps one side's span: side 'left' or 'right', got {side!r}")
+        bases = {}
+        for name, new in fresh.bases.items():
+            old = self.bases.get(name, new)
+            pairs = {"U": [(old.U, old.S), (new.U, new.S)], "V": [(old.V, old.S), (new.V, new.S)]}
+            kept, other = ("V", "U") if side == "right" else ("U", "V")
+            limit = min(max_rank, new.U.shape[0], new.V.shape[0])
+            X, S = weighted_span(pairs[kept], limit)
+            Y = complete_columns(weighted_span(pairs[other], S.shape[0])[0], S.shape[0])
+            U, V = (Y, X) if side == "right" else (X, Y)
+            bases[name] = Basis(U, S, V)
+        metadata = {**fresh.metadata, "ranks": {name: b.rank for name, b in bases.items()},
+                    "accumulated": self.metadata.get("accumulated", 0) + 1}
+        return SafetySubspace(bases, metadata)
+
     def _save_pretrained(self, save_directory: Path) -> None:
         self.save(save_directory, overwrite=True)
 
