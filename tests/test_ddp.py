@@ -26,7 +26,7 @@ def train(model, batch, subspace, config, rows, world_size):
     """SPF-train ``model`` on ``rows`` of the global batch; the loss is scaled so DDP's mean gives the global mean."""
     global_tokens = int((batch["labels"][:, 1:] != -100).sum())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    handle = attach_spf(optimizer, model, subspace, config)
+    handle = attach_spf(optimizer, model, subspace, config, keep_trainable=["."])  # every parameter trains
     local = {k: v[rows] for k, v in batch.items()}
     for _ in range(STEPS):
         logits = model(input_ids=local["input_ids"], attention_mask=local["attention_mask"]).logits

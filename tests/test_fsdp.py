@@ -49,7 +49,7 @@ def train(model, batch, subspace, config, rows, world_size):
     return SPF's collectives per step ``[(calls, elements)]`` and its monitor metrics at the end."""
     global_tokens = int((batch["labels"][:, 1:] != -100).sum())
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    handle = attach_spf(optimizer, model, subspace, config)
+    handle = attach_spf(optimizer, model, subspace, config, keep_trainable=["."])  # every parameter trains
     collectives = handle.projector.collectives
     local = {k: v[rows] for k, v in batch.items()}
     per_step = []

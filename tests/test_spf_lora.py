@@ -105,7 +105,7 @@ def test_an_adapter_with_one_factor_frozen_is_refused_not_left_unguarded(subspac
 def test_refresh_under_lora_needs_the_two_sided_rule(tokenizer, subspace, side):
     model = lora_model()
     params = [p for p in model.parameters() if p.requires_grad]
-    with pytest.raises(ValueError, match="refresh_every under LoRA needs side='two_sided'"):
+    with pytest.raises(ValueError, match="refreshing under LoRA needs side='two_sided'"):
         attach_spf(torch.optim.SGD(params, lr=0.1), model, subspace, SPFConfig(rank=8, side=side, refresh_every=2),
                    tokenizer)
 

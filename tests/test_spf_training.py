@@ -9,9 +9,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from conftest import snapshot, train_steps
-from safeft import SafetySubspace, SPFConfig, attach_spf
+from safeft import SafetySubspace, SPFCallback, SPFConfig, attach_spf
 from safeft.losses import safety_loss
-from safeft.spf import freeze_unguarded, unguarded_parameters
+from safeft.spf import SPFProjector, freeze_unguarded, unguarded_parameters
 from safeft.spf.targets import find_targets
 from safeft.testing import tiny_llama
 
@@ -242,22 +242,43 @@ def test_monitor_safety_loss_is_the_loss_whose_change_drift_predicts(tokenizer, 
     assert after["spf/safety_loss"] - before == pytest.approx(after["spf/safety_drift"], rel=0.1)
 
 
-def test_trainable_parameters_spf_cannot_project_are_named_in_a_warning(tokenizer, subspace):
+def test_attaching_spf_freezes_what_it_cannot_project_unless_kept_by_name(tokenizer, subspace):
     model = tiny_llama(seed=0)
     unguarded = unguarded_parameters(model, subspace)
     targets = {f"{name}.weight" for name in find_targets(model)}
     norms = {name for name, _ in model.named_parameters() if "norm" in name}
     assert norms <= set(unguarded) and not targets & set(unguarded)
-    with pytest.warns(UserWarning, match=r"not guarded.*freeze_unguarded"):
-        attach_spf(torch.optim.SGD(model.parameters(), lr=0.1), model, subspace, SPFConfig(rank=8))
-    assert freeze_unguarded(model, subspace) == list(unguarded)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # frozen by default: nothing left to warn about
+        attach_spf(torch.optim.SGD(model.parameters(), lr=0.1), model, subspace)
+    assert not unguarded_parameters(model, subspace) and all(p.requires_grad for n, p in model.named_parameters()
+                                                             if n in targets)
+    kept = tiny_llama(seed=0)
+    attach_spf(torch.optim.SGD(kept.parameters(), lr=0.1), kept, subspace, keep_trainable=["norm"])
+    assert set(unguarded_parameters(kept, subspace)) == norms | (set(unguarded) - norms - {
+        n for n in unguarded if "norm" not in n})  # the norms stay trainable, the rest is frozen
+    with pytest.warns(UserWarning, match=r"not guarded.*freeze_unguarded"):  # the projector alone still warns
+        SPFProjector(tiny_llama(seed=0), subspace)
+    assert freeze_unguarded(tiny_llama(seed=0), subspace) == list(unguarded)
     lora = get_peft_model(tiny_llama(seed=0), LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
-    for frozen_or_lora in (model, lora):  # nothing left unguarded: no warning
-        assert not unguarded_parameters(frozen_or_lora, subspace)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            attach_spf(torch.optim.SGD([p for p in frozen_or_lora.parameters() if p.requires_grad], lr=0.1),
-                       frozen_or_lora, subspace, SPFConfig(rank=8))
+    assert not unguarded_parameters(lora, subspace)  # under LoRA nothing is left unguarded
+
+
+def test_the_subspace_brings_its_own_settings_and_a_conflicting_one_is_refused(tokenizer, benign_batch,
+                                                                                 safety_pairs, caplog):
+    left = SafetySubspace.estimate(tiny_llama(seed=0), tokenizer, safety_pairs[:2],
+                                   SPFConfig(rank=4, side="left", mode="conflict"), show_progress=False)
+    handle = attach_spf(torch.optim.SGD(tiny_llama(seed=0).parameters(), lr=0.1), tiny_llama(seed=0), left)
+    assert (handle.projector.config.side, handle.projector.config.mode) == ("left", "conflict")  # not right/always
+    monitored = attach_spf(torch.optim.SGD(tiny_llama(seed=0).parameters(), lr=0.1), tiny_llama(seed=0), left,
+                           SPFConfig(monitor_every=3))
+    assert monitored.projector.config.side == "left" and monitored.projector.config.monitor_every == 3
+    with caplog.at_level("WARNING", logger="safeft"):
+        asked = attach_spf(torch.optim.SGD(tiny_llama(seed=0).parameters(), lr=0.1), tiny_llama(seed=0), left,
+                           SPFConfig(side="right"))
+    assert asked.projector.config.side == "right" and "made for side='left'" in caplog.text
+    with pytest.raises(ValueError, match=r"rank=16 \(the subspace has 4\).*estimate a new one"):
+        SPFCallback(left, SPFConfig(rank=16))
 
 
 @pytest.mark.parametrize("mode", ["always", "conflict"])

@@ -11,6 +11,7 @@ _EXPORTS = {
     "SPFCallback": "safeft.spf.hooks",
     "SPFProjector": "safeft.spf.projector",
     "attach_spf": "safeft.spf.hooks",
+    "add_spf_callback": "safeft.spf.hooks",  # deprecated
     "freeze_unguarded": "safeft.spf.guards",
 }
 __all__ = ["__version__", *_EXPORTS]

@@ -182,7 +182,8 @@ class SPF(Method):
     def callbacks(self, model, tokenizer, run: RunContext) -> list:
         from safeft.spf import SPFCallback
 
-        self.callback = SPFCallback(self.subspace, self.config, tokenizer)  # it resolves a default side
+        self.callback = SPFCallback(self.subspace, self.config, tokenizer,  # it resolves a default side
+                                    keep_trainable=self.config.keep_trainable or ())
         return [self.callback]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -13,8 +14,28 @@ from transformers import TrainerCallback
 
 from safeft.callbacks import add_to_log
 from safeft.spf.config import SPFConfig
-from safeft.spf.projector import STATE_FILE, SPFProjector
+from safeft.spf.guards import freeze_unguarded
+from safeft.spf.projector import STATE_FILE, SPFProjector, resolve_config
 from safeft.spf.subspace import SafetySubspace
+
+
+def freeze_before_training(model: nn.Module, subspace: SafetySubspace, keep: Sequence[str]) -> list[str]:
+    """Freeze what SPF cannot project (:func:`~safeft.spf.guards.freeze_unguarded`) and return the names; refuse
+    (``ValueError``) where the model is already wrapped by DDP or sharded by FSDP2 and something is left to freeze:
+    those register their parameters when they wrap, so freezing must come first."""
+    import re
+
+    from safeft.distributed import is_sharded
+    from safeft.spf.guards import unguarded_parameters
+
+    left = [n for n in unguarded_parameters(model, subspace) if not any(re.search(k, n) for k in keep)]
+    wrapped = isinstance(model, nn.parallel.DistributedDataParallel) or any(is_sharded(p) for p in model.parameters())
+    if left and wrapped:
+        raise ValueError(f"{len(left)} trainable parameters SPF cannot project (e.g. {', '.join(left[:3])}) would "
+                         "have to be frozen, but the model is already wrapped for DDP/FSDP2, which registered them. "
+                         "Call safeft.freeze_unguarded(model, subspace) before wrapping, or keep them trainable on "
+                         "purpose with keep_trainable=[...]")
+    return freeze_unguarded(model, subspace, keep)
 
 
 class SPFHandle:
@@ -36,19 +57,26 @@ class SPFHandle:
 
 
 def attach_spf(optimizer: torch.optim.Optimizer, model: nn.Module, subspace: SafetySubspace,
-               config: SPFConfig | None = None, tokenizer=None, **projector_options) -> SPFHandle:
+               config: SPFConfig | None = None, tokenizer=None, *, keep_trainable: Sequence[str] = (),
+               **projector_options) -> SPFHandle:
     """Make every ``optimizer.step()`` SPF-projected, for a plain PyTorch training loop.
 
-    Registers a step pre-hook (project the gradients, or remember sketches for ``project="update"``) and a step
-    post-hook (correct the update). Gradients are taken as they are when ``step()`` is called: after backward,
-    accumulation, DDP all-reduce and any clipping the loop does.
+    Freezes every trainable parameter SPF does not project (the blocks' norm weights under full fine-tuning:
+    nothing would guard them) except those ``keep_trainable`` names (regular expressions; a frozen parameter gets
+    no gradient, so the optimizer skips it). Then registers a step pre-hook (project the gradients, or remember
+    sketches for ``project="update"``) and a step post-hook (correct the update). Gradients are taken as they are
+    when ``step()`` is called: after backward, accumulation, DDP all-reduce and any clipping the loop does.
 
-    ``projector_options`` (``batched``, ``batch_bytes``) go to :class:`SPFProjector`.
+    ``config`` defaults to the settings the subspace was estimated with (see
+    :func:`~safeft.spf.projector.resolve_config`); ``projector_options`` (``batched``, ``batch_bytes``) go to
+    :class:`SPFProjector`.
 
     Returns:
         An :class:`SPFHandle`; call ``handle.metrics()`` to read the monitor metrics, ``handle.detach()`` to stop.
     """
-    projector = SPFProjector(model, subspace, config, tokenizer, **projector_options)
+    freeze_before_training(model, subspace, keep_trainable)
+    projector = SPFProjector(model, subspace, config, tokenizer, warn_unguarded=not keep_trainable,
+                             **projector_options)
     hooks = [optimizer.register_step_pre_hook(lambda opt, args, kwargs: projector.before_step()),
              optimizer.register_step_post_hook(lambda opt, args, kwargs: projector.after_step())]
     return SPFHandle(projector, hooks)
@@ -65,16 +93,24 @@ class SPFCallback(TrainerCallback):
     trainer starts: TensorBoard, W&B and every other reporter receive the metrics, however it was added. Its state
     (step count, drift, a refreshed subspace) is saved with each Trainer checkpoint and restored on resume.
 
+    When training starts it freezes every trainable parameter SPF does not project (the blocks' norm weights under
+    full fine-tuning), except those named in ``keep_trainable``: frozen, they get no gradient and the optimizer
+    skips them.
+
     Args:
         subspace: the safety subspace of the model being trained.
-        config: SPF settings; defaults to ``SPFConfig()``.
+        config: SPF settings; by default the ones the subspace was estimated with
+            (:func:`~safeft.spf.projector.resolve_config`: a field left at its default takes the subspace's value).
         tokenizer: for refresh and the safety-loss metric; defaults to the trainer's ``processing_class``.
+        keep_trainable: regular expressions of unguarded parameters to leave trainable on purpose.
     """
 
-    def __init__(self, subspace: SafetySubspace, config: SPFConfig | None = None, tokenizer=None):
+    def __init__(self, subspace: SafetySubspace, config: SPFConfig | None = None, tokenizer=None, *,
+                 keep_trainable: Sequence[str] = ()):
         self.subspace = subspace
-        self.config = config or SPFConfig()
+        self.config = resolve_config(subspace, config)
         self.tokenizer = tokenizer
+        self.keep_trainable = tuple(keep_trainable)
         self.projector: SPFProjector | None = None
         self._pending: dict[str, float] = {}
 
@@ -96,7 +132,9 @@ class SPFCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         self._go_first()
         tokenizer = self.tokenizer or getattr(processing_class, "tokenizer", processing_class)
-        self.projector = SPFProjector(model, self.subspace, self.config, tokenizer)
+        freeze_before_training(model, self.subspace, self.keep_trainable)
+        self.projector = SPFProjector(model, self.subspace, self.config, tokenizer,
+                                      warn_unguarded=not self.keep_trainable, check_weights=not state.global_step)
         if state.global_step:  # resumed from a checkpoint: continue SPF's own state from it
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if (folder / STATE_FILE).exists():
@@ -127,3 +165,15 @@ class SPFCallback(TrainerCallback):
         if self._pending and logs is not None:
             add_to_log(state, logs, self._pending)
             self._pending = {}
+
+
+def add_spf_callback(trainer, subspace: SafetySubspace, config: SPFConfig | None = None, tokenizer=None
+                     ) -> SPFCallback:
+    """Deprecated: use ``trainer.add_callback(SPFCallback(subspace))`` (the callback now moves itself ahead of the
+    reporters). Adds the callback and returns it."""
+    warnings.warn("add_spf_callback is deprecated and will be removed: use "
+                  "trainer.add_callback(SPFCallback(subspace))",
+                  DeprecationWarning, stacklevel=2)
+    callback = SPFCallback(subspace, config, tokenizer)
+    trainer.add_callback(callback)
+    return callback

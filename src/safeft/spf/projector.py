@@ -18,9 +18,10 @@ locally on identical tensors; under FSDP2 each process projects its rows (:mod:`
 from __future__ import annotations
 
 import json
+import logging
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -46,6 +47,41 @@ from safeft.spf.monitor import METRIC_PREFIX, Monitor
 from safeft.spf.subspace import SafetySubspace
 
 STATE_FILE = "spf_state.json"  # SPF's part of a Trainer checkpoint
+ESTIMATION_FIELDS = ("rank", "energy", "budget", "max_rank", "target_modules", "onset_tokens")
+logger = logging.getLogger("safeft")
+
+
+def resolve_config(subspace: SafetySubspace, config: SPFConfig | None) -> SPFConfig:
+    """Return the SPF settings to project ``subspace`` with: the ones it was estimated with (``subspace.config``),
+    where ``config`` is None or leaves a field at its default; ``config``'s own value where it sets one.
+
+    Raises:
+        ValueError: where ``config`` sets an estimation field (rank policy, targets, onset tokens) to another value
+            than the subspace was estimated with: such a setting cannot apply to a subspace already made.
+    """
+    recorded = subspace.config
+    if config is None:
+        return recorded
+    defaults, values, differ = SPFConfig(), {}, []
+    for f in fields(SPFConfig):
+        mine, theirs = getattr(config, f.name), getattr(recorded, f.name)
+        if mine == getattr(defaults, f.name) or mine == theirs:
+            values[f.name] = theirs
+            continue
+        if f.name in ESTIMATION_FIELDS and not (f.name == "max_rank" and config.accumulate):
+            differ.append(f"{f.name}={mine!r} (the subspace has {theirs!r})")
+        elif f.name not in ESTIMATION_FIELDS and theirs != getattr(defaults, f.name):
+            logger.warning("SPF: the subspace was made for %s=%r; projecting with %s=%r as asked", f.name, theirs,
+                           f.name, mine)
+        values[f.name] = mine
+    if differ:
+        raise ValueError(f"these settings differ from the ones the safety subspace was estimated with: "
+                         f"{'; '.join(differ)}. They cannot apply to a subspace already made: estimate a new one "
+                         "with them (safeft subspace estimate), or leave them out to use the subspace's")
+    policy = [k for k in ("rank", "energy", "budget") if values[k] is not None]
+    if len(policy) > 1:  # the subspace's own policy stands; the default rank only filled a gap
+        values.update({k: getattr(recorded, k) for k in ("rank", "energy", "budget")})
+    return SPFConfig(**values)
 
 
 @dataclass(frozen=True)
@@ -82,21 +118,30 @@ class SPFProjector:
     Args:
         model: the model being trained (plain, peft LoRA or DDP-wrapped).
         subspace: its safety subspace; checked against the model's targets and shapes.
-        config: side, mode, project, refresh and monitor settings; defaults to ``SPFConfig()``. ``self.config`` is
-            a copy with the side in force (``config.side_for(lora)`` when the side is left to the default).
+        config: side, mode, project, refresh and monitor settings; by default the subspace's own
+            (:func:`resolve_config`). ``self.config`` is the result with the side in force (``side_for(lora)``
+            where the side is left to the default: ``right`` for full fine-tuning, ``two_sided`` under LoRA).
         tokenizer: needed only to refresh the subspace or measure the safety loss on its samples.
         batched: correct the update of equal-shape targets in batched products (``mode="always"``,
             ``project="update"``; the same correction): True everywhere, False never, None on CUDA only (on a CPU
             the stacked copies cost more than the per-target loop).
         batch_bytes: at most this much fp32 removal per batched product.
+        warn_unguarded: warn when trainable parameters SPF does not project remain (False where they were kept on
+            purpose).
+        check_weights: warn when the model's weights are not the ones the subspace was estimated at (False when
+            resuming: the checkpoint's weights have trained since, by design).
     """
 
     def __init__(self, model: nn.Module, subspace: SafetySubspace, config: SPFConfig | None = None, tokenizer=None,
-                 *, batched: bool | None = None, batch_bytes: int = DEFAULT_BATCH_BYTES):
+                 *, batched: bool | None = None, batch_bytes: int = DEFAULT_BATCH_BYTES, warn_unguarded: bool = True,
+                 check_weights: bool = True):
         self.model = unwrap(model)
-        config = config or SPFConfig()
-        lora = any(t.is_lora for t in subspace.check_model(self.model, warn_other_weights=True).values())
+        config = resolve_config(subspace, config)
+        lora = any(t.is_lora for t in subspace.check_model(self.model, warn_other_weights=check_weights).values())
         self.config = replace(config, side=config.side_for(lora))  # the side in force, never None
+        if config.side is None:
+            logger.info("SPF: side %r (the default for %s), mode %r, project %r", self.config.side,
+                        "LoRA" if lora else "full fine-tuning", self.config.mode, self.config.project)
         self.tokenizer = tokenizer
         self.batch_devices = {True: None, False: (), None: DEFAULT_DEVICES}[batched]
         self.batch_bytes = batch_bytes
@@ -120,7 +165,7 @@ class SPFProjector:
                              "LoRA factor orthogonal to the basis, and a new basis would break that without changing "
                              "the model. Drop refresh_every / refresh_on_rise or use side='two_sided'.")
         unguarded = unguarded_parameters(self.model, subspace)
-        if unguarded:
+        if unguarded and warn_unguarded:
             names = ", ".join(list(unguarded)[:3])
             warnings.warn(f"SPF guards {len(self.guards)} matrices, but {len(unguarded)} other trainable tensors "
                           f"({sum(p.numel() for p in unguarded.values())} parameters, e.g. {names}) are not guarded "
