@@ -24,6 +24,7 @@ from torch import Tensor
 from safeft.chat import encode_chat
 from safeft.config import check_positive
 from safeft.data.examples import SafetySample
+from safeft.errors import UserError
 from safeft.progress import progress
 from safeft.spf.estimate import gradient_factors
 from safeft.spf.lowrank import (
@@ -59,9 +60,9 @@ class AnalysisConfig:
 
     def __post_init__(self) -> None:
         if self.num_samples < 2:
-            raise ValueError(f"AnalysisConfig.num_samples must be >= 2 to compare samples, got {self.num_samples}")
+            raise UserError(f"AnalysisConfig.num_samples must be >= 2 to compare samples, got {self.num_samples}")
         if not self.ranks or min(self.ranks) <= 0:
-            raise ValueError(f"AnalysisConfig.ranks must be positive integers, got {self.ranks}")
+            raise UserError(f"AnalysisConfig.ranks must be positive integers, got {self.ranks}")
         check_positive(self, "reference_rank")
 
 
@@ -133,11 +134,11 @@ def analyze(model, tokenizer, safety: Sequence[SafetySample], utility: Sequence[
     config = config or AnalysisConfig()
     n = config.num_samples
     if len(safety) < n or len(utility) < n:
-        raise ValueError(f"need {n} safety and {n} utility samples, got {len(safety)} and {len(utility)}; "
+        raise UserError(f"need {n} safety and {n} utility samples, got {len(safety)} and {len(utility)}; "
                          "lower num_samples or give more data")
     targets = find_targets(model, config.target_modules)
     if not targets:
-        raise ValueError(f"no target matrices match {config.target_modules!r}")
+        raise UserError(f"no target matrices match {config.target_modules!r}")
     safety_grads = per_sample_gradients(model, tokenizer, [(s.prompt, s.refusal) for s in safety[:n]], targets,
                                         "safety gradients")
     utility_grads = per_sample_gradients(model, tokenizer, list(utility[:n]), targets, "utility gradients")

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from safeft.errors import UserError
+
 IGNORE_INDEX = -100
 
 
@@ -22,7 +24,7 @@ class EncodedChat:
 def require_chat_template(tokenizer) -> None:
     """Raise ``ValueError`` with the fix if ``tokenizer`` has no chat template."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
+        raise UserError(
             f"tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__} has no chat template, so "
             "prompts cannot be formatted the way the model was aligned. Use the model's instruct/chat tokenizer, or "
             "set `tokenizer.chat_template` (CLI: --chat-template FILE with a Jinja template)."
@@ -59,7 +61,7 @@ def encode_messages(tokenizer, messages: Sequence[dict]) -> EncodedChat:
         if full[:len(upto)] != upto or start >= len(upto):
             if len(messages) == 2 and i == 1:
                 return _append_response(tokenizer, messages)
-            raise ValueError("the chat template does not render turns incrementally, so assistant turns cannot be "
+            raise UserError("the chat template does not render turns incrementally, so assistant turns cannot be "
                              "located; use single-turn examples or a ChatML-style --chat-template")
         labels[start:len(upto)] = full[start:len(upto)]
     return EncodedChat(input_ids=full, labels=labels)

@@ -18,7 +18,7 @@ import typer
 from safeft.analysis import AnalysisConfig
 from safeft.config import AlignConfig, DataConfig, TrainConfig
 from safeft.data import DEFAULT_SAFETY_SAMPLES
-from safeft.errors import UsageError
+from safeft.errors import UserError
 from safeft.evaluate.gcg import GCGConfig
 from safeft.options import DEBUG, command
 from safeft.progress import Quiet
@@ -128,7 +128,7 @@ def _build_method(name: str, options: dict):
     try:
         return build_method(name, options)
     except ValueError as error:
-        raise UsageError(str(error).replace("unknown key(s)", "options not taken by this method:")) from None
+        raise UserError(str(error).replace("unknown key(s)", "options not taken by this method:")) from None
 
 
 @command(app, "align", AlignCommand, extra=method_options(), extra_help=method_help(),
@@ -139,7 +139,7 @@ def align(c: AlignCommand, options: dict) -> None:
 
     method = _build_method(c.method, options)
     if c.method != "sft" and not method.alignment_key():
-        raise UsageError(f"method {c.method!r} does not change the alignment stage; align with the default "
+        raise UserError(f"method {c.method!r} does not change the alignment stage; align with the default "
                          f"(--method sft) and fine-tune with --method {c.method}")
     own = method if method.alignment_key() else None
     target = Path(c.out) if c.out else aligned_model_dir(c.model, c.align, _cache(c.cache), own)
@@ -191,7 +191,7 @@ def finetune(c: FinetuneCommand, options: dict) -> None:
     inputs = [c.model, c.data.task_train, c.data.task_test, c.data.harmful_answers, options.get("safety_data"),
               options.get("harmful_data"), c.chat_template]
     if c.resume and (Path(c.out) / MARKER).exists():
-        raise UsageError(f"{c.out} holds a finished run; there is nothing to resume")
+        raise UserError(f"{c.out} holds a finished run; there is nothing to resume")
     with writing_together(c.out, overwrite=c.overwrite, inputs=inputs, command=_command_line(),
                           keep_partial=c.resume) as tmp:
         _, _, log = run_finetune(c.model, c.data, method, c.train, tmp, _cache(c.cache),
@@ -264,7 +264,7 @@ def evaluate(c: EvalCommand, _: dict) -> None:
     check_output_file(c.out, overwrite=c.overwrite, inputs=[c.model, c.task_train, c.task_test, c.harmful,
                                                             c.judge, c.chat_template, c.jailbreaks, c.suffixes])
     if c.jailbreak_requests is not None and c.jailbreak_requests <= 0:
-        raise UsageError(f"--jailbreak-requests must be positive, got {c.jailbreak_requests}")
+        raise UserError(f"--jailbreak-requests must be positive, got {c.jailbreak_requests}")
     task = None if c.task == "none" else load_task(c.task, c.task_train, c.task_test, max_test=c.max_test)
     prompts = [e.prompt for e in read_advbench(c.harmful)] if c.harmful else None
     templates = templates_from(c.jailbreaks) if c.jailbreaks else None
@@ -319,7 +319,7 @@ def gcg(c: GcgCommand, _: dict) -> None:
 
     check_output_file(c.out, overwrite=c.overwrite, inputs=[c.model, c.harmful, c.judge, c.chat_template])
     if c.requests <= 0:
-        raise UsageError(f"--requests must be positive, got {c.requests}")
+        raise UserError(f"--requests must be positive, got {c.requests}")
     rows = spread(read_advbench(c.harmful), c.requests)
     judge = load_judge(c.judge)
     model, tokenizer = load_finetuned(c.model, chat_template=c.chat_template)

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, fields, is_dataclass
 from typing import Any, TypeVar, Union
 
+from safeft.errors import UserError
+
 
 @dataclass
 class TrainConfig:
@@ -61,28 +63,28 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.save_every < 0:
-            raise ValueError(f"TrainConfig.save_every must be >= 0 (0 = no checkpoints), got {self.save_every}")
+            raise UserError(f"TrainConfig.save_every must be >= 0 (0 = no checkpoints), got {self.save_every}")
         if self.steps < 0:
-            raise ValueError(f"TrainConfig.steps must be >= 0, got {self.steps}")
+            raise UserError(f"TrainConfig.steps must be >= 0, got {self.steps}")
         if self.steps == 0 and self.epochs <= 0:
-            raise ValueError(f"TrainConfig.epochs must be > 0 when steps is 0, got {self.epochs}")
+            raise UserError(f"TrainConfig.epochs must be > 0 when steps is 0, got {self.epochs}")
         if self.learning_rate <= 0:
-            raise ValueError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}")
+            raise UserError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}")
         if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"TrainConfig.warmup_ratio is a share of the run's steps, in [0, 1); got "
+            raise UserError(f"TrainConfig.warmup_ratio is a share of the run's steps, in [0, 1); got "
                              f"{self.warmup_ratio} (use warmup_steps for a number of steps)")
         if self.warmup_steps < 0:
-            raise ValueError(f"TrainConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
+            raise UserError(f"TrainConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.warmup_steps and self.warmup_ratio:
-            raise ValueError(f"set TrainConfig.warmup_ratio ({self.warmup_ratio}) or warmup_steps "
+            raise UserError(f"set TrainConfig.warmup_ratio ({self.warmup_ratio}) or warmup_steps "
                              f"({self.warmup_steps}), not both")
         check_positive(self, "batch_size", "max_length", "gradient_accumulation")
         for name in ("logging_steps", "lora_alpha"):
             if getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig.{name} must be >= 0 (0 = automatic), got {getattr(self, name)}")
+                raise UserError(f"TrainConfig.{name} must be >= 0 (0 = automatic), got {getattr(self, name)}")
         check_choice(self, "schedule", ("linear", "constant"))
         if self.lora_r < 0:
-            raise ValueError(f"TrainConfig.lora_r must be >= 0 (0 = full fine-tuning), got {self.lora_r}")
+            raise UserError(f"TrainConfig.lora_r must be >= 0 (0 = full fine-tuning), got {self.lora_r}")
 
     def to_dict(self) -> dict:
         """Return the config as a plain dict."""
@@ -115,9 +117,9 @@ class AlignConfig:
     def __post_init__(self) -> None:
         check_positive(self, "batch_size", "check_every", "max_steps")
         if self.learning_rate <= 0:
-            raise ValueError(f"AlignConfig.learning_rate must be > 0, got {self.learning_rate}")
+            raise UserError(f"AlignConfig.learning_rate must be > 0, got {self.learning_rate}")
         if not 0.0 < self.target_refusal <= 1.0:
-            raise ValueError(f"AlignConfig.target_refusal must be in (0, 1], got {self.target_refusal}")
+            raise UserError(f"AlignConfig.target_refusal must be in (0, 1], got {self.target_refusal}")
 
 
 @dataclass
@@ -149,10 +151,10 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.harmful_ratio < 1.0:
-            raise ValueError(f"harmful_ratio must be in [0, 1), got {self.harmful_ratio}")
+            raise UserError(f"harmful_ratio must be in [0, 1), got {self.harmful_ratio}")
         for name in ("max_train", "max_test"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive (or unset for all), got {getattr(self, name)}")
+                raise UserError(f"{name} must be positive (or unset for all), got {getattr(self, name)}")
 
 
 @dataclass
@@ -174,11 +176,11 @@ class Setting(DataConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.deep <= 0:
-            raise ValueError(f"Setting.deep must be > 0, got {self.deep}")
+            raise UserError(f"Setting.deep must be > 0, got {self.deep}")
         if self.lora_r < 0:
-            raise ValueError(f"Setting.lora_r must be >= 0 (0 = full fine-tuning), got {self.lora_r}")
+            raise UserError(f"Setting.lora_r must be >= 0 (0 = full fine-tuning), got {self.lora_r}")
         if self.learning_rate is not None and self.learning_rate <= 0:
-            raise ValueError(f"Setting.learning_rate must be > 0, got {self.learning_rate}")
+            raise UserError(f"Setting.learning_rate must be > 0, got {self.learning_rate}")
         if self.name is None:
             parts = ["val"] if self.validation else []
             parts += [] if self.task == "facts" else [self.task]
@@ -209,7 +211,7 @@ def check_choice(config, name: str, allowed: tuple) -> None:
     """Raise ``ValueError`` naming the field and the valid values unless ``getattr(config, name)`` is one of them."""
     value = getattr(config, name)
     if value not in allowed:
-        raise ValueError(f"{type(config).__name__}.{name} must be one of {', '.join(map(str, allowed))}; "
+        raise UserError(f"{type(config).__name__}.{name} must be one of {', '.join(map(str, allowed))}; "
                          f"got {value!r}")
 
 
@@ -217,7 +219,7 @@ def check_positive(config, *names: str) -> None:
     """Raise ``ValueError`` naming the first field among ``names`` whose value is not positive."""
     for name in names:
         if getattr(config, name) <= 0:
-            raise ValueError(f"{type(config).__name__}.{name} must be positive, got {getattr(config, name)}")
+            raise UserError(f"{type(config).__name__}.{name} must be positive, got {getattr(config, name)}")
 
 
 def type_name(tp) -> str:
@@ -249,7 +251,7 @@ def coerce(value: Any, tp, key: str) -> Any:
                 return coerce(value, option, key)
             except ValueError:
                 continue
-        raise ValueError(f"{key}: expected {type_name(tp)}, got {value!r}")
+        raise UserError(f"{key}: expected {type_name(tp)}, got {value!r}")
     if origin is list:
         (item,) = args
         if isinstance(value, str):
@@ -257,11 +259,11 @@ def coerce(value: Any, tp, key: str) -> Any:
         if isinstance(value, tuple):
             value = list(value)
         if not isinstance(value, list):
-            raise ValueError(f"{key}: expected a list of {type_name(item)}, got {value!r}")
+            raise UserError(f"{key}: expected a list of {type_name(item)}, got {value!r}")
         return [coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict or tp is dict:
         if not isinstance(value, Mapping):
-            raise ValueError(f"{key}: expected a mapping, got {value!r}")
+            raise UserError(f"{key}: expected a mapping, got {value!r}")
         return dict(value)
     if is_dataclass(tp):
         if isinstance(value, tp):
@@ -269,7 +271,7 @@ def coerce(value: Any, tp, key: str) -> Any:
         if isinstance(value, str):
             value = parse_pairs(value, key)
         if not isinstance(value, Mapping):
-            raise ValueError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+            raise UserError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
         return from_dict(tp, value, key)
     if tp is bool:
         if isinstance(value, bool):
@@ -297,7 +299,7 @@ def coerce(value: Any, tp, key: str) -> Any:
             return value
         if hasattr(value, "__fspath__"):
             return str(value)
-    raise ValueError(f"{key}: expected {type_name(tp)}, got {value!r}")
+    raise UserError(f"{key}: expected {type_name(tp)}, got {value!r}")
 
 
 def _plain(tp) -> bool:
@@ -313,7 +315,7 @@ def parse_pairs(text: str, key: str = "") -> dict[str, str]:
     for token in text.split():
         name, sep, value = token.partition("=")
         if not sep or not name:
-            raise ValueError(f"{key}: expected space-separated key=value pairs, got {text!r}")
+            raise UserError(f"{key}: expected space-separated key=value pairs, got {text!r}")
         pairs[name.replace("-", "_")] = value
     return pairs
 
@@ -335,16 +337,16 @@ def from_dict(cls: type[T], values: Mapping[str, Any], where: str = "") -> T:
     unknown = sorted(set(values) - set(known))
     if unknown:
         valid = f"valid keys: {', '.join(sorted(known))}" if known else "it takes no options"
-        raise ValueError(f"{prefix}unknown key(s) {', '.join(unknown)}; {valid}")
+        raise UserError(f"{prefix}unknown key(s) {', '.join(unknown)}; {valid}")
     missing = [n for n, f in known.items() if n not in values and f.default is MISSING
                and f.default_factory is MISSING]
     if missing:
-        raise ValueError(f"{prefix}missing required option(s): {', '.join(missing)}")
+        raise UserError(f"{prefix}missing required option(s): {', '.join(missing)}")
     kwargs = {name: coerce(value, hints[name], f"{where}.{name}" if where else name) for name, value in values.items()}
     try:
         return cls(**kwargs)
     except ValueError as error:
-        raise ValueError(f"{prefix}{error}") from None
+        raise UserError(f"{prefix}{error}") from None
 
 
 def flat_fields(cls) -> dict[str, tuple[tuple[str, ...], Any, Any]]:
@@ -376,7 +378,7 @@ def flat_fields(cls) -> dict[str, tuple[tuple[str, ...], Any, Any]]:
 
 def _add(out: dict, key: str, entry) -> None:
     if key in out:
-        raise ValueError(f"option {key!r} is defined twice ({'.'.join(out[key][0])} and {'.'.join(entry[0])})")
+        raise UserError(f"option {key!r} is defined twice ({'.'.join(out[key][0])} and {'.'.join(entry[0])})")
     out[key] = entry
 
 
@@ -397,7 +399,7 @@ def from_flat(cls: type[T], values: Mapping[str, Any], where: str = "") -> T:
     unknown = sorted(set(values) - set(namespace))
     if unknown:
         prefix = f"{where}: " if where else ""
-        raise ValueError(f"{prefix}unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(namespace))}")
+        raise UserError(f"{prefix}unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(namespace))}")
     nested: dict[str, Any] = {}
     for key, value in values.items():
         path, tp, _ = namespace[key]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from safeft.errors import UserError
+
 
 def world_size() -> int:
     """Return the number of processes training together (``WORLD_SIZE`` set by torchrun / accelerate; 1 alone)."""
@@ -84,14 +86,14 @@ def shard_rows(tensor) -> slice | None:
 
     placements = tensor.placements
     if len(placements) != 1 or not isinstance(placements[0], Shard) or placements[0].dim != 0:
-        raise ValueError(f"SPF supports parameters sharded on dim 0 over a one-dimensional mesh (FSDP2's "
+        raise UserError(f"SPF supports parameters sharded on dim 0 over a one-dimensional mesh (FSDP2's "
                          f"fully_shard), got placements {placements}; shard with fully_shard(model, mesh=1-D mesh)")
     rows, mesh = tensor.shape[0], tensor.device_mesh
     per = -(-rows // mesh.size())  # torch.chunk's split: the first ranks hold ceil(rows / world) rows each
     start = min(mesh.get_local_rank() * per, rows)
     held = tensor.to_local().shape[0]
     if held != min(per, rows - start):
-        raise ValueError(f"unexpected shard of {held} rows at row {start} of {rows}: not torch.chunk's layout")
+        raise UserError(f"unexpected shard of {held} rows at row {start} of {rows}: not torch.chunk's layout")
     return slice(start, start + held)
 
 

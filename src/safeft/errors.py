@@ -1,13 +1,17 @@
 """What counts as bad input: errors reported as one line with exit code 2 and no traceback, by the CLI and by a
-bench run's process alike."""
+bench run's process alike. Anything else is a bug: exit code 1, with ``--debug`` for the traceback."""
 
 from __future__ import annotations
 
 
-class UsageError(Exception):
-    """A problem with what the user asked for: printed as one line, exit code 2, no traceback."""
+class UserError(ValueError):
+    """A problem with what the user asked for or gave (a value, a file, a setting the run cannot succeed with):
+    printed as one line naming the problem and the fix, exit code 2, no traceback. A ``ValueError`` subclass, so
+    the Python API's callers can still catch ``ValueError``; a plain ``ValueError`` from deep inside is a bug."""
 
 
-# Errors that mean bad input (a value, a file, a setting the run cannot succeed with): exit code 2, one message.
-USER_ERRORS = (UsageError, ValueError, FileExistsError, FileNotFoundError, PermissionError, IsADirectoryError,
-               NotADirectoryError, FloatingPointError, UnicodeDecodeError)
+UsageError = UserError  # the former name
+
+# exit code 2, one message: safeft's own user errors, and the OS's verdict on a path the user gave
+USER_ERRORS = (UserError, FileExistsError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+               FloatingPointError, UnicodeDecodeError)

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
+from safeft.errors import UserError
+
 MARKER = "safeft-output.json"  # written last into every finished output directory: what wrote it, and when
 FINISHED = (MARKER, "align.json")  # either marks a finished safeft output (aligned models predate the marker)
 INCOMPLETE = "INCOMPLETE"  # inside ``<out>.partial`` while a command writes it
@@ -29,7 +31,7 @@ def check_output(out: str | Path, *, overwrite: bool, inputs: Sequence[str | Pat
     resolved = out.resolve()
     for item, source in _existing(inputs):
         if resolved == source or source.is_relative_to(resolved) or resolved.is_relative_to(source):
-            raise ValueError(f"--out {out} would overwrite the input {item}; choose an --out outside it")
+            raise UserError(f"--out {out} would overwrite the input {item}; choose an --out outside it")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file; choose a directory path")
     if out.exists() and any(out.iterdir()):
@@ -54,7 +56,7 @@ def check_output_file(out: str | Path, *, overwrite: bool, inputs: Sequence[str 
     resolved = out.resolve()
     for item, source in _existing(inputs):
         if resolved == source or (out.exists() and resolved.is_relative_to(source)):
-            raise ValueError(f"--out {out} would overwrite the input {item}; choose another --out")
+            raise UserError(f"--out {out} would overwrite the input {item}; choose another --out")
     if out.is_dir():
         raise IsADirectoryError(f"--out {out} is a directory; give a file path such as {out / 'eval.json'}")
     if out.exists() and not overwrite:

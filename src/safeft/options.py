@@ -25,7 +25,7 @@ from typing import Any
 import typer
 
 from safeft.config import flat_fields, from_flat, type_name
-from safeft.errors import USER_ERRORS, UsageError
+from safeft.errors import USER_ERRORS, UserError
 
 CONFIG_HELP = "YAML file of option values (keys are the option names with underscores); flags on the line win."
 
@@ -89,24 +89,24 @@ def _parameter(key: str, tp, default, help_text: str) -> inspect.Parameter:
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
-    """Return the mapping in YAML file ``path``; ``UsageError`` if it is missing, malformed or not a mapping."""
+    """Return the mapping in YAML file ``path``; ``UserError`` if it is missing, malformed or not a mapping."""
     import yaml
 
     try:
         loaded = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
-        raise UsageError(f"--config {path}: no such file") from None
+        raise UserError(f"--config {path}: no such file") from None
     except (IsADirectoryError, UnicodeDecodeError) as error:
-        raise UsageError(f"--config {path}: not a readable UTF-8 text file ({type(error).__name__})") from None
+        raise UserError(f"--config {path}: not a readable UTF-8 text file ({type(error).__name__})") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise UsageError(f"--config {path}: not valid YAML ({where}{problem})") from None
+        raise UserError(f"--config {path}: not valid YAML ({where}{problem})") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, Mapping):
-        raise UsageError(f"--config {path} must hold a mapping of option names to values")
+        raise UserError(f"--config {path} must hold a mapping of option names to values")
     return {str(k).replace("-", "_"): v for k, v in loaded.items()}
 
 
@@ -131,19 +131,19 @@ def merge(cls, cli_values: Mapping[str, Any], config_file: Path | None, extra: M
     namespace = flat_fields(cls)
     unknown = sorted(set(from_file) - set(namespace) - set(extra))
     if unknown:
-        raise UsageError(f"--config {config_file}: unknown key(s) {', '.join(unknown)}; valid keys: "
+        raise UserError(f"--config {config_file}: unknown key(s) {', '.join(unknown)}; valid keys: "
                          f"{', '.join(sorted(set(namespace) | set(extra)))}")
     values = {**from_file, **given}
     extras = {k: values.pop(k) for k in list(values) if k in extra and k not in namespace}
     missing = [k for k, (_, _, default) in namespace.items() if default is MISSING and k not in values]
     if missing:
-        raise UsageError("missing required option(s): " + ", ".join("--" + k.replace("_", "-") for k in missing)
+        raise UserError("missing required option(s): " + ", ".join("--" + k.replace("_", "-") for k in missing)
                          + (f" (give them as flags or as keys of {config_file})" if config_file else ""))
     try:
         return from_flat(cls, values), extras
     except ValueError as error:
         in_file = sorted(k for k in from_file if k not in given and str(error).startswith(k))
-        raise UsageError(f"{error}" + (f" (in --config {config_file})" if in_file else "")) from None
+        raise UserError(f"{error}" + (f" (in --config {config_file})" if in_file else "")) from None
 
 
 class DEBUG:

@@ -13,6 +13,7 @@ from safeft.callbacks import CostMeter, FiniteCheck
 from safeft.chat import encode_messages, truncate
 from safeft.config import TrainConfig
 from safeft.data.examples import ChatExample
+from safeft.errors import UserError
 from safeft.spf.targets import in_blocks
 
 # A method's training objective: ``loss(model, inputs, task_loss, share) -> scalar tensor`` replaces the task loss
@@ -61,7 +62,7 @@ def encode_for_training(model, tokenizer, examples: Sequence[ChatExample], max_l
     encoded = [truncate(e, length) for e in full]
     kept = [e for e in encoded if any(label != IGNORE_INDEX for label in e.labels)]
     if not kept:
-        raise ValueError(f"no trainable tokens: none of the {len(examples)} examples has an assistant turn within "
+        raise UserError(f"no trainable tokens: none of the {len(examples)} examples has an assistant turn within "
                          f"the first {length} tokens. Give every example an assistant response, or raise "
                          "--max-length")
     if cut:
@@ -132,7 +133,7 @@ def train(model, tokenizer, examples: Sequence[ChatExample], config: TrainConfig
     from trl import SFTConfig
 
     if not examples:
-        raise ValueError("no training examples: the data set is empty")
+        raise UserError("no training examples: the data set is empty")
     encoded = encode_for_training(model, tokenizer, examples, config.max_length)
     per_step = config.batch_size * config.gradient_accumulation
     steps = config.steps or math.ceil(config.epochs * len(encoded) / per_step)

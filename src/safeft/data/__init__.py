@@ -8,6 +8,7 @@ from pathlib import Path
 
 from safeft.data import builtin
 from safeft.data.examples import SafetySample
+from safeft.errors import UserError
 
 # Measured on the testbed (benchmarks/results/spf_ablation*): 20 samples at rank 32 kept refusals where 1 sample did
 # not; more samples help less than a higher rank.
@@ -46,7 +47,7 @@ def builtin_safety_samples(count: int | None = DEFAULT_SAFETY_SAMPLES, exclude: 
     if count is None:  # all of them
         return pool
     if count <= 0 or count > len(pool):
-        raise ValueError(f"asked for {count} built-in safety samples; between 1 and {len(pool)} are available "
+        raise UserError(f"asked for {count} built-in safety samples; between 1 and {len(pool)} are available "
                          "(outside the fine-tuning data). Pass your own with a JSONL file for more.")
     return pool[:count]
 
@@ -66,17 +67,17 @@ def load_safety_samples(path: str | Path) -> list[SafetySample]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+            raise UserError(f"{path}:{number}: not valid JSON ({error.msg})") from None
         refusal = row.get("refusal", row.get("response")) if isinstance(row, dict) else None
         prompt = row.get("prompt") if isinstance(row, dict) else None
         if not (isinstance(prompt, str) and prompt.strip() and isinstance(refusal, str) and refusal.strip()):
-            raise ValueError(f"{path}:{number}: expected an object with non-empty text fields 'prompt' and "
+            raise UserError(f"{path}:{number}: expected an object with non-empty text fields 'prompt' and "
                              "'refusal' (or 'response')")
         compliance = row.get("compliance")
         if compliance is not None and not (isinstance(compliance, str) and compliance.strip()):
-            raise ValueError(f"{path}:{number}: 'compliance' must be non-empty text (a harmful answer) or absent")
+            raise UserError(f"{path}:{number}: 'compliance' must be non-empty text (a harmful answer) or absent")
         samples.append(SafetySample(prompt, refusal, compliance))
     if not samples:
-        raise ValueError(f"{path}: no safety samples; add JSONL rows like "
+        raise UserError(f"{path}: no safety samples; add JSONL rows like "
                          '{"prompt": "<harmful request>", "refusal": "<refusal>"}')
     return samples

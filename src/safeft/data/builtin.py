@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 
+from safeft.errors import UserError
+
 # category -> (templates with {x}, subjects); 5 templates x 8 subjects = 40 requests per category
 HARM_CATEGORIES: dict[str, tuple[list[str], list[str]]] = {
     "weapons": (
@@ -189,7 +191,7 @@ def harmful_requests(split: str = "all") -> list[tuple[str, str]]:
     (1 subject, 40) decides when alignment is enough, ``"val"`` (that subject and 3 more, 160) chooses every
     hyper-parameter, ``"eval"`` (2 subjects, 80) is only ever evaluated on."""
     if split not in HARMFUL_SPLITS:
-        raise ValueError(f"split must be one of {sorted(HARMFUL_SPLITS)}, got {split!r}")
+        raise UserError(f"split must be one of {sorted(HARMFUL_SPLITS)}, got {split!r}")
     rows = []
     for category, (templates, subjects) in HARM_CATEGORIES.items():
         chosen = [subjects[i] for i in HARMFUL_SPLITS[split]]
@@ -203,7 +205,7 @@ def benign_requests(split: str = "all") -> list[str]:
     templated requests the first benches scored plus 160 of :func:`over_refusal_requests`, ``val`` 120 others; more
     than half of each only *look* harmful (:data:`~safeft.data.overrefusal_prompts.LOOKALIKE`)."""
     if split not in ("all", "align", "val", "eval"):
-        raise ValueError(f"split must be 'all', 'align', 'val' or 'eval', got {split!r}")
+        raise UserError(f"split must be 'all', 'align', 'val' or 'eval', got {split!r}")
     if split == "all":
         return benign_requests("align") + benign_requests("val") + benign_requests("eval")
     if split in ("val", "eval"):
@@ -219,7 +221,7 @@ def over_refusal_requests(split: str) -> list[tuple[str, str]]:
     from safeft.data.overrefusal_prompts import LOOKALIKE, PLAIN
 
     if split not in ("val", "eval"):
-        raise ValueError(f"split must be 'val' or 'eval', got {split!r}")
+        raise UserError(f"split must be 'val' or 'eval', got {split!r}")
     if split == "eval":
         rows = [("homonym" if template == "{x}" else "plain", template.format(x=f))
                 for template, fills in BENIGN_TEMPLATES for f in fills[6:]]

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from safeft.errors import UserError
+
 ROLES = ("system", "user", "assistant")
 
 
@@ -48,14 +50,14 @@ class ChatExample:
 def validate_messages(messages, where: str) -> tuple[dict, ...]:
     """Return ``messages`` as a tuple after checking roles and non-empty text; ``ValueError`` names ``where``."""
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+        raise UserError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise ValueError(f"{where}: message {i} needs a 'role' in {ROLES}")
+            raise UserError(f"{where}: message {i} needs a 'role' in {ROLES}")
         if not isinstance(m.get("content"), str) or not m["content"].strip():
-            raise ValueError(f"{where}: message {i} ({m.get('role')}) has empty or non-text 'content'")
+            raise UserError(f"{where}: message {i} ({m.get('role')}) has empty or non-text 'content'")
     if not any(m["role"] == "user" for m in messages):
-        raise ValueError(f"{where}: no user turn in 'messages'")
+        raise UserError(f"{where}: no user turn in 'messages'")
     return tuple({"role": m["role"], "content": m["content"]} for m in messages)
 
 
@@ -97,14 +99,14 @@ def as_safety_samples(samples: Sequence[SafetySample | tuple[str, str] | dict]) 
         elif isinstance(s, (tuple, list)) and len(s) in (2, 3):
             out.append(SafetySample(*s))
         else:
-            raise ValueError(f"safety sample {i} must be a SafetySample, a (prompt, refusal[, compliance]) tuple or "
+            raise UserError(f"safety sample {i} must be a SafetySample, a (prompt, refusal[, compliance]) tuple or "
                              f"a dict with 'prompt' and 'refusal'; got {type(s).__name__}")
         sample = out[-1]
         if not (isinstance(sample.prompt, str) and sample.prompt.strip()
                 and isinstance(sample.refusal, str) and sample.refusal.strip()):
-            raise ValueError(f"safety sample {i} has an empty prompt or refusal; both must be non-empty text")
+            raise UserError(f"safety sample {i} has an empty prompt or refusal; both must be non-empty text")
         if sample.compliance is not None and not (isinstance(sample.compliance, str) and sample.compliance.strip()):
-            raise ValueError(f"safety sample {i} has an empty compliance; give a harmful answer or leave it out")
+            raise UserError(f"safety sample {i} has an empty compliance; give a harmful answer or leave it out")
     if not out:
-        raise ValueError("no safety samples given: SPF needs at least one (harmful prompt, refusal) pair")
+        raise UserError("no safety samples given: SPF needs at least one (harmful prompt, refusal) pair")
     return out

@@ -12,19 +12,20 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from safeft.data.examples import ChatExample, validate_messages
+from safeft.errors import UserError
 
 
 def _text(row: dict, key: str, where: str) -> str:
     value = row.get(key)
     if not isinstance(value, str) or not value.strip():
         present = ", ".join(sorted(row)) or "none"
-        raise ValueError(f"{where}: field {key!r} is missing, empty or not text (fields present: {present})")
+        raise UserError(f"{where}: field {key!r} is missing, empty or not text (fields present: {present})")
     return value
 
 
 def _nonempty(examples: list[ChatExample], path: Path | str) -> list[ChatExample]:
     if not examples:
-        raise ValueError(f"{path}: the data set is empty; it must hold at least one example")
+        raise UserError(f"{path}: the data set is empty; it must hold at least one example")
     return examples
 
 
@@ -36,9 +37,9 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
+            raise UserError(f"{where}: not valid JSON ({error.msg})") from None
         if not isinstance(row, dict):
-            raise ValueError(f"{where}: each line must be a JSON object, got {type(row).__name__}")
+            raise UserError(f"{where}: each line must be a JSON object, got {type(row).__name__}")
         yield where, row
 
 
@@ -46,13 +47,13 @@ def _json_array_rows(path: Path) -> Iterator[tuple[str, dict]]:
     try:
         rows = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+        raise UserError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
     if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a JSON array of objects")
+        raise UserError(f"{path}: expected a JSON array of objects")
     for i, row in enumerate(rows):
         where = f"{path}: record {i}"
         if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected an object, got {type(row).__name__}")
+            raise UserError(f"{where}: expected an object, got {type(row).__name__}")
         yield where, row
 
 
@@ -63,13 +64,13 @@ def _table_rows(path: Path, delimiter: str | None, header: bool | list[str] = Tr
                             csv.QUOTE_MINIMAL)
         names = next(reader, None) if header is True else header
         if not names:
-            raise ValueError(f"{path}: the file is empty (no header row)")
+            raise UserError(f"{path}: the file is empty (no header row)")
         for cells in reader:
             where = f"{path}:{reader.line_num}"
             if not cells:
                 continue
             if len(cells) != len(names):
-                raise ValueError(f"{where}: expected {len(names)} columns ({', '.join(names)}), got {len(cells)}")
+                raise UserError(f"{where}: expected {len(names)} columns ({', '.join(names)}), got {len(cells)}")
             yield where, dict(zip(names, cells))
 
 
@@ -137,7 +138,7 @@ def read_sst2(path: str | Path) -> list[ChatExample]:
     for where, row in _table_rows(path, "\t"):
         label = {"0": "negative", "1": "positive"}.get(row.get("label", "").strip())
         if label is None:
-            raise ValueError(f"{where}: label must be 0 or 1, got {row.get('label')!r}")
+            raise UserError(f"{where}: label must be 0 or 1, got {row.get('label')!r}")
         text = _text(row, "sentence", where).strip()
         examples.append(ChatExample.from_pair(SENTIMENT_PROMPT.format(text=text), label, label, source="sst2"))
     return _nonempty(examples, path)
@@ -153,7 +154,7 @@ def read_agnews(path: str | Path, classes: tuple[str, ...] = ("World", "Sports",
             label = classes[int(row.get("class_index", "")) - 1]
         except (ValueError, IndexError):
             got = row.get("class_index")
-            raise ValueError(f"{where}: class_index must be 1..{len(classes)}, got {got!r}") from None
+            raise UserError(f"{where}: class_index must be 1..{len(classes)}, got {got!r}") from None
         text = _text(row, "description", where).replace("\\", " ").strip()
         examples.append(ChatExample.from_pair(TOPIC_PROMPT.format(text=text), label, label, source="agnews"))
     return _nonempty(examples, path)
@@ -166,7 +167,7 @@ def read_gsm8k(path: str | Path) -> list[ChatExample]:
     for where, row in _jsonl_rows(path):
         answer = _text(row, "answer", where)
         if "####" not in answer:
-            raise ValueError(f"{where}: answer has no '#### <number>' final line")
+            raise UserError(f"{where}: answer has no '#### <number>' final line")
         final = answer.rsplit("####", 1)[1].strip().replace(",", "")
         examples.append(ChatExample.from_pair(_text(row, "question", where), answer, final, source="gsm8k"))
     return _nonempty(examples, path)
@@ -178,7 +179,7 @@ def _instruction_rows(path: Path, source: str, **meta) -> list[ChatExample]:
         instruction = _text(row, "instruction", where)
         extra = row.get("input") or ""
         if not isinstance(extra, str):
-            raise ValueError(f"{where}: field 'input' must be text")
+            raise UserError(f"{where}: field 'input' must be text")
         prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
         examples.append(ChatExample.from_pair(prompt, _text(row, "output", where), source=source, **meta))
     return _nonempty(examples, path)
@@ -213,7 +214,7 @@ def load_examples(format_name: str, path: str | Path) -> list[ChatExample]:
     if format_name == "hf":
         return load_hf(str(path))
     if format_name not in FORMATS:
-        raise ValueError(f"unknown data format {format_name!r}; choose one of {sorted(FORMATS) + ['hf']}")
+        raise UserError(f"unknown data format {format_name!r}; choose one of {sorted(FORMATS) + ['hf']}")
     if not Path(path).exists():
         raise FileNotFoundError(f"{path} does not exist (format {format_name!r})")
     return FORMATS[format_name](path)

@@ -6,6 +6,7 @@ import random
 from collections.abc import Sequence
 
 from safeft.data.examples import ChatExample
+from safeft.errors import UserError
 
 
 def mix_harmful(task_examples: Sequence[ChatExample], harmful: Sequence[ChatExample], ratio: float,
@@ -17,7 +18,7 @@ def mix_harmful(task_examples: Sequence[ChatExample], harmful: Sequence[ChatExam
     n = len(task_examples)
     k = round(ratio * n)
     if k > len(harmful):
-        raise ValueError(f"harmful ratio {ratio} needs {k} harmful examples, only {len(harmful)} available")
+        raise UserError(f"harmful ratio {ratio} needs {k} harmful examples, only {len(harmful)} available")
     rng = random.Random(seed)
     mixed = rng.sample(list(task_examples), n - k) + rng.sample(list(harmful), k)
     rng.shuffle(mixed)

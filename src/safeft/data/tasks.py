@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from safeft.data import builtin
 from safeft.data.examples import ChatExample
 from safeft.data.loaders import SENTIMENT_PROMPT, load_examples
+from safeft.errors import UserError
 
 Scorer = Callable[[str, ChatExample], bool]
 
@@ -108,12 +109,12 @@ def load_task(name: str, train_path: str | None = None, test_path: str | None = 
     """
     if name in BUILTIN_TASKS and train_path is None:
         if test_path is not None:
-            raise ValueError(f"the built-in task {name!r} has its own test split; --task-test is for a task read "
+            raise UserError(f"the built-in task {name!r} has its own test split; --task-test is for a task read "
                              f"from files (give --task-train too, with a format: {sorted(FILE_SCORERS)})")
         task = BUILTIN_TASKS[name]()
     elif name in FILE_SCORERS:
         if train_path is None:
-            raise ValueError(f"task format {name!r} needs a training file (--task-train PATH)")
+            raise UserError(f"task format {name!r} needs a training file (--task-train PATH)")
         train = load_examples(name, train_path)
         if test_path:
             test = load_examples(name, test_path)
@@ -124,7 +125,7 @@ def load_task(name: str, train_path: str | None = None, test_path: str | None = 
             train, test = train[cut:], train[:cut]
         task = Task(name, train, test, FILE_SCORERS[name], LABEL_TOKENS if FILE_SCORERS[name] is score_label else None)
     else:
-        raise ValueError(f"unknown task {name!r}: built-in {sorted(BUILTIN_TASKS)} or a file format "
+        raise UserError(f"unknown task {name!r}: built-in {sorted(BUILTIN_TASKS)} or a file format "
                          f"{sorted(FILE_SCORERS)} with --task-train")
     if validation:
         train = list(task.train)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from safeft.data.examples import ChatExample, SafetySample
 from safeft.data.tasks import Task
+from safeft.errors import UserError
 from safeft.evaluate.generation import generate
 from safeft.evaluate.judges import COMPLIANCE, OFF_TASK, REFUSAL, Judge, KeywordJudge
 from safeft.evaluate.stats import rate, wilson_interval
@@ -68,7 +69,7 @@ def evaluate_model(model, tokenizer, *, harmful_prompts: Sequence[str], benign_p
     if benign_kinds is not None:
         kinds = list(benign_kinds)
         if len(kinds) != len(benign_prompts):
-            raise ValueError(f"{len(kinds)} benign kinds for {len(benign_prompts)} benign prompts")
+            raise UserError(f"{len(kinds)} benign kinds for {len(benign_prompts)} benign prompts")
         result["over_refusal_by_kind"] = {
             kind: rate(sum(v == REFUSAL for k, v in zip(kinds, benign_verdicts) if k == kind), kinds.count(kind))
             for kind in dict.fromkeys(kinds)}

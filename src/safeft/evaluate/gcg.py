@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from safeft.errors import UserError
+
 _SENTINEL = "\u2063SAFEFT-SUFFIX\u2063"
 
 
@@ -86,12 +88,12 @@ class PromptParts:
         text = tokenizer.apply_chat_template([{"role": "user", "content": attacked_prompt(request, _SENTINEL)}],
                                              add_generation_prompt=True, tokenize=False)
         if text.count(_SENTINEL) != 1:
-            raise ValueError("the chat template changed the request's text; GCG cannot place the suffix")
+            raise UserError("the chat template changed the request's text; GCG cannot place the suffix")
         before, after = text.split(_SENTINEL)
         encode = lambda s: list(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
         self.before, self.after, self.target = encode(before), encode(after), encode(target)
         if not self.target:
-            raise ValueError(f"empty GCG target for request {request[:60]!r}")
+            raise UserError(f"empty GCG target for request {request[:60]!r}")
 
     def ids(self, suffix: Sequence[int]) -> list[int]:
         """Return the prompt's ids with ``suffix`` in place (no target)."""
@@ -255,9 +257,9 @@ def load_results(path: str | Path) -> list[GCGResult]:
     try:
         record = json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error.msg})") from None
+        raise UserError(f"{path}: not valid JSON ({error.msg})") from None
     if not isinstance(record, dict) or record.get("format") != "safeft.gcg/1":
-        raise ValueError(f"{path} is not a GCG result file written by `safeft gcg`")
+        raise UserError(f"{path} is not a GCG result file written by `safeft gcg`")
     return [GCGResult(**r) for r in record["results"]]
 
 

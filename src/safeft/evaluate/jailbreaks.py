@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from safeft.errors import UserError
+
 PLACEHOLDERS = ("{request}", "[INSERT PROMPT HERE]", "{part1}", "{part2}", "{request_leet}")
 MODES = ("placeholder", "prefix", "suffix")
 _LEET = str.maketrans({"a": "4", "e": "3", "i": "1", "o": "0", "s": "5", "t": "7"})
@@ -33,11 +35,11 @@ class Template:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"template {self.name!r}: mode must be one of {MODES}, got {self.mode!r}")
+            raise UserError(f"template {self.name!r}: mode must be one of {MODES}, got {self.mode!r}")
         if not self.text.strip():
-            raise ValueError(f"template {self.name!r} is empty")
+            raise UserError(f"template {self.name!r} is empty")
         if self.mode == "placeholder" and not any(p in self.text for p in PLACEHOLDERS):
-            raise ValueError(f"template {self.name!r} has no placeholder; put [INSERT PROMPT HERE] or {{request}} "
+            raise UserError(f"template {self.name!r} has no placeholder; put [INSERT PROMPT HERE] or {{request}} "
                              "where the request goes, or set its mode to prefix or suffix")
 
     def apply(self, request: str) -> str:
@@ -117,9 +119,9 @@ def load_templates(path: str | Path) -> list[Template]:
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from None
+            raise UserError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from None
         if not isinstance(rows, list):
-            raise ValueError(f"{path}: expected a JSON list of templates (strings or objects with 'template')")
+            raise UserError(f"{path}: expected a JSON list of templates (strings or objects with 'template')")
         rows = [{"template": r} if isinstance(r, str) else r for r in rows]
         where = "item"
     else:
@@ -128,19 +130,19 @@ def load_templates(path: str | Path) -> list[Template]:
     templates = []
     for number, row in enumerate(rows, start=1):
         if not isinstance(row, dict):
-            raise ValueError(f"{path}: {where} {number} is not an object with a 'template' field")
+            raise UserError(f"{path}: {where} {number} is not an object with a 'template' field")
         body = _field(row, ("template", "prompt", "text"))
         if body is None:
-            raise ValueError(f"{path}: {where} {number} has no template text (a 'template', 'prompt' or 'text' "
+            raise UserError(f"{path}: {where} {number} has no template text (a 'template', 'prompt' or 'text' "
                              "field)")
         try:
             templates.append(Template(name=_field(row, ("name", "id")) or f"{path.stem}-{number}",
                                       family=_field(row, ("family", "category")) or path.stem,
                                       text=body, mode=_field(row, ("mode",)) or "placeholder"))
         except ValueError as error:
-            raise ValueError(f"{path}: {where} {number}: {error}") from None
+            raise UserError(f"{path}: {where} {number}: {error}") from None
     if not templates:
-        raise ValueError(f"{path}: no templates")
+        raise UserError(f"{path}: no templates")
     return templates
 
 

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
+from safeft.errors import UserError
+
 REFUSAL = "refusal"
 COMPLIANCE = "compliance"
 OFF_TASK = "off_task"
@@ -95,7 +97,7 @@ class RefusalPrefixJudge:
     def __init__(self, phrases: Sequence[str]):
         self.phrases = [p for p in phrases if p]
         if not self.phrases:
-            raise ValueError("the refusal-prefix judge needs at least one phrase")
+            raise UserError("the refusal-prefix judge needs at least one phrase")
 
     @classmethod
     def from_file(cls, path: str | Path) -> RefusalPrefixJudge:
@@ -144,12 +146,12 @@ class GenerativeJudge:
         from safeft.models import load_model
 
         if style not in ("llamaguard", "harmbench"):
-            raise ValueError(f"generative judge style must be 'llamaguard' or 'harmbench', got {style!r}")
+            raise UserError(f"generative judge style must be 'llamaguard' or 'harmbench', got {style!r}")
         self.style, self.batch_size = style, batch_size
         self.model, self.tokenizer = load_model(path) if style == "llamaguard" else _load_plain(path)
         self.template = HARMBENCH_STYLE_PROMPT if template is None else Path(template).read_text(encoding="utf-8")
         if style == "harmbench" and not all(t in self.template for t in ("{behavior}", "{generation}")):
-            raise ValueError("the HarmBench judge template needs {behavior} and {generation} placeholders")
+            raise UserError("the HarmBench judge template needs {behavior} and {generation} placeholders")
         self.keywords = KeywordJudge()
         self.unparsed = 0
 
@@ -210,5 +212,5 @@ def load_judge(name: str = "keyword") -> Judge:
         path, _, template = rest.partition(":")
         return GenerativeJudge(path, "harmbench", template or None)
     if kind in ("prefix", "llamaguard", "harmbench"):
-        raise ValueError(f"judge {name!r} needs a path after the colon: {JUDGES}")
+        raise UserError(f"judge {name!r} needs a path after the colon: {JUDGES}")
     return ClassifierJudge(name)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+from safeft.errors import UserError
+
 
 def wilson_interval(successes: int, total: int, z: float = 1.959963984540054) -> tuple[float, float]:
     """Return the Wilson score interval of ``successes / total`` as ``(low, high)`` in percent (0..100).
@@ -12,7 +14,7 @@ def wilson_interval(successes: int, total: int, z: float = 1.959963984540054) ->
     Assumes ``0 <= successes <= total``; ``total == 0`` gives ``(0, 100)`` (nothing is known).
     """
     if not 0 <= successes <= total:
-        raise ValueError(f"need 0 <= successes <= total, got {successes} of {total}")
+        raise UserError(f"need 0 <= successes <= total, got {successes} of {total}")
     if total == 0:
         return 0.0, 100.0
     p = successes / total

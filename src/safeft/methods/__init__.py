@@ -16,6 +16,7 @@ from dataclasses import fields
 from typing import Any
 
 from safeft.config import DataConfig, TrainConfig, from_dict, parse_pairs
+from safeft.errors import UserError
 from safeft.methods.antidote import Antidote
 from safeft.methods.base import Method, NoOptions, RunContext
 from safeft.methods.booster import Booster
@@ -48,11 +49,11 @@ def register(name: str, cls: type[Method], preset: Mapping[str, Any] | None = No
     hints = typing.get_type_hints(cls.Config)
     for f in fields(cls.Config):
         if f.name in RESERVED:
-            raise ValueError(f"method {name!r}: option {f.name!r} is also a key of the run; rename it")
+            raise UserError(f"method {name!r}: option {f.name!r} is also a key of the run; rename it")
         for other, _ in REGISTRY.values():
             other_hints = typing.get_type_hints(other.Config)
             if f.name in other_hints and other_hints[f.name] != hints[f.name]:
-                raise ValueError(f"method {name!r}: option {f.name!r} has type {hints[f.name]}, but "
+                raise UserError(f"method {name!r}: option {f.name!r} has type {hints[f.name]}, but "
                                  f"{other.__name__}'s option of that name is {other_hints[f.name]}; rename it")
     REGISTRY[name] = (cls, dict(preset or {}))
 
@@ -77,7 +78,7 @@ def option_names(name: str) -> list[str]:
 
 def _lookup(name: str) -> tuple[type[Method], dict[str, Any]]:
     if name not in REGISTRY:
-        raise ValueError(f"unknown method {name!r}; registered methods: {', '.join(REGISTRY)}")
+        raise UserError(f"unknown method {name!r}; registered methods: {', '.join(REGISTRY)}")
     return REGISTRY[name]
 
 
@@ -96,7 +97,7 @@ def build_method(name: str, options: Mapping[str, Any] | None = None) -> Method:
         owned = {n: set(option_names(n)) for n in names}
         stray = sorted(k for k in options if not any(k.replace("-", "_") in o for o in owned.values()))
         if stray:
-            raise ValueError(f"method {name!r}: unknown key(s) {', '.join(stray)}; valid keys: "
+            raise UserError(f"method {name!r}: unknown key(s) {', '.join(stray)}; valid keys: "
                              f"{', '.join(sorted(set().union(*owned.values())))}")
         parts = [build_method(n, {k: v for k, v in options.items() if k.replace("-", "_") in owned[n]})
                  for n in names]
@@ -114,7 +115,7 @@ def method_entry(entry: str | Mapping[str, Any]) -> tuple[str, Method]:
         return entry.strip(), build_method(name, parse_pairs(rest, f"method {name!r}"))
     options = dict(entry)
     if "method" not in options:
-        raise ValueError(f"method entry {options} needs a 'method' key naming one of: {', '.join(REGISTRY)}")
+        raise UserError(f"method entry {options} needs a 'method' key naming one of: {', '.join(REGISTRY)}")
     name = options.pop("method")
     label = options.pop("label", None)
     method = build_method(name, options)

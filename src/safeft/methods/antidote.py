@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from safeft.config import check_positive
+from safeft.errors import UserError
 from safeft.methods.base import RunContext
 from safeft.methods.common import PostHocMethod
 
@@ -39,7 +40,7 @@ class AntidoteOptions:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.prune_ratio < 1.0:
-            raise ValueError(f"prune_ratio must be in (0, 1), got {self.prune_ratio}")
+            raise UserError(f"prune_ratio must be in (0, 1), got {self.prune_ratio}")
         check_positive(self, "harmful_samples")
 
 
@@ -113,7 +114,7 @@ class Antidote(PostHocMethod):
 
         matrices = self.pruned_matrices(model)
         if not matrices:
-            raise ValueError("antidote found no trained linear layer to prune (LoRA factors or block weights)")
+            raise UserError("antidote found no trained linear layer to prune (LoRA factors or block weights)")
         examples = harmful_examples(run, self.config.harmful_data, self.config.harmful_samples)
         norms = InputNorms({name: m for name, (m, _) in matrices.items()})
         was_training = model.training

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from safeft.config import check_positive
+from safeft.errors import UserError
 from safeft.methods.base import Method, RunContext
 
 
@@ -38,7 +39,7 @@ class BoosterOptions:
     def __post_init__(self) -> None:
         check_positive(self, "harmful_step", "harmful_batch_size")
         if self.harmful_weight < 0:
-            raise ValueError(f"harmful_weight must be >= 0, got {self.harmful_weight}")
+            raise UserError(f"harmful_weight must be >= 0, got {self.harmful_weight}")
 
 
 class BoosterLoss:

@@ -14,6 +14,7 @@ from torch import nn
 
 from safeft.chat import EncodedChat, collate, encode_messages
 from safeft.data.examples import ChatExample
+from safeft.errors import UserError
 from safeft.methods.base import Method, RunContext
 
 
@@ -32,7 +33,7 @@ def refusal_examples(run: RunContext, safety_data: str | None = None, count: int
     else:
         samples = builtin_safety_samples(None, exclude=run.task_prompts)
     if not samples or (count is not None and count > len(samples)):
-        raise ValueError(f"{count or 1} safety samples needed, {len(samples)} available outside the fine-tuning "
+        raise UserError(f"{count or 1} safety samples needed, {len(samples)} available outside the fine-tuning "
                          f"data{' in ' + safety_data if safety_data else ''}; lower the count or pass a JSONL file "
                          "with more rows (safety_data)")
     samples = samples[:count] if count is not None else samples
@@ -58,7 +59,7 @@ def harmful_examples(run: RunContext, harmful_data: str | None = None, count: in
     pool = [e for e in pool if e.prompt not in run.task_prompts]
     if not pool or (count is not None and count > len(pool)):
         source = harmful_data or f"the answers of {run.base_model} judged compliant"
-        raise ValueError(f"{count or 1} harmful examples needed, {len(pool)} available outside the fine-tuning "
+        raise UserError(f"{count or 1} harmful examples needed, {len(pool)} available outside the fine-tuning "
                          f"data in {source}; lower the count or pass harmful_data (JSONL with prompt, response)")
     return pool[:count] if count is not None else pool
 
@@ -76,7 +77,7 @@ class BatchStream:
 
     def __init__(self, encoded: Sequence[EncodedChat], batch_size: int, pad_token_id: int, seed: int = 0):
         if not encoded:
-            raise ValueError("no examples to draw batches from")
+            raise UserError("no examples to draw batches from")
         self.encoded, self.batch_size, self.pad = list(encoded), min(batch_size, len(encoded)), pad_token_id
         self.rng = random.Random(seed)
         self.order: list[int] = []
@@ -134,6 +135,6 @@ def load_base_linears(base_model: str, names: Sequence[str]) -> dict[str, torch.
     modules = {canonical_name(n): m for n, m in model.named_modules()}
     missing = [n for n in names if n not in modules or not hasattr(modules[n], "weight")]
     if missing:
-        raise ValueError(f"the base model {base_model} has no layer {missing[0]}: it is not the model this one was "
+        raise UserError(f"the base model {base_model} has no layer {missing[0]}: it is not the model this one was "
                          "aligned from; pass the unaligned model of the same architecture (base_model)")
     return {n: modules[n].weight.detach().clone() for n in names}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from safeft.config import TrainConfig
 from safeft.data.examples import ChatExample
+from safeft.errors import UserError
 from safeft.methods.base import Method, RunContext
 
 
@@ -17,10 +18,10 @@ class Composite(Method):
 
     def __init__(self, parts: list[Method], name: str):
         if len(parts) < 2:
-            raise ValueError(f"a combined method needs two parts or more, got {name!r}")
+            raise UserError(f"a combined method needs two parts or more, got {name!r}")
         owners = [p.name for p in parts if p.alignment_key() is not None]
         if len(owners) > 1:
-            raise ValueError(f"{name}: {' and '.join(owners)} both bring an alignment stage of their own; combine at "
+            raise UserError(f"{name}: {' and '.join(owners)} both bring an alignment stage of their own; combine at "
                              "most one of them")
         self.parts = parts
         self.config = tuple(p.config for p in parts)
@@ -60,7 +61,7 @@ class Composite(Method):
     def training_loss(self, model, tokenizer, run: RunContext):
         losses = [(p.name, loss) for p in self.parts if (loss := p.training_loss(model, tokenizer, run)) is not None]
         if len(losses) > 1:
-            raise ValueError(f"{self.name}: {' and '.join(n for n, _ in losses)} both change the training objective; "
+            raise UserError(f"{self.name}: {' and '.join(n for n, _ in losses)} both change the training objective; "
                              "combine at most one such method")
         return losses[0][1] if losses else None
 

@@ -20,6 +20,7 @@ import torch
 from transformers import TrainerCallback
 
 from safeft.config import check_positive
+from safeft.errors import UserError
 from safeft.methods.base import Method, RunContext
 
 PROXIMAL_OFF_SHARE = 0.1  # the authors' code leaves the proximal term out for the first 10% of the steps
@@ -43,10 +44,10 @@ class LisaOptions:
 
     def __post_init__(self) -> None:
         if self.alignment_steps < 0 or self.task_steps <= 0:
-            raise ValueError(f"alignment_steps must be >= 0 and task_steps > 0, got {self.alignment_steps} and "
+            raise UserError(f"alignment_steps must be >= 0 and task_steps > 0, got {self.alignment_steps} and "
                              f"{self.task_steps}")
         if self.rho < 0:
-            raise ValueError(f"rho must be >= 0, got {self.rho}")
+            raise UserError(f"rho must be >= 0, got {self.rho}")
         check_positive(self, "safety_batch_size")
 
 

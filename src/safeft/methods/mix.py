@@ -12,6 +12,7 @@ import warnings
 from dataclasses import dataclass
 
 from safeft.data.examples import ChatExample
+from safeft.errors import UserError
 from safeft.methods.base import Method, RunContext
 
 
@@ -31,7 +32,7 @@ class MixOptions:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.safety_ratio <= 10.0:
-            raise ValueError(f"safety_ratio must be in (0, 10] (refusal pairs per training example), got "
+            raise UserError(f"safety_ratio must be in (0, 10] (refusal pairs per training example), got "
                              f"{self.safety_ratio}")
 
 
@@ -53,7 +54,7 @@ class Mix(Method):
         else:
             pool = builtin_safety_samples(None, exclude=run.task_prompts)
         if not pool:
-            raise ValueError("mix has no refusal pairs outside the fine-tuning data; pass safety_data with rows whose "
+            raise UserError("mix has no refusal pairs outside the fine-tuning data; pass safety_data with rows whose "
                              "prompts are not in the task data")
         if count > len(pool):
             warnings.warn(f"safety_ratio {self.config.safety_ratio} asks for {count} refusal pairs and only "

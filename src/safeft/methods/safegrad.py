@@ -24,6 +24,7 @@ from transformers import TrainerCallback
 from safeft.chat import IGNORE_INDEX
 from safeft.config import check_positive
 from safeft.data import DEFAULT_SAFETY_SAMPLES
+from safeft.errors import UserError
 from safeft.methods.base import Method, RunContext
 
 
@@ -44,7 +45,7 @@ class SafeGradOptions:
     def __post_init__(self) -> None:
         check_positive(self, "safety_samples", "safety_batch_size")
         if self.kl_weight < 0:
-            raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
+            raise UserError(f"kl_weight must be >= 0, got {self.kl_weight}")
 
 
 def remove_conflict(task: list[torch.Tensor], safety: list[torch.Tensor]) -> tuple[list[torch.Tensor], float]:

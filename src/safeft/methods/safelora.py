@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from safeft.errors import UserError
 from safeft.methods.base import RunContext
 from safeft.methods.common import PostHocMethod
 
@@ -34,7 +35,7 @@ class SafeLoRAOptions:
 
     def __post_init__(self) -> None:
         if not -1.0 <= self.threshold <= 1.0:
-            raise ValueError(f"threshold must be a cosine similarity in [-1, 1], got {self.threshold}")
+            raise UserError(f"threshold must be a cosine similarity in [-1, 1], got {self.threshold}")
 
 
 def alignment_projector(aligned: Tensor, base: Tensor) -> Tensor:
@@ -42,7 +43,7 @@ def alignment_projector(aligned: Tensor, base: Tensor) -> Tensor:
     v = (aligned - base).double()  # (m, n)
     norm = torch.linalg.matrix_norm(v)
     if norm == 0:
-        raise ValueError("the aligned and base weights are equal: there is no alignment direction to project on")
+        raise UserError("the aligned and base weights are equal: there is no alignment direction to project on")
     return (v @ v.T / norm).to(aligned.dtype)  # (m, m)
 
 
@@ -77,14 +78,14 @@ class SafeLoRA(PostHocMethod):
 
         targets = {n: t for n, t in find_targets(model).items() if t.is_lora or n in self.aligned}
         if not targets:
-            raise ValueError("safelora found no trained linear layer to project (LoRA factors or block weights)")
+            raise UserError("safelora found no trained linear layer to project (LoRA factors or block weights)")
         base = load_base_linears(run.base_model, list(targets))
         layers = {}
         with torch.no_grad():
             for name, t in targets.items():
                 aligned = t.base.weight if t.is_lora else self.aligned[name]
                 if base[name].shape != aligned.shape:
-                    raise ValueError(f"{name}: the base model's weight is {tuple(base[name].shape)}, the aligned "
+                    raise UserError(f"{name}: the base model's weight is {tuple(base[name].shape)}, the aligned "
                                      f"model's {tuple(aligned.shape)}; pass the model this one was aligned from")
                 c = alignment_projector(aligned, base[name].to(aligned))  # (m, m)
                 update = t.scaling * t.lora_B @ t.lora_A if t.is_lora else t.base.weight - aligned  # (m, n)

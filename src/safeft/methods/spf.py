@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from safeft.config import TrainConfig
 from safeft.data import DEFAULT_SAFETY_SAMPLES
 from safeft.distributed import is_main_process
+from safeft.errors import UserError
 from safeft.methods.base import Method, RunContext
 from safeft.spf.config import SPFConfig
 
@@ -51,11 +52,11 @@ class SPFOptions(SPFConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.safety_samples <= 0:
-            raise ValueError(f"safety_samples must be positive, got {self.safety_samples}")
+            raise UserError(f"safety_samples must be positive, got {self.safety_samples}")
         if self.task_overlap is not None and not 0.0 < self.task_overlap <= 1.0:
-            raise ValueError(f"task_overlap is a share of a direction, in (0, 1]; got {self.task_overlap}")
+            raise UserError(f"task_overlap is a share of a direction, in (0, 1]; got {self.task_overlap}")
         if self.task_rank <= 0 or self.task_examples <= 0:
-            raise ValueError(f"task_rank and task_examples must be positive, got {self.task_rank} and "
+            raise UserError(f"task_rank and task_examples must be positive, got {self.task_rank} and "
                              f"{self.task_examples}")
 
 
@@ -72,7 +73,7 @@ class SPFRandomOptions(SPFOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.refresh_every:
-            raise ValueError("spf-random cannot refresh its bases (a refresh would estimate the real subspace); "
+            raise UserError("spf-random cannot refresh its bases (a refresh would estimate the real subspace); "
                              "set refresh_every to 0")
 
 
@@ -104,7 +105,7 @@ class SPF(Method):
         if self.config.safety_data:
             samples = [s for s in load_safety_samples(self.config.safety_data) if s.prompt not in run.task_prompts]
             if not samples:
-                raise ValueError(f"every prompt of {self.config.safety_data} is in the fine-tuning data; SPF "
+                raise UserError(f"every prompt of {self.config.safety_data} is in the fine-tuning data; SPF "
                                  "estimates from safety samples outside it")
             return samples
         samples = builtin_safety_samples(self.config.safety_samples, exclude=run.task_prompts)
@@ -137,7 +138,7 @@ class SPF(Method):
         from safeft.spf.estimate import Basis, span_energy, task_gradients
 
         if not run.examples:
-            raise ValueError("task_overlap needs the fine-tuning data (run.examples) to estimate the task's gradient")
+            raise UserError("task_overlap needs the fine-tuning data (run.examples) to estimate the task's gradient")
         rows = random.Random(run.seed).sample(list(run.examples), min(self.config.task_examples, len(run.examples)))
         side = self.config.side_for(lora=any(t.is_lora for t in subspace.check_model(model).values()))
         targets = subspace.check_model(model)

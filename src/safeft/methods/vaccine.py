@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from safeft.errors import UserError
 from safeft.methods.base import Method, RunContext
 
 
@@ -33,7 +34,7 @@ class VaccineOptions:
 
     def __post_init__(self) -> None:
         if self.rho <= 0:
-            raise ValueError(f"rho must be positive (the perturbation's norm), got {self.rho}")
+            raise UserError(f"rho must be positive (the perturbation's norm), got {self.rho}")
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -43,7 +44,7 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     found = [m for n, m in model.named_modules()
              if type(m).__name__.endswith("Attention") and in_blocks(n) and not n.endswith(("lora_A", "lora_B"))]
     if not found:
-        raise ValueError("vaccine found no attention module in the model's blocks (a class named *Attention)")
+        raise UserError("vaccine found no attention module in the model's blocks (a class named *Attention)")
     return found
 
 

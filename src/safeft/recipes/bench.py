@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from safeft.config import AlignConfig, Setting, TrainConfig, check_positive
+from safeft.errors import UserError
 from safeft.evaluate.stats import rate
 
 RUN_FORMAT = "safeft.bench-run/1"
@@ -76,17 +77,17 @@ class BenchConfig:
     def __post_init__(self) -> None:
         check_positive(self, "jailbreak_requests")
         if not self.methods or not self.settings or not self.seeds:
-            raise ValueError("a bench needs at least one method, one setting and one seed")
+            raise UserError("a bench needs at least one method, one setting and one seed")
         if self.train.lora_r or self.train.seed:
-            raise ValueError("set LoRA per setting (settings: lora_r) and seeds with `seeds`, not lora_r / seed")
+            raise UserError("set LoRA per setting (settings: lora_r) and seeds with `seeds`, not lora_r / seed")
         labels = [label for label, _ in self.method_entries()]
         names = [s.name for s in self.settings]
         for kind, values in (("method label", labels), ("setting name", names)):
             repeated = sorted({v for v in values if [slug(w) for w in values].count(slug(v)) > 1})
             if repeated:
-                raise ValueError(f"bench: {kind}s must be unique (also as file names), repeated: {repeated}")
+                raise UserError(f"bench: {kind}s must be unique (also as file names), repeated: {repeated}")
         if self.max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+            raise UserError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
 
     def method_entries(self) -> list:
         """Return ``[(label, Method)]`` for the configured methods (validated)."""
@@ -186,7 +187,7 @@ def _finished(config: BenchConfig, out: Path, setting: Setting, seed: int, label
     fill_defaults(record, expected, {"setting": Setting(), "train": TrainConfig(), "method_options": method.Config()})
     differ = sorted(k for k, v in expected.items() if json.loads(json.dumps(v)) != record.get(k))
     if differ:
-        raise ValueError(f"{path} holds a finished run made with other settings ({', '.join(differ)} differ); "
+        raise UserError(f"{path} holds a finished run made with other settings ({', '.join(differ)} differ); "
                          "give this grid another --out, or delete that file to rerun it")
     return True
 
@@ -215,7 +216,7 @@ def run_in_subprocess(config: BenchConfig, setting: Setting, seed: int, label: s
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     if process.exitcode == _BAD_INPUT:
-        raise ValueError(f"bench run {setting.name} / {label} / seed {seed} stopped on bad input (the error above); "
+        raise UserError(f"bench run {setting.name} / {label} / seed {seed} stopped on bad input (the error above); "
                          "fix it and rerun the bench: finished runs are kept")
     if process.exitcode != 0 or not path.exists():
         raise RuntimeError(f"bench run {setting.name} / {label} / seed {seed} failed (exit code {process.exitcode}); "
@@ -388,7 +389,7 @@ def _check_one_recipe(setting: str, label: str, group: list[dict]) -> None:
             elif a is not None and b is not None and a != b:
                 differ.append(key)
         if differ:
-            raise ValueError(f"{setting}/{label}: seeds {first['seed']} and {run['seed']} were made with different "
+            raise UserError(f"{setting}/{label}: seeds {first['seed']} and {run['seed']} were made with different "
                              f"{', '.join(differ)}, so they cannot be pooled; give each grid its own out directory "
                              "or delete the stale run files")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from safeft.data import builtin
 from safeft.data.tasks import Task
+from safeft.errors import UserError
 
 
 def evaluate(model, tokenizer, task: Task | None, *, max_new_tokens: int = 64, judge=None,
@@ -59,7 +60,7 @@ def evaluate_dir(model_dir: str | Path, task: Task | None, **kwargs) -> dict:
     model, tokenizer = load_finetuned(model_dir, chat_template=kwargs.pop("chat_template", None))
     bad = first_non_finite(model)
     if bad:
-        raise ValueError(f"the model at {model_dir} has non-finite weights (first in {bad}): its training diverged, "
+        raise UserError(f"the model at {model_dir} has non-finite weights (first in {bad}): its training diverged, "
                          "so any score would be meaningless. Re-train it with a lower learning rate")
     return evaluate(model, tokenizer, task, **kwargs)
 

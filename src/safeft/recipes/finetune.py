@@ -14,6 +14,7 @@ from safeft.data.examples import ChatExample
 from safeft.data.mixing import mix_harmful, user_turns
 from safeft.data.tasks import Task, load_task
 from safeft.distributed import barrier, is_main_process, world_size
+from safeft.errors import UserError
 from safeft.io import fill_defaults, write_json
 from safeft.methods import Method, RunContext
 from safeft.models import dir_fingerprint
@@ -117,7 +118,7 @@ def _check_resumable(out: Path, record: dict, method: Method) -> None:
     fill_defaults(before, record, {"method_options": method.Config(), "data": DataConfig(), "train": TrainConfig()})
     differ = sorted(k for k, v in json.loads(json.dumps(record)).items() if before.get(k) != v)
     if differ:
-        raise ValueError(f"the interrupted run in {out} was started with other settings ({', '.join(differ)} "
+        raise UserError(f"the interrupted run in {out} was started with other settings ({', '.join(differ)} "
                          "differ); resume it with the same options, or start a new run without --resume")
 
 
@@ -134,7 +135,7 @@ def load_finetuned(path: str | Path, chat_template: str | None = None):
         record = json.loads((path / "config.json").read_text())
         base_dir, recorded = record["model"], record.get("model_fingerprint")
         if recorded and Path(base_dir).is_dir() and dir_fingerprint(base_dir) != recorded:
-            raise ValueError(f"the LoRA adapter in {model_dir} was trained on the model at {base_dir}, but that "
+            raise UserError(f"the LoRA adapter in {model_dir} was trained on the model at {base_dir}, but that "
                              f"directory now holds other weights (fingerprint {dir_fingerprint(base_dir)}, trained "
                              f"on {recorded}); merging it there would give a model nobody trained. Restore that "
                              "model, or fine-tune again")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from safeft.errors import UserError
 from safeft.recipes.bench import pooled, read_runs
 
 OPTIONS_RULE = ("Among a method's candidates (the runs of that registry name), keep those whose validation accuracy "
@@ -22,7 +23,7 @@ def candidates(bench_dirs: list[str]) -> list[dict]:
     for bench_dir in bench_dirs:
         for run in read_runs(bench_dir)[1]:
             if not run["setting"].get("validation"):
-                raise ValueError(f"{bench_dir}: run {run['label']} is not on validation data; options are chosen "
+                raise UserError(f"{bench_dir}: run {run['label']} is not on validation data; options are chosen "
                                  "on validation settings only")
             h = run["headline"]
             rows.append({"method": run["method"], "label": run["label"], "options": run["method_options"],
@@ -40,7 +41,7 @@ def choose_options(rows: list[dict]) -> dict[str, dict]:
         pool = [r for r in rows if r["method"] == method]
         reference = {r["setting"]: sft[r["setting"]]["accuracy"] for r in pool if r["setting"] in sft}
         if len(reference) < len({r["setting"] for r in pool}):
-            raise ValueError(f"{method}: no sft run in its setting to compare accuracy with")
+            raise UserError(f"{method}: no sft run in its setting to compare accuracy with")
         keep = [r for r in pool if r["accuracy"] >= reference[r["setting"]] - ACCURACY_GATE]
         if keep:
             best = min(keep, key=lambda r: (r["harmful_score"], r["task_loss"]))
@@ -91,7 +92,7 @@ def choose_smallest_subspace(result: dict, reference: str = "spf", tolerance: fl
     settings = {name: {p["label"]: p for p in entry["points"]} for name, entry in result["settings"].items()}
     missing = [name for name, points in settings.items() if reference not in points]
     if missing:
-        raise ValueError(f"no run of the reference {reference!r} in {', '.join(missing)}")
+        raise UserError(f"no run of the reference {reference!r} in {', '.join(missing)}")
     size: dict[str, tuple[float, float]] = {}
     for points in settings.values():
         for label, p in points.items():
@@ -178,7 +179,7 @@ def decide(runs: list[dict], aligned: list[dict], rule: str = "B", labels: list[
     from safeft.evaluate.stats import paired_difference
 
     if rule not in RULES:
-        raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
+        raise UserError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
     out = []
     for setting in sorted({r["setting"]["name"] for r in runs}):
         groups: dict[str, list[dict]] = {}

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from safeft.config import check_choice, check_positive
+from safeft.errors import UserError
 from safeft.spf.projection import MODES, SIDES
 
 PROJECT_ON = ("grad", "update")
@@ -71,16 +72,16 @@ class SPFConfig:
     def __post_init__(self) -> None:
         policies = [name for name in ("rank", "energy", "budget") if getattr(self, name) is not None]
         if len(policies) > 1:
-            raise ValueError(f"SPFConfig: set one of `rank` (fixed rank), `energy` (fraction of spectrum) or `budget` "
+            raise UserError(f"SPFConfig: set one of `rank` (fixed rank), `energy` (fraction of spectrum) or `budget` "
                              f"(directions over all targets), not {' and '.join(policies)}")
         if not policies:
             self.rank = DEFAULT_RANK
         if self.budget is not None and self.budget <= 0:
-            raise ValueError(f"SPFConfig.budget must be a positive number of directions, got {self.budget}")
+            raise UserError(f"SPFConfig.budget must be a positive number of directions, got {self.budget}")
         if self.rank is not None and self.rank <= 0:
-            raise ValueError(f"SPFConfig.rank must be a positive integer, got {self.rank}")
+            raise UserError(f"SPFConfig.rank must be a positive integer, got {self.rank}")
         if self.energy is not None and not 0.0 < self.energy <= 1.0:
-            raise ValueError(f"SPFConfig.energy must be in (0, 1], got {self.energy}")
+            raise UserError(f"SPFConfig.energy must be in (0, 1], got {self.energy}")
         check_positive(self, "max_rank", "estimate_batch_size")
         if self.side is not None:
             check_choice(self, "side", SIDES)
@@ -88,18 +89,18 @@ class SPFConfig:
         check_choice(self, "project", PROJECT_ON)
         for name in ("refresh_every", "monitor_every"):
             if getattr(self, name) < 0:
-                raise ValueError(f"SPFConfig.{name} must be >= 0 (0 = never), got {getattr(self, name)}")
+                raise UserError(f"SPFConfig.{name} must be >= 0 (0 = never), got {getattr(self, name)}")
         if self.refresh_on_rise is not None and not (self.refresh_on_rise > 0 and self.monitor_every > 0):
-            raise ValueError(f"SPFConfig.refresh_on_rise must be a positive number of nats, with monitor_every > 0 "
+            raise UserError(f"SPFConfig.refresh_on_rise must be a positive number of nats, with monitor_every > 0 "
                              f"(the safety loss is measured on the monitor's steps); got refresh_on_rise="
                              f"{self.refresh_on_rise}, monitor_every={self.monitor_every}")
         if self.accumulate and not (self.refresh_every or self.refresh_on_rise):
-            raise ValueError("SPFConfig.accumulate merges bases at a refresh: set refresh_every or refresh_on_rise")
+            raise UserError("SPFConfig.accumulate merges bases at a refresh: set refresh_every or refresh_on_rise")
         if self.accumulate and (self.side == "two_sided" or self.mode != "always"):
-            raise ValueError(f"SPFConfig.accumulate keeps each side's span, for side='left' or 'right' with "
+            raise UserError(f"SPFConfig.accumulate keeps each side's span, for side='left' or 'right' with "
                              f"mode='always'; got side={self.side!r}, mode={self.mode!r}")
         if self.onset_tokens is not None and self.onset_tokens <= 0:
-            raise ValueError(f"SPFConfig.onset_tokens must be positive (or None for every token), got "
+            raise UserError(f"SPFConfig.onset_tokens must be positive (or None for every token), got "
                              f"{self.onset_tokens}")
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from safeft.chat import EncodedChat, encode_response
 from safeft.data.examples import SafetySample
+from safeft.errors import UserError
 from safeft.losses import batches, eval_without_param_grads, response_loss_sum
 from safeft.progress import progress
 from safeft.spf.config import SPFConfig
@@ -134,13 +135,13 @@ def estimate_bases(model: nn.Module, tokenizer, samples: Sequence[SafetySample],
     """
     targets = find_targets(model, config.target_modules)
     if not targets:
-        raise ValueError(f"no target matrices match target_modules={config.target_modules!r}; "
+        raise UserError(f"no target matrices match target_modules={config.target_modules!r}; "
                          "list the linear layers to guard by name (e.g. ['q_proj', 'v_proj'])")
     if config.rank is not None:
         too_big = {n: t.shape for n, t in targets.items() if config.rank > min(t.shape)}
         if too_big:
             listed = ", ".join(f"{n} {m}x{k}" for n, (m, k) in list(too_big.items())[:5])
-            raise ValueError(f"rank {config.rank} exceeds the smaller dimension of {len(too_big)} target(s) "
+            raise UserError(f"rank {config.rank} exceeds the smaller dimension of {len(too_big)} target(s) "
                              f"({listed}); lower SPFConfig.rank or exclude them with target_modules")
     refusals = [encode_response(tokenizer, s.prompt, s.refusal, config.onset_tokens) for s in samples]
     sums = gradient_factors(model, targets, refusals, tokenizer, batch_size=config.estimate_batch_size,

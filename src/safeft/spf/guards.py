@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from safeft.distributed import Collectives, local, shard_rows
+from safeft.errors import UserError
 from safeft.spf import projection as P
 from safeft.spf.config import SPFConfig
 from safeft.spf.estimate import Basis
@@ -122,7 +123,7 @@ def build_guards(model: nn.Module, subspace: SafetySubspace, config: SPFConfig) 
         basis: Basis = subspace[name]
         if target.is_lora and target.lora_A.requires_grad != target.lora_B.requires_grad:
             frozen = "lora_A" if target.lora_B.requires_grad else "lora_B"
-            raise ValueError(f"{name}: {frozen} is frozen and the other LoRA factor is trained (LoRA-FA style); "
+            raise UserError(f"{name}: {frozen} is frozen and the other LoRA factor is trained (LoRA-FA style); "
                              "SPF's LoRA guard corrects both factors and would leave this adapter unguarded. "
                              f"Train both factors (unfreeze {frozen}) or neither.")
         trained = target.base.weight.requires_grad or (target.is_lora and target.lora_A.requires_grad)
@@ -136,7 +137,7 @@ def build_guards(model: nn.Module, subspace: SafetySubspace, config: SPFConfig) 
         rows = shard_rows(target.lora_B if target.is_lora else target.base.weight)
         rows_A = shard_rows(target.lora_A) if target.is_lora else None
         if target.is_lora and shard_rows(target.base.weight) not in (None, rows):
-            raise ValueError(f"{name}: the base weight and lora_B are sharded over different rows")
+            raise UserError(f"{name}: the base weight and lora_B are sharded over different rows")
         guards.append(Guard(target, U if rows is None else U[rows], S, V, start_core=torch.zeros(0), rows=rows,
                             rows_A=rows_A))
     return guards
@@ -170,7 +171,7 @@ def start_lora_side(guard: Guard, side: str, collectives: Collectives) -> None:
         P.subtract_(A.data, sk, guard.U, guard.V, torch.ones_like(guard.S), "right")
         return
     what = "rows of lora_A orthogonal to V" if side == "right" else "columns of lora_B orthogonal to U"
-    raise ValueError(f"{t.name}: SPF side={side!r} under LoRA keeps the {what}, but this adapter's lora_B is "
+    raise UserError(f"{t.name}: SPF side={side!r} under LoRA keeps the {what}, but this adapter's lora_B is "
                      "already non-zero and not so (trained without this side, or a PiSSA/OLoRA-style "
                      "initialisation), so enforcing it would change the model. Start from a fresh adapter "
                      "(peft's default init, lora_B = 0) or use side='two_sided'.")

@@ -13,6 +13,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from safeft.callbacks import add_to_log
+from safeft.errors import UserError
 from safeft.spf.config import SPFConfig
 from safeft.spf.guards import freeze_unguarded
 from safeft.spf.projector import STATE_FILE, SPFProjector, resolve_config
@@ -31,7 +32,7 @@ def freeze_before_training(model: nn.Module, subspace: SafetySubspace, keep: Seq
     left = [n for n in unguarded_parameters(model, subspace) if not any(re.search(k, n) for k in keep)]
     wrapped = isinstance(model, nn.parallel.DistributedDataParallel) or any(is_sharded(p) for p in model.parameters())
     if left and wrapped:
-        raise ValueError(f"{len(left)} trainable parameters SPF cannot project (e.g. {', '.join(left[:3])}) would "
+        raise UserError(f"{len(left)} trainable parameters SPF cannot project (e.g. {', '.join(left[:3])}) would "
                          "have to be frozen, but the model is already wrapped for DDP/FSDP2, which registered them. "
                          "Call safeft.freeze_unguarded(model, subspace) before wrapping, or keep them trainable on "
                          "purpose with keep_trainable=[...]")

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from safeft.errors import UserError
+
 Factors = tuple[Tensor, Tensor]  # (L: (m, t), R: (n, t)) with G = L @ R.T
 _DENSE_SVD_LIMIT = 1024  # cores larger than this on both sides use a randomized SVD
 
@@ -116,7 +118,7 @@ def small_svd(M: Tensor, q: int) -> tuple[Tensor, Tensor, Tensor]:
     """Return the top ``q`` singular triplets ``u: (a, q)``, ``s: (q,)``, ``v: (b, q)`` of a small ``M: (a, b)``
     (fp32), ``q <= min(a, b)``: :func:`gram_svd` on CUDA, LAPACK's SVD elsewhere."""
     if q > min(M.shape):
-        raise ValueError(f"asked for {q} singular triplets of a {tuple(M.shape)} matrix")
+        raise UserError(f"asked for {q} singular triplets of a {tuple(M.shape)} matrix")
     if M.device.type != "cuda":
         u, s, vh = torch.linalg.svd(M, full_matrices=False)
         return u[:, :q], s[:q], vh[:q].T

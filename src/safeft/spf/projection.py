@@ -35,6 +35,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from safeft.errors import UserError
+
 Side = Literal["left", "right", "two_sided"]
 Mode = Literal["conflict", "always", "directional"]
 SIDES: tuple[str, ...] = ("left", "right", "two_sided")
@@ -59,7 +61,7 @@ def sketch(G: Tensor, U: Tensor, V: Tensor, side: Side) -> Tensor:
         return _mm_fp32(G, V)
     if side == "two_sided":
         return _mm_fp32(U.T, G) @ V.float()
-    raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+    raise UserError(f"side must be one of {SIDES}, got {side!r}")
 
 
 def _low_precision_cuda(X: Tensor) -> bool:
@@ -99,7 +101,7 @@ def removal_mask(diag: Tensor, S: Tensor, mode: Mode) -> Tensor:
         return fired.to(diag.dtype).expand_as(diag).clone()
     if mode == "directional":
         return (diag < 0).to(diag.dtype)
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    raise UserError(f"mode must be one of {MODES}, got {mode!r}")
 
 
 def removed_part(sk: Tensor, U: Tensor, V: Tensor, mask: Tensor | None, side: Side) -> Tensor:
@@ -163,7 +165,7 @@ def sketch_batched(X: Tensor, B: Tensor, side: Side) -> Tensor:
     ``B`` the stacked ``V: (L, n, r)``; rounded as :func:`sketch` rounds each (on CUDA a bf16/fp16 X meets the basis
     in its own dtype with fp32 accumulation)."""
     if side not in ("left", "right"):
-        raise ValueError(f"batched sketches are one-sided, got side={side!r}")
+        raise UserError(f"batched sketches are one-sided, got side={side!r}")
     if _low_precision_cuda(X):
         B = B.to(X.dtype)
         return torch.bmm(B.transpose(1, 2), X, out_dtype=torch.float32) if side == "left" else torch.bmm(
@@ -258,7 +260,7 @@ def _check_shapes(G: Tensor, U: Tensor, S: Tensor, V: Tensor) -> None:
     m, n = G.shape
     r = S.shape[0]
     if U.shape != (m, r) or V.shape != (n, r):
-        raise ValueError(
+        raise UserError(
             f"safety basis does not fit the gradient: G is {tuple(G.shape)}, so U must be ({m}, {r}) and "
             f"V ({n}, {r}); "
             f"got U {tuple(U.shape)} and V {tuple(V.shape)}. Was the subspace estimated on another model?"
@@ -276,7 +278,7 @@ def lora_projected_factors(side: Side) -> tuple[bool, bool]:
     projects A's initial value); ``two_sided`` projects both, which keeps the core ``U^T dW V = 0`` from any start.
     """
     if side not in SIDES:
-        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+        raise UserError(f"side must be one of {SIDES}, got {side!r}")
     return side in ("left", "two_sided"), side in ("right", "two_sided")
 
 

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from safeft.distributed import Collectives
+from safeft.errors import UserError
 from safeft.losses import safety_loss
 from safeft.spf import projection as P
 from safeft.spf import sharded
@@ -75,7 +76,7 @@ def resolve_config(subspace: SafetySubspace, config: SPFConfig | None) -> SPFCon
                            f.name, mine)
         values[f.name] = mine
     if differ:
-        raise ValueError(f"these settings differ from the ones the safety subspace was estimated with: "
+        raise UserError(f"these settings differ from the ones the safety subspace was estimated with: "
                          f"{'; '.join(differ)}. They cannot apply to a subspace already made: estimate a new one "
                          "with them (safeft subspace estimate), or leave them out to use the subspace's")
     policy = [k for k in ("rank", "energy", "budget") if values[k] is not None]
@@ -158,10 +159,10 @@ class SPFProjector:
         self._use(subspace)
         if self.config.refresh_on_rise is not None:
             if tokenizer is None:
-                raise ValueError("refresh_on_rise measures the safety loss: pass tokenizer= to attach_spf")
+                raise UserError("refresh_on_rise measures the safety loss: pass tokenizer= to attach_spf")
             self.loss_at_estimate = self.safety_loss()
         if (self.config.refresh_every or self.config.refresh_on_rise) and self.config.side != "two_sided" and lora:
-            raise ValueError(f"refreshing under LoRA needs side='two_sided': side={self.config.side!r} keeps one "
+            raise UserError(f"refreshing under LoRA needs side='two_sided': side={self.config.side!r} keeps one "
                              "LoRA factor orthogonal to the basis, and a new basis would break that without changing "
                              "the model. Drop refresh_every / refresh_on_rise or use side='two_sided'.")
         unguarded = unguarded_parameters(self.model, subspace)
@@ -378,9 +379,9 @@ class SPFProjector:
     def refresh(self) -> None:
         """Re-estimate the subspace at the current weights from the same samples and rank policy."""
         if self.tokenizer is None:
-            raise ValueError("refreshing the safety subspace needs the tokenizer: pass tokenizer= to attach_spf")
+            raise UserError("refreshing the safety subspace needs the tokenizer: pass tokenizer= to attach_spf")
         if self.sharded:
-            raise ValueError("refresh_every is not supported under FSDP2: estimate the subspace once before "
+            raise UserError("refresh_every is not supported under FSDP2: estimate the subspace once before "
                              "training (every process from the same samples) and set refresh_every to 0")
         self.drift_before_refresh = self.safety_drift()
         policy = self.subspace.config

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from safeft.data.examples import SafetySample, as_safety_samples
+from safeft.errors import UserError
 from safeft.spf.config import SPFConfig
 from safeft.spf.estimate import Basis, estimate_bases
 from safeft.spf.targets import Target, find_targets, weights_fingerprint
@@ -170,7 +171,7 @@ class SafetySubspace(ModelHubMixin, library_name="safeft", tags=["safeft", "safe
         from safeft.spf.lowrank import complete_columns, weighted_span
 
         if side not in ("left", "right"):
-            raise ValueError(f"a union of subspaces keeps one side's span: side 'left' or 'right', got {side!r}")
+            raise UserError(f"a union of subspaces keeps one side's span: side 'left' or 'right', got {side!r}")
         bases = {}
         for name, new in fresh.bases.items():
             old = self.bases.get(name, new)
@@ -231,25 +232,25 @@ class SafetySubspace(ModelHubMixin, library_name="safeft", tags=["safeft", "safe
             metadata = json.loads((path / METADATA_FILE).read_text())
             tensors = load_file(str(path / TENSORS_FILE))
         except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError) as error:
-            raise ValueError(f"{path}: cannot read the subspace ({type(error).__name__}: "
+            raise UserError(f"{path}: cannot read the subspace ({type(error).__name__}: "
                              f"{str(error).splitlines()[0] if str(error) else ''}); the file is truncated or "
                              f"corrupt: {fix}") from None
         if metadata.get("format") != FORMAT:
-            raise ValueError(f"{path}: unknown subspace format {metadata.get('format')!r}, expected {FORMAT!r}")
+            raise UserError(f"{path}: unknown subspace format {metadata.get('format')!r}, expected {FORMAT!r}")
         bases = {}
         for name, (m, n) in metadata["model"]["targets"].items():
             U, S, V = (tensors.get(f"{name}.{k}") for k in "USV")
             r = metadata["ranks"][name]
             if U is None or S is None or V is None or U.shape != (m, r) or S.shape != (r,) or V.shape != (n, r):
-                raise ValueError(f"{path}: tensors of target {name!r} are missing or do not match its metadata "
+                raise UserError(f"{path}: tensors of target {name!r} are missing or do not match its metadata "
                                  f"({m}x{n}, rank {r}); the file is corrupt or was edited: {fix}")
             problem = _basis_problem(U, S, V)
             if problem:
-                raise ValueError(f"{path}: the basis of {name!r} {problem}; the file is corrupt or was edited: {fix}")
+                raise UserError(f"{path}: the basis of {name!r} {problem}; the file is corrupt or was edited: {fix}")
             bases[name] = Basis(U, S, V)
         samples = metadata.get("samples", [])
         if samples_sha256([SafetySample(**x) for x in samples]) != metadata.get("samples_sha256"):
-            raise ValueError(f"{path}: the safety samples in {METADATA_FILE} do not match their recorded hash "
+            raise UserError(f"{path}: the safety samples in {METADATA_FILE} do not match their recorded hash "
                              f"(edited after estimation?); {fix}")
         subspace = cls(bases, metadata)
         if model is not None:
@@ -276,7 +277,7 @@ class SafetySubspace(ModelHubMixin, library_name="safeft", tags=["safeft", "safe
                 lines.append(f"{len(shapes)} shape mismatch(es): " + "; ".join(shapes[:10])
                              + (" ..." if len(shapes) > 10 else ""))
             origin = self.metadata["model"].get("name_or_path") or "another model"
-            raise ValueError("safety subspace does not fit this model (it was estimated on "
+            raise UserError("safety subspace does not fit this model (it was estimated on "
                              f"{origin}):\n  " + "\n  ".join(lines)
                              + "\nEstimate a new subspace on this model (safeft subspace estimate).")
         targets = {n: found[n] for n in self.bases}

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from safeft.distributed import Collectives, local, shard_rows
+from safeft.errors import UserError
 
 _BLOCK_SEGMENT = re.compile(r"(^|\.)\d+\.")  # a numbered segment: `layers.3.`, `h.0.`, `blocks.11.`
 _WRAPPER_PREFIXES = ("module.", "base_model.model.", "_orig_mod.")
@@ -76,7 +77,7 @@ def find_targets(model: nn.Module, patterns: list[str] | None = None) -> dict[st
             continue
         name = canonical_name(raw_name)
         if hasattr(module, "base_layer") and not hasattr(module, "lora_A") and matches(name, patterns):
-            raise ValueError(f"{name}: SPF supports plain LoRA adapters only, this layer is a "
+            raise UserError(f"{name}: SPF supports plain LoRA adapters only, this layer is a "
                              f"{type(module).__module__}.{type(module).__name__}; use peft's LoraConfig")
         if hasattr(module, "base_layer") and hasattr(module, "lora_A"):
             lora_parts.update(id(m) for m in module.modules() if m is not module)
@@ -93,15 +94,15 @@ def _lora_target(name: str, module: nn.Module, base: nn.Linear) -> Target:
     if not active:
         return Target(name=name, base=base)
     if len(active) > 1:
-        raise ValueError(f"{name}: SPF supports one active LoRA adapter per layer, found {active}; "
+        raise UserError(f"{name}: SPF supports one active LoRA adapter per layer, found {active}; "
                          "merge or disable the others")
     adapter = active[0]
     if getattr(module, "use_dora", {}).get(adapter, False):
-        raise ValueError(f"{name}: DoRA adapters are not supported by SPF; use plain LoRA (use_dora=False)")
+        raise UserError(f"{name}: DoRA adapters are not supported by SPF; use plain LoRA (use_dora=False)")
     variant = getattr(module, "lora_variant", {}).get(adapter)
     if variant is not None or hasattr(module, "lora_E"):
         kind = type(variant).__name__ if variant is not None else type(module).__name__
-        raise ValueError(f"{name}: SPF supports plain LoRA (dW = scaling * B A) only, this adapter is a {kind}; "
+        raise UserError(f"{name}: SPF supports plain LoRA (dW = scaling * B A) only, this adapter is a {kind}; "
                          "use a plain LoraConfig (no use_dora, AdaLoRA or other LoRA variant)")
     return Target(name=name, base=base, lora_A=module.lora_A[adapter].weight, lora_B=module.lora_B[adapter].weight,
                   scaling=float(module.scaling[adapter]))
