@@ -10,6 +10,7 @@ import pytest
 
 import safeft.recipes.bench as bench_module
 from safeft.config import AlignConfig, Setting, TrainConfig
+from safeft.errors import UserError
 from safeft.io import write_json
 from safeft.methods import REGISTRY, Method, register
 from safeft.recipes.bench import BenchConfig, bench, read_runs, run_path, summarize
@@ -137,10 +138,10 @@ def test_a_bench_killed_mid_run_leaves_no_run_file(tiny_dir, cache, tmp_path):
 
 
 class NoSafetyData(Method):
-    """A method whose input is bad: its run stops on a ValueError, as a user's wrong option would."""
+    """A method whose input is bad: its run stops on a UserError, as a user's wrong option would."""
 
     def training_data(self, examples, run):
-        raise ValueError("no refusal pairs left; pass safety_data")
+        raise UserError("no refusal pairs left; pass safety_data")
 
 
 @pytest.mark.slow

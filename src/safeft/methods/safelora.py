@@ -80,6 +80,10 @@ class SafeLoRA(PostHocMethod):
         if not targets:
             raise UserError("safelora found no trained linear layer to project (LoRA factors or block weights)")
         base = load_base_linears(run.base_model, list(targets))
+        if all(torch.equal(base[name].to(t.base.weight), t.base.weight if t.is_lora else self.aligned[name])
+               for name, t in targets.items()):
+            raise UserError(f"safelora found no alignment direction: {run.base_model} has the same weights as the "
+                            "model being fine-tuned. Pass the unaligned one it was aligned from as --base-model PATH")
         layers = {}
         with torch.no_grad():
             for name, t in targets.items():

@@ -26,11 +26,37 @@ def task_of(data: DataConfig) -> Task:
                      validation=data.validation)
 
 
-def training_examples(task: Task, data: DataConfig, seed: int, cache: Path) -> list[ChatExample]:
-    """Return the task's training data with the setting's harmful share mixed in (seeded)."""
+def harmful_source(data: DataConfig, model_dir: str | Path) -> str:
+    """Return the model whose substantive answers make a harmful mix without ``harmful_answers``: ``base_model`` if
+    given, else the unaligned model ``model_dir`` was aligned from by ``safeft align`` (its ``align.json``), else the
+    model being fine-tuned itself; never a model fetched for the purpose."""
+    if data.base_model:
+        return data.base_model
+    record = Path(model_dir) / "align.json"
+    if record.exists():
+        return json.loads(record.read_text()).get("base_model") or str(model_dir)
+    return str(model_dir)
+
+
+def training_examples(task: Task, data: DataConfig, seed: int, cache: Path, model_dir: str | Path = "default"
+                      ) -> list[ChatExample]:
+    """Return the task's training data with the setting's harmful share mixed in (seeded): rows of
+    ``data.harmful_answers``, or the substantive answers of :func:`harmful_source` to the built-in requests.
+
+    Raises:
+        UserError: if there are too few harmful answers for the ratio, naming where they came from and the fix.
+    """
     examples = list(task.train)
     if data.harmful_ratio > 0:
-        harmful = compliant_examples(data.base_model or "default", data.harmful_answers, cache)
+        source = harmful_source(data, model_dir)
+        harmful = compliant_examples(source, data.harmful_answers, cache)
+        needed = round(data.harmful_ratio * len(examples))
+        if needed > len(harmful):
+            where = data.harmful_answers or (f"{source}'s answers: it complied with {len(harmful)} of the built-in "
+                                             "harmful requests (an aligned model refuses them)")
+            raise UserError(f"the harmful mix needs {needed} harmful answers, {len(harmful)} available from "
+                            f"{where}. Pass --harmful-answers FILE (JSONL with prompt and response, e.g. BeaverTails) "
+                            "or --base-model PATH (an unaligned model that answers them)")
         examples = mix_harmful(examples, harmful, data.harmful_ratio, seed)
     return examples
 
@@ -67,8 +93,8 @@ def finetune(model_dir: str | Path, data: DataConfig, method: Method, train_conf
     elif main:
         write_json(out / "config.json", record)
     task = task_of(data)
-    examples = training_examples(task, data, train_config.seed, cache)
-    run = RunContext(out=out, cache=cache, seed=train_config.seed, base_model=data.base_model or "default",
+    examples = training_examples(task, data, train_config.seed, cache, model_dir)
+    run = RunContext(out=out, cache=cache, seed=train_config.seed, base_model=harmful_source(data, model_dir),
                      harmful_answers=data.harmful_answers, task_prompts=user_turns(examples), resume=resume,
                      examples=tuple(examples))
     examples = method.training_data(examples, run)
