@@ -376,3 +376,24 @@ def test_seeds_trained_differently_are_not_pooled():
     assert pooled([run(0, 40), run(1, 40, {"lora_targets": None})])[0]["harmful_score"]["n"] == 160
     with pytest.raises(ValueError, match=r"p/spf: seeds 0 and 1 .*train\.steps.*own out directory"):
         pooled([run(0, 40), run(1, 80)])  # a stale run file of an earlier, longer grid
+
+
+def test_a_default_is_replaced_only_by_a_candidate_that_wins_somewhere_and_loses_nowhere():
+    from safeft.recipes.selection import choose_factor
+
+    runs = []
+    for seed in range(2):
+        for setting, better in (("p", 20), ("q", 0)):  # "x" wins p clearly and ties on q
+            runs += [_run(setting, "sft", seed, 60, 80), _run(setting, "spf", seed, 30, 80),
+                     _run(setting, "spf x", seed, 30 - better, 80), _run(setting, "spf y", seed, 31, 80, 30)]
+    chosen = choose_factor(runs, ALIGNED, "spf", ["spf x", "spf y"])
+    assert chosen["choice"] == "spf x" and "wins p" in chosen["why"]
+    assert {e["setting"] for e in chosen["settings"]} == {"p", "q"}
+    worse = [r for r in runs if not (r["setting"]["name"] == "q" and r["label"] == "spf x")]
+    worse += [_run("q", "spf x", seed, 60, 80) for seed in range(2)]  # wins p, loses q: the default stays
+    assert choose_factor(worse, ALIGNED, "spf", ["spf x", "spf y"])["choice"] == "spf"
+    gated = [r for seed in range(2) for r in (_run("q", "sft", seed, 60, 80), _run("q", "spf", seed, 20, 80, 30),
+                                              _run("q", "spf x", seed, 30, 80), _run("q", "spf w", seed, 31, 80))]
+    chosen = choose_factor(gated, ALIGNED, "spf", ["spf w", "spf x"])  # the default refuses too much; x, w tie
+    assert chosen["choice"] == "spf x" and "excluded everywhere" in chosen["why"]
+    assert choose_factor(runs, ALIGNED, "spf", ["spf z"])["choice"] is None  # nothing to compare with yet

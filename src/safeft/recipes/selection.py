@@ -239,3 +239,49 @@ def decide(runs: list[dict], aligned: list[dict], rule: str = "B", labels: list[
 def _mean(values) -> float | None:
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
+
+
+FACTOR_RULE = ("One factor at a time around today's default: in every validation setting where the default and a "
+               "candidate both ran, decide the setting among sft, the default and the factor's candidates by rule B "
+               "(decide). A candidate replaces the default only if it wins at least one setting and, in every "
+               "setting, is neither excluded by a gate nor loses (its paired interval against the winner above 0). "
+               "If the default is excluded everywhere, the candidate that passes the gates in the most settings "
+               "(then the lowest mean harmful score) replaces it. Otherwise the default stays.")
+
+
+def choose_factor(runs: list[dict], aligned: list[dict], default: str, options: list[str],
+                  rule: str = "B") -> dict:
+    """Return ``{"choice", "why", "settings": [decide entries]}`` for one factor by :data:`FACTOR_RULE`.
+
+    ``default`` is today's default's method label, ``options`` the candidate labels of the same factor; only
+    settings where ``default`` and at least one candidate ran are read. ``choice`` is ``default`` when nothing
+    replaces it and ``None`` when no setting has both."""
+    names = [default, *options]
+    settings = {r["setting"]["name"] for r in runs if r["label"] == default} & \
+        {r["setting"]["name"] for r in runs if r["label"] in options}
+    entries = [e for e in decide([r for r in runs if r["setting"]["name"] in settings], aligned, rule, names)]
+    if not entries:
+        return {"choice": None, "why": f"no setting where {default} and a candidate both ran", "settings": []}
+
+    def status(entry: dict, label: str) -> str | None:
+        return entry["methods"].get(label, {}).get("status")
+
+    winners = [o for o in options
+               if any(status(e, o) == "wins" for e in entries)
+               and all(status(e, o) not in ("excluded", "loses") for e in entries if o in e["methods"])]
+    if winners:
+        best = min(winners, key=lambda o: sum(e["methods"][o]["harmful_score"] for e in entries if o in e["methods"]))
+        won = [e["setting"] for e in entries if status(e, best) == "wins"]
+        return {"choice": best, "why": f"wins {', '.join(won)} and neither loses nor is excluded elsewhere",
+                "settings": entries}
+    if all(status(e, default) == "excluded" for e in entries):
+        passing = {o: [e for e in entries if status(e, o) not in (None, "excluded")] for o in options}
+        passing = {o: es for o, es in passing.items() if es}
+        if passing:
+            best = min(passing, key=lambda o: (-len(passing[o]), statistics.mean(
+                e["methods"][o]["harmful_score"] for e in passing[o])))
+            return {"choice": best, "why": f"the default is excluded everywhere; {best} passes the gates in "
+                                           f"{len(passing[best])} of {len(entries)} settings", "settings": entries}
+        return {"choice": default, "why": "every candidate is excluded too; the default stays", "settings": entries}
+    return {"choice": default, "why": "no candidate wins a setting without losing or being excluded in another",
+            "settings": entries}

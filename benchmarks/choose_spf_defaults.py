@@ -1,0 +1,84 @@
+"""Choose SPF's defaults on validation data only, one factor at a time (issue 35), by a rule written down first.
+
+    python benchmarks/choose_spf_defaults.py benchmarks/results/validation --out benchmarks/results/spf_choices
+
+reads the validation bench's run files (every run must be on a validation setting), decides each factor by
+:data:`safeft.recipes.selection.FACTOR_RULE` and writes ``OUT.json`` (the choices and every setting's decision)
+and ``OUT.md`` (per factor: the choice, why, and each setting's rule-B table). A factor whose runs have not landed
+yet is listed as pending.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from safeft.errors import UserError
+from safeft.io import write_json
+from safeft.recipes.bench import read_runs
+from safeft.recipes.selection import FACTOR_RULE, WIN_RULE, choose_factor
+from safeft.report import verdict_markdown
+
+
+def full(run: dict) -> bool:
+    """Full fine-tuning at the default budget."""
+    return not run["setting"].get("lora_r") and run["setting"].get("deep", 1.0) == 1.0
+
+
+# factor -> (today's default label, candidate labels, which settings decide it)
+FACTORS = {
+    "onset tokens": ("spf", ["spf onset=all", "spf onset=2", "spf onset=8"], full),
+    "rank": ("spf", ["spf rank=32", "spf rank=128"], full),
+    "norms": ("spf", ["spf norms trained"], full),
+    "side (full fine-tuning)": ("spf", ["spf side=left", "spf side=two_sided"], full),
+    "side (LoRA)": ("spf side=two_sided", ["spf side=left", "spf side=right"],
+                    lambda r: bool(r["setting"].get("lora_r"))),
+    "deep fine-tuning": ("spf", ["spf refresh=50", "spf refresh=50 accumulate", "spf rise=0.02",
+                                 "spf rise=0.02 accumulate", "spf+mix 0.05"],
+                         lambda r: r["setting"].get("deep", 1.0) > 1.0),
+    "task overlap": ("spf", ["spf task=0.5", "spf task=0.2", "spf mode=directional", "spf mode=conflict",
+                             "spf+mix 0.05"], full),
+    "refusal replay": ("spf", ["spf+mix 0.05", "spf+mix 0.1"], full),
+}
+
+
+def markdown(result: dict) -> str:
+    """Return the choices as markdown: the rule, one line per factor, then each factor's rule-B tables."""
+    lines = ["# SPF's defaults chosen on validation data", "", f"Command: `{result['command']}`", "",
+             f"Rule: {FACTOR_RULE}", "", f"Rule B's winner: {WIN_RULE}", "",
+             "| factor | today's default | choice | why | candidates not run yet |", "|---|---|---|---|---|"]
+    for name, f in result["factors"].items():
+        lines.append(f"| {name} | {f['default']} | {f['choice'] or 'pending'} | {f['why']} | "
+                     f"{', '.join(f['not_run']) or '-'} |")
+    for name, f in result["factors"].items():
+        if f["settings"]:
+            tables = verdict_markdown({"B": f["settings"]})
+            lines += ["", f"## {name}", "", *tables[tables.index("Rule B:") + 2:]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("bench", help="validation bench directory (run files under BENCH/runs)")
+    parser.add_argument("--out", required=True, help="output path without extension (.json and .md are written)")
+    args = parser.parse_args()
+    aligned, runs = read_runs(args.bench)
+    off = sorted({r["setting"]["name"] for r in runs if not r["setting"].get("validation")})
+    if off:
+        raise UserError(f"{args.bench}: settings {', '.join(off)} are not on validation data; SPF's defaults are "
+                        "chosen on validation settings only")
+    result = {"command": "python " + " ".join(sys.argv), "rule": FACTOR_RULE, "factors": {}}
+    for name, (default, options, keep) in FACTORS.items():
+        chosen = choose_factor([r for r in runs if keep(r)], aligned, default, options)
+        not_run = [o for o in options if not any(r["label"] == o and keep(r) for r in runs)]
+        result["factors"][name] = {"default": default, "candidates": options, "not_run": not_run, **chosen}
+        print(f"{name}: {chosen['choice'] or 'pending'} - {chosen['why']}" + (f" ({len(not_run)} of "
+              f"{len(options)} candidates not run yet)" if not_run else ""))
+    out = Path(args.out)
+    write_json(out.with_suffix(".json"), result)
+    out.with_suffix(".md").write_text(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
