@@ -186,11 +186,25 @@ def block_ablation(tag: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def block_module_map() -> str:
+    """The src/safeft tree, one line per module: the first line of its docstring."""
+    import ast
+
+    package = ROOT / "src" / "safeft"
+    lines = ["```text", "src/safeft/"]
+    for path in sorted(package.rglob("*.py"), key=lambda p: (p.parent != package, p.relative_to(package).parts)):
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        first = doc.strip().split("\n")[0] if doc.strip() else "(no docstring)"
+        lines.append(f"  {str(path.relative_to(package)):<28} {first}")
+    return "\n".join(lines + ["```"]) + "\n"
+
+
 BLOCKS = {
     "bench-setup": block_bench_setup, "bench-table": block_bench_table, "bench-setting": block_bench_setting,
     "bench-verdicts": block_bench_verdicts, "headline": block_headline, "jailbreaks": block_jailbreaks,
     "overhead": block_overhead, "distributed": block_distributed, "cost-curve": block_cost_curve,
     "selection": block_selection, "findings": block_findings, "ablation": block_ablation,
+    "module-map": block_module_map,
 }
 
 
