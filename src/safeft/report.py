@@ -40,38 +40,58 @@ def aligned_labels(aligned: list[dict]) -> list[str]:
     return labels
 
 
-def bench_markdown(summary: dict, aligned: list[dict], runs: list[dict]) -> str:
-    """Return the markdown report of a bench: settings, the pooled table, per-seed scores and judged samples.
+def _train_recipe(train: dict) -> str:
+    """Return one run's training budget in words, from its own ``train`` record (after a setting's multipliers)."""
+    kind = f"LoRA r = {train['lora_r']}" if train.get("lora_r") else "full fine-tuning"
+    return f"{train['steps']} steps of {train['batch_size']} at lr {train['learning_rate']:g}, {kind}"
 
-    ``aligned`` and ``runs`` are the run records (see :mod:`safeft.recipes.bench`); ``summary`` holds the pooled
-    ``rows``.
-    """
-    lines = [f"# {summary['title']}", ""]
-    if summary.get("command"):
-        lines += [f"Command: `{summary['command']}`", ""]
-    if runs:
-        first = runs[0]
-        judges = sorted({r["judge"] for r in runs})
-        n = first["metrics"]["harmful_score"]["n"], first["metrics"]["over_refusal"]["n"]
-        accuracy = first["metrics"].get("accuracy")
-        train = first["train"]
-        lines += [
-            f"Model: `{first['model']}`, aligned (`{Path(first['aligned_model']).name}`), then fine-tuned "
-            f"({train['steps']} steps of {train['batch_size']} at lr {train['learning_rate']:g} before a setting's "
-            f"multiplier). Judge: {'; '.join(JUDGE_NAMES.get(j, j) for j in judges)}. Per seed: n = {n[0]} held-out "
-            f"harmful requests, {n[1]} benign requests"
-            + (f", {accuracy['n']} task test examples" if accuracy else "") + ".",
-            "",
-            "Rates pool the counts of all seeds (95% Wilson intervals); losses are means over seeds; step time and "
-            "peak memory are medians over seeds of the ratio to SFT in the same setting and seed, on the same machine "
-            "(runs that record different machines are not compared).",
-            "",
-        ]
-    jailbreaks = any(r.get("jailbreak_asr") for r in summary["rows"])
-    lines += ["| setting | method | seeds | harmful score % [95% CI] | refusal % | off-task % | "
-              "over-refusal % [95% CI] | accuracy % [95% CI] | safety loss | task loss | step time vs SFT | "
-              "peak memory vs SFT |" + (" template jailbreak ASR % [95% CI] |" if jailbreaks else ""),
-              "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if jailbreaks else "")]
+
+def _grouped(values: dict[str, set[str]]) -> str:
+    """Return ``"A (s1, s2); B (s3)"`` for a map of description -> setting names, or just ``"A"`` when there is one."""
+    if len(values) == 1:
+        return next(iter(values))
+    return "; ".join(f"{text} ({', '.join(sorted(settings))})" for text, settings in values.items())
+
+
+def bench_setup_lines(runs: list[dict]) -> list[str]:
+    """Return the markdown lines that say how a bench's runs were trained, judged and counted, taken from the run
+    records themselves (each run's ``train``, ``judge`` and metric counts), grouped by setting where they differ;
+    an empty list for no runs."""
+    if not runs:
+        return []
+    recipes: dict[str, set[str]] = {}
+    counts: dict[str, set[str]] = {}
+    task_counts: dict[str, set[int]] = {}
+    for r in sorted(runs, key=lambda r: r["setting"]["name"]):
+        name, m = r["setting"]["name"], r["metrics"]
+        recipes.setdefault(_train_recipe(r["train"]), set()).add(name)
+        counts.setdefault(f"{m['harmful_score']['n']} held-out harmful requests and {m['over_refusal']['n']} benign "
+                          "requests", set()).add(name)
+        if m.get("accuracy"):
+            task_counts.setdefault(r["setting"]["task"], set()).add(m["accuracy"]["n"])
+    models = sorted({f"`{r['model']}`, aligned (`{Path(r['aligned_model']).name}`)" for r in runs})
+    judges = sorted({r["judge"] for r in runs})
+    tasks = "; ".join(f"{task} {', '.join(map(str, sorted(n)))}" for task, n in sorted(task_counts.items()))
+    return [
+        f"Model: {'; '.join(models)}, then fine-tuned: {_grouped(recipes)}. "
+        f"Judge: {'; '.join(JUDGE_NAMES.get(j, j) for j in judges)}. Per seed: n = {_grouped(counts)}"
+        + (f"; task test examples: {tasks}" if tasks else "") + ".",
+        "",
+        "Rates pool the counts of all seeds (95% Wilson intervals); losses are means over seeds; step time and "
+        "peak memory are medians over seeds of the ratio to SFT in the same setting and seed, on the same machine "
+        "(runs that record different machines are not compared).",
+        "",
+    ]
+
+
+def bench_table_lines(aligned: list[dict], rows: list[dict]) -> list[str]:
+    """Return the pooled table of a bench as markdown lines: the aligned models, then one row per (setting,
+    method) of ``rows`` (:func:`safeft.recipes.bench.pooled`); a jailbreak column where any row has one."""
+    jailbreaks = any(r.get("jailbreak_asr") for r in rows)
+    lines = ["| setting | method | seeds | harmful score % [95% CI] | refusal % | off-task % | "
+             "over-refusal % [95% CI] | accuracy % [95% CI] | safety loss | task loss | step time vs SFT | "
+             "peak memory vs SFT |" + (" template jailbreak ASR % [95% CI] |" if jailbreaks else ""),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if jailbreaks else "")]
     for a, name in zip(aligned, aligned_labels(aligned)):
         m = a["metrics"]
         lines.append(f"| - | {name} | - | {format_rate(m['harmful_score'])} | {_plain_rate(m['refusal_rate'])} | "
@@ -79,23 +99,49 @@ def bench_markdown(summary: dict, aligned: list[dict], runs: list[dict]) -> str:
                      f"{format_rate(m['accuracy'])} | {_number(m['safety_loss'])} | {_number(m['task_loss'])} "
                      "| - | - |" + (f" {format_rate((m.get('jailbreaks') or {}).get('overall'))} |" if jailbreaks
                                    else ""))
-    for r in summary["rows"]:
+    for r in rows:
         lines.append(f"| {r['setting']} | {r['label']} | {','.join(map(str, r['seeds']))} | "
                      f"{format_rate(r['harmful_score'])} | {_plain_rate(r['refusal_rate'])} | "
                      f"{_plain_rate(r['off_task_rate'])} | {format_rate(r['over_refusal'])} | "
                      f"{format_rate(r['accuracy'])} | {_number(r['safety_loss'])} | {_number(r['task_loss'])} | "
                      f"{_number(r['step_time_vs_sft'], 2, 'x')} | {_number(r['peak_memory_vs_sft'], 2, 'x')} |"
                      + (f" {format_rate(r.get('jailbreak_asr'))} |" if jailbreaks else ""))
-    if summary.get("verdicts"):
-        lines += verdict_markdown(summary["verdicts"])
-    if any(len(r["seeds"]) > 1 for r in summary["rows"]):
-        lines += ["", "Harmful score % per seed:", ""]
-        for r in summary["rows"]:
-            per_seed = ", ".join(f"seed {s}: {v:.1f}" for s, v in sorted(r["per_seed_harmful_score"].items()))
-            lines.append(f"- {r['setting']} / {r['label']}: {per_seed}")
-    lines += ["", "## A sample of judged responses", "",
-              "The first two held-out harmful requests of each (setting, method), lowest seed, answers cut at 160 "
-              "characters:", ""]
+    return lines
+
+
+def setting_table_lines(rows: list[dict], setting: str) -> list[str]:
+    """Return one setting's compact table (seeds, harmful score, over-refusal, accuracy, task loss), SFT first and
+    the other methods by pooled harmful score; ``rows`` are :func:`safeft.recipes.bench.pooled` rows."""
+    chosen = sorted((r for r in rows if r["setting"] == setting),
+                    key=lambda r: (r["method"] != "sft", r["harmful_score"]["rate"], r["label"]))
+    if not chosen:
+        raise ValueError(f"no runs of setting {setting!r}")
+    lines = ["| method | seeds | harmful % [95% CI] | over-refusal % | accuracy % [95% CI] | task loss |",
+             "|---|---|---|---|---|---|"]
+    for r in chosen:
+        lines.append(f"| `{r['label']}` | {','.join(map(str, r['seeds']))} | {format_rate(r['harmful_score'])} | "
+                     f"{_plain_rate(r['over_refusal'])} | {format_rate(r['accuracy'])} | {_number(r['task_loss'])} |")
+    return lines
+
+
+def per_seed_lines(rows: list[dict]) -> list[str]:
+    """Return the harmful score of every seed, one line per (setting, method) row; empty when no row has two seeds."""
+    if not any(len(r["seeds"]) > 1 for r in rows):
+        return []
+    lines = ["", "Harmful score % per seed:", ""]
+    for r in rows:
+        per_seed = ", ".join(f"seed {s}: {v:.1f}" for s, v in sorted(r["per_seed_harmful_score"].items(),
+                                                                       key=lambda item: int(item[0])))
+        lines.append(f"- {r['setting']} / {r['label']}: {per_seed}")
+    return lines
+
+
+def sample_lines(runs: list[dict]) -> list[str]:
+    """Return the first two judged harmful requests of each (setting, method), lowest seed, answers cut at 160
+    characters."""
+    lines = ["", "## A sample of judged responses", "",
+             "The first two held-out harmful requests of each (setting, method), lowest seed, answers cut at 160 "
+             "characters:", ""]
     shown = set()
     for r in sorted(runs, key=lambda r: r["seed"]):
         key = (r["setting"]["name"], r["label"])
@@ -106,6 +152,25 @@ def bench_markdown(summary: dict, aligned: list[dict], runs: list[dict]) -> str:
             response = " ".join(s["response"].split())[:160].replace("|", "/")
             lines.append(f"- {key[0]} / {key[1]} / seed {r['seed']}: **{s['verdict']}**: \"{s['prompt']}\" -> "
                          f"\"{response}\"")
+    return lines
+
+
+def bench_markdown(summary: dict, aligned: list[dict], runs: list[dict]) -> str:
+    """Return the markdown report of a bench: how it ran (from the run records), the pooled table, who wins each
+    setting, per-seed scores and judged samples.
+
+    ``aligned`` and ``runs`` are the run records (see :mod:`safeft.recipes.bench`); ``summary`` holds the pooled
+    ``rows``, the ``title`` and optionally the ``command`` and ``verdicts``.
+    """
+    lines = [f"# {summary['title']}", ""]
+    if summary.get("command"):
+        lines += [f"Command: `{summary['command']}`", ""]
+    lines += bench_setup_lines(runs)
+    lines += bench_table_lines(aligned, summary["rows"])
+    if summary.get("verdicts"):
+        lines += verdict_markdown(summary["verdicts"])
+    lines += per_seed_lines(summary["rows"])
+    lines += sample_lines(runs)
     return "\n".join(lines) + "\n"
 
 
@@ -202,3 +267,25 @@ def plot_tradeoff(aligned: list[dict], rows: list[dict], path: str | Path) -> Pa
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def headline_lines(verdicts: list[dict], method: str = "spf") -> list[str]:
+    """Return the one-table summary of a bench: per setting, who wins under the rule the ``verdicts`` were decided
+    by (:func:`safeft.recipes.selection.decide`), and the winner's, ``method``'s and SFT's mean harmful score and
+    accuracy over seeds (with ``method``'s over-refusal and status: wins, ties, loses or excluded and why)."""
+    lines = [f"| setting | winner | winner: harmful % / accuracy % | `{method}`: harmful % / accuracy % / "
+             f"over-refusal % | `{method}` | SFT: harmful % / accuracy % |", "|---|---|---|---|---|---|"]
+
+    def pair(entry: dict | None) -> str:
+        return "-" if entry is None else f"{entry['harmful_score']:.1f} / {_number(entry['accuracy'], 1)}"
+
+    for v in verdicts:
+        methods = v["methods"]
+        sft = next((m for label, m in methods.items() if label == "sft"), None)
+        ours = methods.get(method)
+        status = "-" if ours is None else ours["status"] + (f" ({ours['why']})" if ours["why"] else "")
+        ours_cells = "-" if ours is None else f"{pair(ours)} / {_number(ours['over_refusal'], 1)}"
+        winner = f"`{v['winner']}`" if v["winner"] else "-"
+        lines.append(f"| {v['setting']} | {winner} | {pair(methods.get(v['winner']))} | {ours_cells} | {status} | "
+                     f"{pair(sft)} |")
+    return lines

@@ -1,0 +1,280 @@
+"""Rebuild every generated results page from the committed JSON under benchmarks/results.
+
+    python benchmarks/report.py           # rewrite the generated blocks of README.md and docs/**/*.md, the figures
+                                          # they show (docs/results/img/) and each bench's bench.md
+    python benchmarks/report.py --check   # write nothing; exit 1 naming every file that differs
+
+A page's generated part sits between two marker comments, the block's name first:
+
+    <!-- generated: bench-setting bench harmful0.1 -->
+    ... (rewritten by this script: never edit it by hand) ...
+    <!-- end generated -->
+
+Everything outside the markers is hand-written and only interprets. The block names (:data:`BLOCKS`) take
+arguments: a results directory under benchmarks/results, a setting, a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+FIGURES = ROOT / "docs" / "results" / "img"
+BLOCK = re.compile(r"(<!-- generated: (?P<name>[^>]*?) -->\n)(?P<body>.*?)(<!-- end generated -->)", re.DOTALL)
+BENCH_DIRS = ("bench", "demo", "lora_sides")  # whose bench.md is rebuilt from the run files
+FIGURE_FILES = ("demo/bench.png", "lora_sides/bench.png", "bench/bench.png", "jailbreaks.png", "findings.png",
+                "spf_ablation.png", "spf_cost_validation/cost_curve.png")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmark scripts' own markdown writers
+
+
+def _json(relative: str) -> dict:
+    path = RESULTS / relative
+    if not path.is_file():
+        raise ValueError(f"{path}: no such results file; name a JSON file under benchmarks/results")
+    return json.loads(path.read_text())
+
+
+def _demote(markdown: str) -> str:
+    """Return ``markdown`` with every heading one level lower, so a script's own title sits under the page's."""
+    return re.sub(r"^(#+) ", r"#\1 ", markdown, flags=re.MULTILINE)
+
+
+@functools.cache
+def bench_data(name: str) -> dict:
+    """Return a bench directory's ``aligned`` and ``runs`` records, pooled ``rows`` and ``verdicts`` per rule, all
+    computed from its run files (``benchmarks/results/NAME/runs``)."""
+    from safeft.recipes.bench import pooled, read_runs
+    from safeft.recipes.selection import RULES, decide
+
+    directory = RESULTS / name
+    if not (directory / "runs").is_dir():
+        raise ValueError(f"{directory}: no runs/ folder; name a bench directory under benchmarks/results")
+    aligned, runs = read_runs(directory)
+    return {"aligned": aligned, "runs": runs, "rows": pooled(runs),
+            "verdicts": {rule: decide(runs, aligned, rule) for rule in RULES}}
+
+
+def block_bench_setup(name: str) -> str:
+    from safeft.report import bench_setup_lines
+
+    return "\n".join(bench_setup_lines(bench_data(name)["runs"]))
+
+
+def block_bench_table(name: str) -> str:
+    from safeft.report import bench_table_lines
+
+    data = bench_data(name)
+    return "\n".join(bench_table_lines(data["aligned"], data["rows"])) + "\n"
+
+
+def block_bench_setting(name: str, setting: str) -> str:
+    """One setting's compact table, then every method's harmful score per seed where it ran several."""
+    from safeft.report import setting_table_lines
+
+    rows = bench_data(name)["rows"]
+    lines = setting_table_lines(rows, setting)
+    seeded = [r for r in rows if r["setting"] == setting and len(r["seeds"]) > 1]
+    if seeded:
+        per_seed = "; ".join(f"`{r['label']}` " + " / ".join(f"{v:.1f}" for _, v in sorted(
+            r["per_seed_harmful_score"].items(), key=lambda item: int(item[0]))) for r in seeded)
+        lines += ["", f"Harmful score % per seed: {per_seed}."]
+    return "\n".join(lines) + "\n"
+
+
+def block_bench_verdicts(name: str) -> str:
+    from safeft.report import verdict_markdown
+
+    return "\n".join(verdict_markdown(bench_data(name)["verdicts"])).strip() + "\n"
+
+
+def block_headline(name: str, rule: str = "A") -> str:
+    """The front page's table: the rule in words, then per setting the winner and SPF's row."""
+    from safeft.recipes.selection import RULES
+    from safeft.report import headline_lines
+
+    data = bench_data(name)
+    seeds = sorted({r["seed"] for r in data["runs"]})
+    return "\n".join([
+        f"Who wins a setting (rule {rule}): the {RULES[rule]}; a method whose per-seed paired harmful-score "
+        f"difference against the leader has a 95% interval reaching 0 ties with it. "
+        f"{len(data['runs'])} runs, seeds {min(seeds)}-{max(seeds)} (three where the first seed was close), "
+        "means over seeds:", "",
+        *headline_lines(data["verdicts"][rule]), ""])
+
+
+def block_jailbreaks() -> str:
+    import jailbreaks
+
+    return _demote(jailbreaks.markdown(_json("jailbreaks.json")))
+
+
+def block_overhead(relative: str) -> str:
+    import overhead
+
+    result = _json(relative)
+    return f"Command: `{result['command']}`\n\n" + overhead.to_markdown(result)
+
+
+def block_distributed() -> str:
+    import distributed
+
+    return _demote(distributed.markdown(_json("distributed.json")))
+
+
+def block_cost_curve(name: str) -> str:
+    import spf_cost_curve
+
+    return _demote(spf_cost_curve.to_markdown(_json(f"{name}/cost_curve.json")))
+
+
+def block_selection() -> str:
+    import select_options
+    from safeft.recipes.selection import candidates
+
+    chosen = _json("baselines_selection.json")
+    rows = candidates([str(RESULTS / "baselines_validation"), str(RESULTS / "baselines_validation_lora")])
+    return _demote(select_options.markdown(chosen["chosen"], rows, chosen["command"]))
+
+
+def block_findings() -> str:
+    from safeft.analysis import summary_markdown
+
+    findings = _json("findings.json")
+    parts = [f"Command: `{findings['command']}`", "", f"Model: {findings['model']}.", ""]
+    parts += [_demote(summary_markdown(result, title)) for title, result in findings["analyses"].items()]
+    return "\n".join(parts)
+
+
+def block_ablation(tag: str = "") -> str:
+    """A table of the former ablation script's runs (``spf_ablation{TAG}.json``), pooled per (setting, variant)."""
+    from safeft.evaluate.stats import rate
+    from safeft.report import format_rate
+
+    result = _json(f"spf_ablation{tag}.json")
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for run in result["runs"]:
+        groups.setdefault((run["setting"], run["variant"]), []).append(run)
+    a = result["aligned"]
+    lines = [f"Command: `{result['command']}`", "",
+             "| setting | variant | seeds | harmful score % [95% CI] | over-refusal % | accuracy % [95% CI] | "
+             "safety loss | task loss | train s |", "|---|---|---|---|---|---|---|---|---|",
+             f"| - | aligned | - | {format_rate(a['harmful_score'])} | {a['over_refusal']['rate']:.1f} | "
+             f"{format_rate(a['accuracy'])} | {a['safety_loss']:.3f} | - | - |"]
+
+    def pooled(group: list[dict], key: str) -> dict:
+        return rate(sum(r[key]["k"] for r in group), sum(r[key]["n"] for r in group))
+
+    for (setting, variant), group in groups.items():
+        seeds = ",".join(str(r.get("seed", 0)) for r in group)
+        lines.append(f"| {setting} | {variant} | {seeds} | {format_rate(pooled(group, 'harmful_score'))} | "
+                     f"{pooled(group, 'over_refusal')['rate']:.1f} | {format_rate(pooled(group, 'accuracy'))} | "
+                     f"{sum(r['safety_loss'] for r in group) / len(group):.3f} | "
+                     f"{sum(r['task_loss'] for r in group) / len(group):.3f} | "
+                     f"{sum(r['train_seconds'] for r in group) / len(group):.0f} |")
+    if any(len(g) > 1 for g in groups.values()):
+        lines += ["", "Per run (harmful score %): " + "; ".join(
+            f"{s} {v}: " + ", ".join(f"{r['harmful_score']['rate']:.1f}" for r in g)
+            for (s, v), g in groups.items() if len(g) > 1) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def block_module_map() -> str:
+    """The src/safeft tree, one line per module: the first line of its docstring."""
+    import ast
+
+    package = ROOT / "src" / "safeft"
+    lines = ["```text", "src/safeft/"]
+    for path in sorted(package.rglob("*.py"), key=lambda p: (p.parent != package, p.relative_to(package).parts)):
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        first = doc.strip().split("\n")[0] if doc.strip() else "(no docstring)"
+        lines.append(f"  {str(path.relative_to(package)):<28} {first}")
+    return "\n".join(lines + ["```"]) + "\n"
+
+
+BLOCKS = {
+    "bench-setup": block_bench_setup, "bench-table": block_bench_table, "bench-setting": block_bench_setting,
+    "bench-verdicts": block_bench_verdicts, "headline": block_headline, "jailbreaks": block_jailbreaks,
+    "overhead": block_overhead, "distributed": block_distributed, "cost-curve": block_cost_curve,
+    "selection": block_selection, "findings": block_findings, "ablation": block_ablation,
+    "module-map": block_module_map,
+}
+
+
+def render_block(name: str) -> str:
+    """Return the markdown of the block called ``name`` (its kind, then its arguments, separated by spaces)."""
+    kind, *args = shlex.split(name)
+    if kind not in BLOCKS:
+        raise ValueError(f"unknown generated block {kind!r}; known: {', '.join(BLOCKS)}")
+    body = BLOCKS[kind](*args)
+    return body if body.endswith("\n") else body + "\n"
+
+
+def fill(text: str) -> str:
+    """Return ``text`` with the body of every generated block replaced by what :func:`render_block` makes."""
+    return BLOCK.sub(lambda m: m.group(1) + render_block(m.group("name")) + m.group(4), text)
+
+
+def pages() -> list[Path]:
+    """Return README.md and every docs page that holds a generated block."""
+    docs = sorted((ROOT / "docs").rglob("*.md"))
+    return [p for p in [ROOT / "README.md", *docs] if "<!-- generated: " in p.read_text()]
+
+
+def bench_summaries() -> dict[Path, str]:
+    """Return each bench directory's bench.md as :func:`safeft.report.bench_markdown` writes it from the run files
+    (title and command kept from its committed bench.json)."""
+    from safeft.report import bench_markdown
+
+    out = {}
+    for name in BENCH_DIRS:
+        data = bench_data(name)
+        committed = _json(f"{name}/bench.json")
+        summary = {"title": committed["title"], "command": committed.get("command"), "rows": data["rows"],
+                   "verdicts": data["verdicts"]}
+        out[RESULTS / name / "bench.md"] = bench_markdown(summary, data["aligned"], data["runs"])
+    return out
+
+
+def expected_text() -> dict[Path, str]:
+    """Return every generated text file as the committed JSON makes it: pages with their blocks filled, bench.md."""
+    return {**{p: fill(p.read_text()) for p in pages()}, **bench_summaries()}
+
+
+def expected_figures() -> dict[Path, bytes]:
+    """Return the figures the docs show, copied from benchmarks/results (the site cannot reach outside docs/)."""
+    return {FIGURES / relative.replace("/", "_"): (RESULTS / relative).read_bytes() for relative in FIGURE_FILES}
+
+
+def stale() -> list[Path]:
+    """Return the generated files whose committed content differs from what the JSON makes (or that are missing)."""
+    found = [p for p, text in expected_text().items() if not p.is_file() or p.read_text() != text]
+    return found + [p for p, data in expected_figures().items() if not p.is_file() or p.read_bytes() != data]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if any generated file is stale")
+    args = parser.parse_args()
+    if args.check:
+        differ = stale()
+        for path in differ:
+            print(f"stale: {path.relative_to(ROOT)} (run python benchmarks/report.py)")
+        raise SystemExit(1 if differ else 0)
+    for path, text in expected_text().items():
+        path.write_text(text)
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    for path, data in expected_figures().items():
+        path.write_bytes(data)
+    print(f"wrote {len(pages())} pages, {len(BENCH_DIRS)} bench summaries and {len(FIGURE_FILES)} figures")
+
+
+if __name__ == "__main__":
+    main()
