@@ -95,19 +95,31 @@ def block_bench_verdicts(name: str) -> str:
     return "\n".join(verdict_markdown(bench_data(name)["verdicts"])).strip() + "\n"
 
 
-def block_headline(name: str, rule: str = "A") -> str:
-    """The front page's table: the rule in words, then per setting the winner and SPF's row."""
+def block_headline(name: str) -> str:
+    """The front page's table: both rules in words, then per setting the winners and SPF's row."""
     from safeft.recipes.selection import RULES
     from safeft.report import headline_lines
 
     data = bench_data(name)
     seeds = sorted({r["seed"] for r in data["runs"]})
     return "\n".join([
-        f"Who wins a setting (rule {rule}): the {RULES[rule]}; a method whose per-seed paired harmful-score "
-        f"difference against the leader has a 95% interval reaching 0 ties with it. "
-        f"{len(data['runs'])} runs, seeds {min(seeds)}-{max(seeds)} (three where the first seed was close), "
-        "means over seeds:", "",
-        *headline_lines(data["verdicts"][rule]), ""])
+        f"Rule B (the one this project reports): {RULES['B']}. Rule A: the {RULES['A']}. Under each, a method "
+        "whose per-seed paired harmful-score difference against the leader has a 95% interval reaching 0 ties with "
+        f"it. {len(data['runs'])} runs, seeds {min(seeds)}-{max(seeds)} (three where the first seed was close), "
+        "keyword judge, means over seeds:", "",
+        *headline_lines(data["verdicts"]), ""])
+
+
+def block_limits(name: str) -> str:
+    """Every setting SPF neither wins nor ties under rule B, with its numbers, and white-box GCG."""
+    from safeft.report import limits_lines
+
+    lines = limits_lines(bench_data(name)["verdicts"]["B"]) or ["- none: `spf` wins or ties every setting."]
+    models = _json("jailbreaks.json")["models"]
+    gcg = "; ".join(f"{label} {m['gcg_asr']['k']} of {m['gcg_asr']['n']}" for label, m in models.items())
+    templates = "; ".join(f"{label} {m['template_asr']['rate']:.1f}%" for label, m in models.items())
+    lines.append(f"- white-box GCG (jailbreaks.json): requests broken, {gcg}; jailbreak templates: {templates}.")
+    return "\n".join(lines) + "\n"
 
 
 def block_jailbreaks() -> str:
@@ -142,6 +154,13 @@ def block_selection() -> str:
     chosen = _json("baselines_selection.json")
     rows = candidates([str(RESULTS / "baselines_validation"), str(RESULTS / "baselines_validation_lora")])
     return _demote(select_options.markdown(chosen["chosen"], rows, chosen["command"]))
+
+
+def block_spf_choices() -> str:
+    """SPF's options chosen on validation data (benchmarks/choose_spf_defaults.py's JSON)."""
+    import choose_spf_defaults
+
+    return _demote(choose_spf_defaults.markdown(_json("spf_choices.json")))
 
 
 def block_findings() -> str:
@@ -201,9 +220,11 @@ def block_module_map() -> str:
 
 BLOCKS = {
     "bench-setup": block_bench_setup, "bench-table": block_bench_table, "bench-setting": block_bench_setting,
-    "bench-verdicts": block_bench_verdicts, "headline": block_headline, "jailbreaks": block_jailbreaks,
+    "bench-verdicts": block_bench_verdicts, "headline": block_headline, "limits": block_limits,
+    "jailbreaks": block_jailbreaks,
     "overhead": block_overhead, "distributed": block_distributed, "cost-curve": block_cost_curve,
-    "selection": block_selection, "findings": block_findings, "ablation": block_ablation,
+    "selection": block_selection, "spf-choices": block_spf_choices, "findings": block_findings,
+    "ablation": block_ablation,
     "module-map": block_module_map,
 }
 

@@ -64,3 +64,16 @@ def test_the_api_page_documents_every_public_name():
     missing = [name for name, module in safeft._EXPORTS.items() if f"::: {module}.{name}\n" not in page]
     assert not missing, f"docs/reference/api.md lacks {missing}"
     assert set(safeft.__all__) - {"__version__"} == set(safeft._EXPORTS)
+
+
+def test_the_headline_states_both_rules_and_the_limits_list_every_loss(report):
+    """The README says which rule it reports before the table, and every setting SPF neither wins nor ties under
+    that rule is listed under 'What is known not to work' with its numbers."""
+    readme = (ROOT / "README.md").read_text()
+    headline = readme[readme.index("<!-- generated: headline bench -->"):]
+    assert headline.index("Rule B (the one this project reports)") < headline.index("| setting | rule B winner |")
+    limits = readme[readme.index("<!-- generated: limits bench -->"):].split("<!-- end generated -->")[0]
+    verdicts = report.bench_data("bench")["verdicts"]["B"]
+    lost = {v["setting"] for v in verdicts if v["methods"]["spf"]["status"] not in ("wins", "ties")}
+    assert lost and lost == {line[2:].split(":")[0] for line in limits.splitlines() if line.startswith("- ")} - {
+        "white-box GCG (jailbreaks.json)"}

@@ -269,23 +269,53 @@ def plot_tradeoff(aligned: list[dict], rows: list[dict], path: str | Path) -> Pa
     return path
 
 
-def headline_lines(verdicts: list[dict], method: str = "spf") -> list[str]:
-    """Return the one-table summary of a bench: per setting, who wins under the rule the ``verdicts`` were decided
-    by (:func:`safeft.recipes.selection.decide`), and the winner's, ``method``'s and SFT's mean harmful score and
-    accuracy over seeds (with ``method``'s over-refusal and status: wins, ties, loses or excluded and why)."""
-    lines = [f"| setting | winner | winner: harmful % / accuracy % | `{method}`: harmful % / accuracy % / "
-             f"over-refusal % | `{method}` | SFT: harmful % / accuracy % |", "|---|---|---|---|---|---|"]
+def headline_lines(verdicts: dict[str, list[dict]], method: str = "spf") -> list[str]:
+    """Return the one-table summary of a bench under both rules: per setting, the rule-B and rule-A winners
+    (:func:`safeft.recipes.selection.decide`, ``verdicts`` maps a rule to its result), ``method``'s mean harmful
+    score, accuracy and over-refusal over seeds with its status under each rule (wins, ties, loses or excluded and
+    why), and SFT's and the aligned model's harmful score."""
+    lines = [f"| setting | rule B winner | rule A winner | `{method}`: harmful % / accuracy % / over-refusal % | "
+             f"`{method}`, rule B | `{method}`, rule A | SFT: harmful % / accuracy % | aligned: harmful % / "
+             "over-refusal % |", "|---|---|---|---|---|---|---|---|"]
 
     def pair(entry: dict | None) -> str:
         return "-" if entry is None else f"{entry['harmful_score']:.1f} / {_number(entry['accuracy'], 1)}"
 
-    for v in verdicts:
+    def status(entry: dict | None) -> str:
+        return "-" if entry is None else entry["status"] + (f" ({entry['why']})" if entry["why"] else "")
+
+    by_a = {v["setting"]: v for v in verdicts.get("A", [])}
+    for v in verdicts.get("B", []):
+        a = by_a.get(v["setting"], {"winner": None, "methods": {}})
         methods = v["methods"]
         sft = next((m for label, m in methods.items() if label == "sft"), None)
         ours = methods.get(method)
-        status = "-" if ours is None else ours["status"] + (f" ({ours['why']})" if ours["why"] else "")
         ours_cells = "-" if ours is None else f"{pair(ours)} / {_number(ours['over_refusal'], 1)}"
-        winner = f"`{v['winner']}`" if v["winner"] else "-"
-        lines.append(f"| {v['setting']} | {winner} | {pair(methods.get(v['winner']))} | {ours_cells} | {status} | "
-                     f"{pair(sft)} |")
+        aligned = v.get("aligned") or {}
+        lines.append(f"| {v['setting']} | {_winner(v['winner'])} | {_winner(a['winner'])} | {ours_cells} | "
+                     f"{status(ours)} | {status(a['methods'].get(method))} | {pair(sft)} | "
+                     f"{_number(aligned.get('harmful_score'), 1)} / {_number(aligned.get('over_refusal'), 1)} |")
+    return lines
+
+
+def _winner(label: str | None) -> str:
+    return f"`{label}`" if label else "-"
+
+
+def limits_lines(verdicts: list[dict], method: str = "spf") -> list[str]:
+    """Return one markdown bullet per setting that ``method`` neither wins nor ties under the rule ``verdicts`` were
+    decided by: its harmful score against the aligned model's, its accuracy against SFT's, its over-refusal, and
+    why it lost (a gate, or the winner's margin); an empty list when it wins or ties everywhere."""
+    lines = []
+    for v in verdicts:
+        ours, sft = v["methods"].get(method), v["methods"].get("sft")
+        if ours is None or ours["status"] in ("wins", "ties"):
+            continue
+        aligned = v.get("aligned") or {}
+        why = ours["why"] or f"`{v['winner']}` is lower: {ours['harmful_vs_winner']['diff']:+.1f} harmful points " \
+            f"paired"
+        lines.append(f"- {v['setting']}: `{method}` harmful {ours['harmful_score']:.1f}% (aligned "
+                     f"{_number(aligned.get('harmful_score'), 1)}%), accuracy {_number(ours['accuracy'], 1)}% (SFT "
+                     f"{_number(sft and sft['accuracy'], 1)}%), over-refusal {_number(ours['over_refusal'], 1)}%; "
+                     f"{ours['status']}: {why}; winner `{v['winner']}`.")
     return lines

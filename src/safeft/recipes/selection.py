@@ -157,12 +157,13 @@ def _mean_rate(group: list[dict], metric: str) -> float | None:
     return sum(rates) / len(rates) if rates else None
 
 
-def _aligned_over_refusal(aligned: list[dict], run: dict) -> float | None:
-    """Return the over-refusal of the aligned model the run fine-tuned, on the run's evaluation split."""
+def _aligned_rate(aligned: list[dict], run: dict, key: str = "over_refusal") -> float | None:
+    """Return a rate (``over_refusal``, ``harmful_score``) of the aligned model the run fine-tuned, on the run's
+    evaluation split, or None when the bench holds no such record."""
     split = "val" if run["setting"].get("validation") else "eval"
     for a in aligned:
         if a.get("aligned_model") == run.get("aligned_model") and a.get("split", "eval") == split:
-            return a["metrics"]["over_refusal"]["rate"]
+            return (a["metrics"].get(key) or {}).get("rate")
     return None
 
 
@@ -171,9 +172,10 @@ def decide(runs: list[dict], aligned: list[dict], rule: str = "B", labels: list[
 
     ``runs`` and ``aligned`` are run records (:func:`safeft.recipes.bench.read_runs`); ``labels`` limits the
     comparison to those method labels (``sft`` always takes part, as the accuracy reference). Each entry:
-    ``{setting, rule, winner, runner_up, margin, methods: {label: {status, why, seeds, harmful_score, accuracy,
-    over_refusal, accuracy_vs_sft, harmful_vs_winner}}}`` with rates as means over seeds (%) and differences as
-    :func:`~safeft.evaluate.stats.paired_difference` dicts; ``status`` is ``wins``, ``ties``, ``loses`` or
+    ``{setting, rule, aligned, winner, runner_up, margin, methods: {label: {status, why, seeds, harmful_score,
+    accuracy, over_refusal, accuracy_vs_sft, harmful_vs_winner}}}`` with rates as means over seeds (%), differences
+    as :func:`~safeft.evaluate.stats.paired_difference` dicts and ``aligned`` the aligned model's ``harmful_score`` and
+    ``over_refusal``; ``status`` is ``wins``, ``ties``, ``loses`` or
     ``excluded``, and ``margin`` the winner's difference against the runner-up.
     """
     from safeft.evaluate.stats import paired_difference
@@ -189,7 +191,7 @@ def decide(runs: list[dict], aligned: list[dict], rule: str = "B", labels: list[
         sft = next((label for label, g in groups.items() if g[0]["method"] == "sft"), None)
         if sft is None or _mean_rate(groups[sft], "accuracy") is None:
             continue
-        reference = _aligned_over_refusal(aligned, groups[sft][0])
+        reference = _aligned_rate(aligned, groups[sft][0])
         methods, eligible = {}, []
         for label, group in groups.items():
             entry = {"seeds": [r["seed"] for r in group], "harmful_score": _mean_rate(group, "harmful_score"),
@@ -231,8 +233,10 @@ def decide(runs: list[dict], aligned: list[dict], rule: str = "B", labels: list[
         if winner is not None:
             tied = any(methods[label]["status"] == "ties" for label in eligible if label != winner)
             methods[winner]["status"] = "ties" if tied else "wins"
-        out.append({"setting": setting, "rule": rule, "aligned_over_refusal": reference, "winner": winner,
-                    "runner_up": runner_up, "margin": margin, "methods": methods})
+        aligned_rates = {"harmful_score": _aligned_rate(aligned, groups[sft][0], "harmful_score"),
+                         "over_refusal": reference}
+        out.append({"setting": setting, "rule": rule, "aligned_over_refusal": reference, "aligned": aligned_rates,
+                    "winner": winner, "runner_up": runner_up, "margin": margin, "methods": methods})
     return out
 
 
