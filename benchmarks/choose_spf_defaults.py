@@ -17,7 +17,8 @@ from pathlib import Path
 from safeft.errors import UserError
 from safeft.io import write_json
 from safeft.recipes.bench import read_runs
-from safeft.recipes.selection import FACTOR_RULE, WIN_RULE, choose_factor
+from safeft.recipes.rules import WIN_RULE
+from safeft.recipes.selection import FACTOR_RULE, choose_factor
 from safeft.report import verdict_markdown
 
 

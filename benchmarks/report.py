@@ -52,7 +52,7 @@ def bench_data(name: str) -> dict:
     """Return a bench directory's ``aligned`` and ``runs`` records, pooled ``rows`` and ``verdicts`` per rule, all
     computed from its run files (``benchmarks/results/NAME/runs``)."""
     from safeft.recipes.bench import pooled, read_runs
-    from safeft.recipes.selection import RULES, decide
+    from safeft.recipes.rules import RULES, decide
 
     directory = RESULTS / name
     if not (directory / "runs").is_dir():
@@ -97,7 +97,7 @@ def block_bench_verdicts(name: str) -> str:
 
 def block_headline(name: str) -> str:
     """The front page's table: both rules in words, then per setting the winners and SPF's row."""
-    from safeft.recipes.selection import RULES
+    from safeft.recipes.rules import RULES
     from safeft.report import headline_lines
 
     data = bench_data(name)

@@ -429,7 +429,7 @@ def summarize(out: str | Path, title: str = "safeft bench", command: str | None 
     """Build ``bench.json`` (with a ``runs`` list), ``bench.md`` and ``bench.png`` in ``out`` from its run files
     alone, and return the summary."""
     from safeft.io import write_json
-    from safeft.recipes.selection import RULES, decide
+    from safeft.recipes.rules import RULES, decide
     from safeft.report import aligned_labels, bench_markdown, plot_tradeoff
 
     out = Path(out)
