@@ -10,7 +10,7 @@ from safeft.options import merge, option_help
 from safeft.recipes.bench import BenchConfig
 from safeft.spf.config import SPFConfig
 
-CONFIGS = sorted(Path(__file__).parent.parent.joinpath("benchmarks", "configs").glob("*.yaml"))
+CONFIGS = sorted(Path(__file__).parent.parent.joinpath("benchmarks", "configs").rglob("*.yaml"))
 
 
 def write(tmp_path, text: str) -> Path:
