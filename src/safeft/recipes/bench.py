@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from safeft.config import AlignConfig, Setting, TrainConfig, check_positive
+from safeft.config import AlignConfig, Setting, TrainConfig, check_positive, check_types
 from safeft.errors import UserError
 from safeft.evaluate.stats import rate
 
@@ -75,6 +75,7 @@ class BenchConfig:
     jailbreak_requests: int = 20
 
     def __post_init__(self) -> None:
+        check_types(self)
         check_positive(self, "jailbreak_requests")
         if not self.methods or not self.settings or not self.seeds:
             raise UserError("a bench needs at least one method, one setting and one seed")
