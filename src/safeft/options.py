@@ -201,6 +201,7 @@ def command(app: typer.Typer, name: str, cls, *, help: str, extra: Mapping[str, 
                 if DEBUG.on:
                     raise
                 typer.echo(f"Error: {error}", err=True)
+                _exit_with_the_other_processes(2)
                 raise typer.Exit(2) from None
             except KeyboardInterrupt:
                 typer.echo("Interrupted: outputs being written were left as <out>.partial (marked INCOMPLETE)",
@@ -220,6 +221,24 @@ def command(app: typer.Typer, name: str, cls, *, help: str, extra: Mapping[str, 
         return invoke
 
     return decorate
+
+
+def _exit_with_the_other_processes(code: int) -> None:
+    """In a run of several processes that stopped together on bad input (they left their group at once,
+    :func:`safeft.distributed.share_error`), exit now, as the others do: torchrun stops the processes still
+    shutting down when one has exited (SIGTERM), so a slow interpreter teardown would not end with ``code``."""
+    import os
+    import sys
+
+    from safeft import distributed
+
+    if distributed.world_size() > 1 and "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and not dist.is_initialized():
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
 
 
 def option_help(cls) -> dict[str, str]:
