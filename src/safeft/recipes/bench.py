@@ -129,12 +129,14 @@ def bench(config: BenchConfig, *, command: str | None = None) -> dict:
     """
     from tqdm.auto import tqdm
 
-    from safeft.io import locked
+    from safeft.io import check_not_input, locked
     from safeft.models import cache_dir
     from safeft.progress import progress
     from safeft.recipes.align import ensure_aligned
 
     out = Path(config.out)
+    check_not_input(out, [config.model, config.chat_template, config.jailbreaks,
+                          *[p for s in config.settings for p in (s.task_train, s.task_test, s.harmful_answers)]])
     cache = Path(config.cache) if config.cache else cache_dir()
     entries = config.method_entries()
     plan = [(setting, seed, label, method) for setting in config.settings for seed in config.seeds
