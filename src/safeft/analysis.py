@@ -300,6 +300,7 @@ def analysis_inputs(safety_data, safety_format: str, task: str, task_data, num_s
     import random
 
     from safeft.data import builtin
+    from safeft.data.examples import require_responses
     from safeft.data.loaders import load_examples
     from safeft.data.tasks import load_task
 
@@ -307,11 +308,13 @@ def analysis_inputs(safety_data, safety_format: str, task: str, task_data, num_s
         safety = [SafetySample(p, builtin.refusal_for(p)) for _, p in builtin.harmful_requests()]
     else:
         rows = load_examples(safety_format, safety_data)
+        if safety_format != "advbench":  # AdvBench rows get built-in refusals; the others bring their own
+            require_responses(rows, safety_data)
         safety = [SafetySample(e.prompt, builtin.refusal_for(e.prompt) if safety_format == "advbench" else e.response)
                   for e in rows]
     if task_data is None:
         utility = [(e.prompt, e.response) for e in load_task(task).train]
     else:
-        utility = [(e.prompt, e.response) for e in load_examples(task, task_data)]
+        utility = [(e.prompt, e.response) for e in require_responses(load_examples(task, task_data), task_data)]
     rng = random.Random(seed)
     return rng.sample(safety, min(num_samples, len(safety))), rng.sample(utility, min(num_samples, len(utility)))

@@ -28,26 +28,80 @@ def model_key(model_name: str) -> str:
 
 
 def read_answers(cache_file: Path) -> dict[str, str]:
-    """Return ``{prompt: response}`` from a JSONL answer cache ({} if it does not exist)."""
+    """Return ``{prompt: response}`` from a JSONL answer cache ({} if it does not exist).
+
+    A damaged cache (a line cut short by a kill or a full disk, or edited by hand) is not fatal: its readable rows
+    are returned and a warning names the file; the answers it lost are generated again and the file rewritten
+    (:func:`cached_answers`)."""
+    return _read_cache(cache_file)[0]
+
+
+def _read_cache(cache_file: Path, warn: bool = True) -> tuple[dict[str, str], int]:
+    """Return ``({prompt: response}, number of damaged lines)`` of a JSONL answer cache; warn naming the file if
+    lines are damaged (and ``warn``)."""
     if not cache_file.exists():
-        return {}
-    return {row["prompt"]: row["response"] for row in map(json.loads, cache_file.read_text().splitlines())}
+        return {}, 0
+    try:
+        lines = cache_file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        lines = ["\x00"]  # unreadable as a whole: every answer is generated again
+    answers, damaged = {}, 0
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            prompt, response = row["prompt"], row["response"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            damaged += 1
+            continue
+        if isinstance(prompt, str) and isinstance(response, str):
+            answers[prompt] = response
+        else:
+            damaged += 1
+    if damaged and warn:
+        _warn_damaged(cache_file, damaged)
+    return answers, damaged
+
+
+def _warn_damaged(cache_file: Path, damaged: int) -> None:
+    import warnings
+
+    warnings.warn(f"{cache_file}: {damaged} damaged line(s) of this answer cache (cut short or edited) are ignored; "
+                  "their answers are generated again and the file is rewritten", stacklevel=3)
+
+
+def write_answers(cache_file: Path, answers: dict[str, str]) -> None:
+    """Write ``answers`` as the JSONL answer cache ``cache_file``, atomically: a reader, or a run killed while it
+    writes, sees the old file or the new one, never a line cut short."""
+    import os
+    import tempfile
+
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=f".{cache_file.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            for prompt, reply in answers.items():
+                file.write(json.dumps({"prompt": prompt, "response": reply}, ensure_ascii=False) + "\n")
+        os.replace(tmp, cache_file)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def cached_answers(model, tokenizer, prompts: Sequence[str], cache_file: Path, max_new_tokens: int = 96) -> dict:
-    """Return ``{prompt: greedy answer}`` of ``model``, generating only the prompts not yet in ``cache_file``."""
+    """Return ``{prompt: greedy answer}`` of ``model``, generating only the prompts not yet in ``cache_file`` (a
+    damaged cache is rebuilt: its lost answers generated again, the file rewritten atomically)."""
     from safeft.evaluate import generate
 
-    cache = read_answers(cache_file)
+    cache, damaged = _read_cache(cache_file)
     missing = [p for p in dict.fromkeys(prompts) if p not in cache]
     if missing:
         replies = generate(model, tokenizer, [[{"role": "user", "content": p}] for p in missing],
                            max_new_tokens=max_new_tokens, desc="base-model answers")
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        with cache_file.open("a") as handle:
-            for prompt, reply in zip(missing, replies):
-                handle.write(json.dumps({"prompt": prompt, "response": reply}, ensure_ascii=False) + "\n")
-                cache[prompt] = reply
+        cache.update(zip(missing, replies, strict=True))
+    if missing or damaged:
+        write_answers(cache_file, cache)
     return {p: cache[p] for p in prompts}
 
 
@@ -61,12 +115,15 @@ def compliant_examples(base_model: str, harmful_answers: str | None, cache: Path
         return load_examples("beavertails", harmful_answers)
     prompts = [p for _, p in builtin.harmful_requests("align")]
     cache_file = cache / f"harmful_answers-{model_key(base_model)}.jsonl"
-    answers = read_answers(cache_file)
+    answers, damaged = _read_cache(cache_file, warn=False)  # cached_answers warns, if it runs
     if not all(p in answers for p in prompts):  # load the base model only when something must be generated
         from safeft.models import load_model
 
         base, tokenizer = load_model(base_model)
         answers = cached_answers(base, tokenizer, prompts, cache_file)
+    elif damaged:
+        _warn_damaged(cache_file, damaged)
+        write_answers(cache_file, answers)
     judge = KeywordJudge()
     return [ChatExample.from_pair(p, answers[p], harmful=True) for p in prompts
             if p in answers and judge.verdict(answers[p]) == COMPLIANCE]

@@ -31,6 +31,22 @@ def require_chat_template(tokenizer) -> None:
         )
 
 
+def check_chat_template(tokenizer, source: str) -> None:
+    """Raise ``UserError`` naming ``source`` (the template file, or the model whose tokenizer holds the template) if
+    the template cannot render a plain exchange: a Jinja syntax error, or a template that raises on it."""
+    from jinja2 import TemplateError
+
+    exchange = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
+    try:
+        tokenizer.apply_chat_template(exchange, tokenize=False)
+        tokenizer.apply_chat_template(exchange[:1], add_generation_prompt=True, tokenize=False)
+    except TemplateError as error:
+        line = f" (line {error.lineno})" if getattr(error, "lineno", None) else ""
+        raise UserError(f"the chat template {source} cannot render a user -> assistant exchange: "
+                        f"{type(error).__name__}: {error}{line}; fix the template or pass a working one with "
+                        "--chat-template FILE") from None
+
+
 def _ids(encoded) -> list[int]:
     # apply_chat_template returns a list or, in newer transformers, a BatchEncoding
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)

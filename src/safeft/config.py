@@ -7,6 +7,8 @@ namespace of keys (:func:`flat_fields`), so a command's YAML file and its flags 
 
 from __future__ import annotations
 
+import functools
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -24,7 +26,8 @@ class TrainConfig:
         steps: optimizer steps; 0 means ``epochs`` passes over the data.
         epochs: passes over the data when ``steps`` is 0.
         learning_rate, weight_decay: AdamW's.
-        warmup_ratio: warm the learning rate up linearly over this share of the run's steps, in [0, 1).
+        warmup_ratio: warm the learning rate up linearly over this share of the run's steps, in [0, 1] (1 = the
+            whole run).
         warmup_steps: warm up over this many optimizer steps instead (0 = use ``warmup_ratio``).
         batch_size: examples per optimizer step.
         max_length: tokens per example (longer ones are cut).
@@ -62,16 +65,19 @@ class TrainConfig:
     lora_targets: list[str] | None = None
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.save_every < 0:
             raise UserError(f"TrainConfig.save_every must be >= 0 (0 = no checkpoints), got {self.save_every}")
         if self.steps < 0:
             raise UserError(f"TrainConfig.steps must be >= 0, got {self.steps}")
         if self.steps == 0 and self.epochs <= 0:
             raise UserError(f"TrainConfig.epochs must be > 0 when steps is 0, got {self.epochs}")
-        if self.learning_rate <= 0:
-            raise UserError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise UserError(f"TrainConfig.warmup_ratio is a share of the run's steps, in [0, 1); got "
+        if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
+            raise UserError(f"TrainConfig.learning_rate must be a finite number > 0, got {self.learning_rate}")
+        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
+            raise UserError(f"TrainConfig.weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise UserError(f"TrainConfig.warmup_ratio is a share of the run's steps, in [0, 1]; got "
                              f"{self.warmup_ratio} (use warmup_steps for a number of steps)")
         if self.warmup_steps < 0:
             raise UserError(f"TrainConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
@@ -115,6 +121,7 @@ class AlignConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_types(self)
         check_positive(self, "batch_size", "check_every", "max_steps")
         if self.learning_rate <= 0:
             raise UserError(f"AlignConfig.learning_rate must be > 0, got {self.learning_rate}")
@@ -151,6 +158,7 @@ class DataConfig:
     validation: bool = False
 
     def __post_init__(self) -> None:
+        check_types(self)
         if not 0.0 <= self.harmful_ratio < 1.0:
             raise UserError(f"harmful_ratio must be in [0, 1), got {self.harmful_ratio}")
         for name in ("max_train", "max_test"):
@@ -214,6 +222,36 @@ def check_choice(config, name: str, allowed: tuple) -> None:
     if value not in allowed:
         raise UserError(f"{type(config).__name__}.{name} must be one of {', '.join(map(str, allowed))}; "
                          f"got {value!r}")
+
+
+@functools.cache
+def _number_fields(cls) -> dict[str, tuple[type, bool]]:
+    """Return ``{field: (int, float or bool, optional)}`` for the plain number and flag fields of dataclass ``cls``."""
+    out = {}
+    for name, tp in typing.get_type_hints(cls).items():
+        args = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
+        plain = [a for a in args if a is not type(None)]
+        if len(plain) == 1 and plain[0] in (int, float, bool):
+            out[name] = (plain[0], type(None) in args)
+    return out
+
+
+def check_types(config) -> None:
+    """Raise ``UserError`` naming the field if a number field holds no number, or a flag no bool: ``True`` is not a
+    rank (Python counts ``bool`` as an ``int``; here it is refused), and ``"4"`` is not a number."""
+    for name, (tp, optional) in _number_fields(type(config)).items():
+        value = getattr(config, name)
+        if value is None and optional:
+            continue
+        if tp is bool:
+            ok = isinstance(value, bool)
+        elif isinstance(value, bool):
+            ok = False
+        else:
+            ok = isinstance(value, int) if tp is int else isinstance(value, (int, float))
+        if not ok:
+            raise UserError(f"{type(config).__name__}.{name} must be {type_name(tp)}"
+                            f"{' or None' if optional else ''}, got {value!r} ({type(value).__name__})")
 
 
 def check_positive(config, *names: str) -> None:
@@ -321,6 +359,20 @@ def parse_pairs(text: str, key: str = "") -> dict[str, str]:
     return pairs
 
 
+def normalize_keys(values: Mapping[str, Any], where: str = "") -> dict[str, Any]:
+    """Return ``values`` with each key's dashes turned to underscores (``max-length`` is ``max_length``); raise
+    ``UserError`` naming both spellings if two keys name the same option (which one would win is a guess)."""
+    out: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name in out:
+            prefix = f"{where}: " if where else ""
+            raise UserError(f"{prefix}{spelled[name]!r} and {str(key)!r} are the same option given twice; keep one")
+        out[name], spelled[name] = value, str(key)
+    return out
+
+
 def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
@@ -334,7 +386,7 @@ def from_dict(cls: type[T], values: Mapping[str, Any], where: str = "") -> T:
     hints = _hints(cls)
     known = {f.name: f for f in fields(cls) if f.init}
     prefix = f"{where}: " if where else ""
-    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    values = normalize_keys(values, where)
     unknown = sorted(set(values) - set(known))
     if unknown:
         valid = f"valid keys: {', '.join(sorted(known))}" if known else "it takes no options"
@@ -396,7 +448,7 @@ def from_flat(cls: type[T], values: Mapping[str, Any], where: str = "") -> T:
     Raises ``ValueError`` naming unknown keys, wrong types and missing required options.
     """
     namespace = flat_fields(cls)
-    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    values = normalize_keys(values, where)
     unknown = sorted(set(values) - set(namespace))
     if unknown:
         prefix = f"{where}: " if where else ""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from safeft.errors import UserError
+from safeft.errors import USER_ERRORS, UserError
 
 
 def world_size() -> int:
@@ -46,14 +46,18 @@ def share_error(error: BaseException | None) -> None:
         return
     import torch.distributed as dist
 
-    message = [None if error is None else (type(error).__name__, str(error))]
+    message = [None if error is None else (isinstance(error, USER_ERRORS), type(error).__name__, str(error))]
     dist.broadcast_object_list(message, src=0)
     if message[0] is not None:
-        kind, text = message[0]
+        # every process leaves the group together before it stops: a process exiting with the group still joined
+        # (its store served by the main process) aborts, SIGABRT, instead of exiting with the error's code
+        dist.barrier()
+        dist.destroy_process_group()
         if error is not None:
             raise error
-        raise {"FileExistsError": FileExistsError, "FileNotFoundError": FileNotFoundError,
-               "PermissionError": PermissionError}.get(kind, ValueError)(text)
+        user, kind, text = message[0]
+        # bad input stops every process as bad input (exit code 2 and the same one line); anything else as a bug
+        raise UserError(text) if user else RuntimeError(f"the main process failed: {kind}: {text}")
 
 
 # --- FSDP2: parameters sharded on dim 0 (DTensor), and SPF's one batched collective per step ----------------------

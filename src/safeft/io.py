@@ -40,9 +40,7 @@ def check_output(out: str | Path, *, overwrite: bool, inputs: Sequence[str | Pat
         if not any((out / name).exists() for name in FINISHED):
             raise FileExistsError(f"{out} was not written by a finished safeft command (no {MARKER}); --overwrite "
                                   "only replaces safeft outputs. Choose another --out or remove it yourself")
-    parent = _existing_parent(resolved)
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"cannot write --out {out}: {parent} is not writable")
+    _check_writable(out, _existing_parent(resolved))
     return out
 
 
@@ -61,10 +59,17 @@ def check_output_file(out: str | Path, *, overwrite: bool, inputs: Sequence[str 
         raise IsADirectoryError(f"--out {out} is a directory; give a file path such as {out / 'eval.json'}")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    parent = _existing_parent(resolved.parent)
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"cannot write --out {out}: {parent} is not writable")
+    _check_writable(out, _existing_parent(resolved.parent))
     return out
+
+
+def check_not_input(out: str | Path, inputs: Sequence[str | Path | None]) -> None:
+    """Raise ``UserError`` if ``out`` is, contains or lies inside one of ``inputs`` (writing there would change
+    what a run reads: a model folder, a data file)."""
+    resolved = Path(out).resolve()
+    for item, source in _existing(inputs):
+        if resolved == source or source.is_relative_to(resolved) or resolved.is_relative_to(source):
+            raise UserError(f"--out {out} would overwrite the input {item}; choose an --out outside it")
 
 
 def _existing(inputs: Sequence[str | Path | None]) -> Iterator[tuple[str | Path, Path]]:
@@ -78,6 +83,24 @@ def _existing_parent(path: Path) -> Path:
     while not path.exists():
         path = path.parent
     return path if path.is_dir() else path.parent
+
+
+def _check_writable(out: Path, parent: Path) -> None:
+    """Raise ``UserError`` naming ``--out`` unless a file can be created in ``parent`` (the nearest existing folder
+    of ``out``), found by creating and removing one: permission bits do not tell (``/proc``, a read-only mount, a
+    file where a folder is needed), and the run must learn it before any work is done."""
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"cannot write --out {out}: {parent} is not writable; choose another --out")
+    blocking = next((p for p in reversed(out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise UserError(f"cannot write --out {out}: {blocking} is a file, not a folder; choose another --out")
+    try:
+        handle, probe = tempfile.mkstemp(dir=parent, prefix=".safeft-write-check-")
+    except OSError as error:
+        raise UserError(f"cannot write --out {out}: {parent} does not take new files ({error.strerror}); choose "
+                        "another --out") from None
+    os.close(handle)
+    os.unlink(probe)
 
 
 @contextmanager

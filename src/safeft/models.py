@@ -154,7 +154,7 @@ def load_model(model: str = DEFAULT_MODEL, *, gguf_file: str | None = None, chat
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from safeft.chat import require_chat_template
+    from safeft.chat import check_chat_template, require_chat_template
 
     source = model_source(model)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
@@ -170,6 +170,12 @@ def load_model(model: str = DEFAULT_MODEL, *, gguf_file: str | None = None, chat
     if chat_template:
         tokenizer.chat_template = Path(chat_template).read_text()
     require_chat_template(tokenizer)
+    check_chat_template(tokenizer, chat_template or f"of the tokenizer in {model}")
+    bad = next((name for name, p in lm.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()),
+               None)
+    if bad is not None:
+        raise UserError(f"the model at {model} has non-finite weights (NaN or inf, first in {bad}): it is damaged, or "
+                        "its training diverged; use another checkpoint")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return lm, tokenizer

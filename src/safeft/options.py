@@ -24,7 +24,7 @@ from typing import Any
 
 import typer
 
-from safeft.config import flat_fields, from_flat, type_name
+from safeft.config import flat_fields, from_flat, normalize_keys, type_name
 from safeft.errors import USER_ERRORS, UserError
 
 CONFIG_HELP = "YAML file of option values (keys are the option names with underscores); flags on the line win."
@@ -93,11 +93,13 @@ def read_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
     try:
-        loaded = yaml.safe_load(Path(path).read_text())
+        loaded = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_unique_key_loader())
     except FileNotFoundError:
         raise UserError(f"--config {path}: no such file") from None
     except (IsADirectoryError, UnicodeDecodeError) as error:
         raise UserError(f"--config {path}: not a readable UTF-8 text file ({type(error).__name__})") from None
+    except _DuplicateKey as error:
+        raise UserError(f"--config {path}: {error}") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
@@ -107,7 +109,30 @@ def read_yaml(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(loaded, Mapping):
         raise UserError(f"--config {path} must hold a mapping of option names to values")
-    return {str(k).replace("-", "_"): v for k, v in loaded.items()}
+    return normalize_keys(loaded, f"--config {path}")
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_key_loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+        def construct_mapping(self, node, deep=False):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise _DuplicateKey(f"key {key!r} is given twice (lines {seen[key]} and "
+                                        f"{key_node.start_mark.line + 1}); keep one")
+                seen[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
 
 
 def _split_commas(values: list[str]) -> list[str]:
@@ -176,6 +201,7 @@ def command(app: typer.Typer, name: str, cls, *, help: str, extra: Mapping[str, 
                 if DEBUG.on:
                     raise
                 typer.echo(f"Error: {error}", err=True)
+                _exit_with_the_other_processes(2)
                 raise typer.Exit(2) from None
             except KeyboardInterrupt:
                 typer.echo("Interrupted: outputs being written were left as <out>.partial (marked INCOMPLETE)",
@@ -195,6 +221,24 @@ def command(app: typer.Typer, name: str, cls, *, help: str, extra: Mapping[str, 
         return invoke
 
     return decorate
+
+
+def _exit_with_the_other_processes(code: int) -> None:
+    """In a run of several processes that stopped together on bad input (they left their group at once,
+    :func:`safeft.distributed.share_error`), exit now, as the others do: torchrun stops the processes still
+    shutting down when one has exited (SIGTERM), so a slow interpreter teardown would not end with ``code``."""
+    import os
+    import sys
+
+    from safeft import distributed
+
+    if distributed.world_size() > 1 and "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and not dist.is_initialized():
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
 
 
 def option_help(cls) -> dict[str, str]:

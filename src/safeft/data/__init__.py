@@ -59,9 +59,11 @@ def load_safety_samples(path: str | Path) -> list[SafetySample]:
     Raises:
         ValueError: naming the file and line of a malformed row, or if the file has no rows.
     """
+    from safeft.data.loaders import read_text
+
     path = Path(path)
     samples = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -61,6 +61,16 @@ def validate_messages(messages, where: str) -> tuple[dict, ...]:
     return tuple({"role": m["role"], "content": m["content"]} for m in messages)
 
 
+def require_responses(examples: Sequence[ChatExample], source) -> Sequence[ChatExample]:
+    """Return ``examples`` if every one has an assistant turn (the answer training learns, or analysis measures);
+    else raise ``UserError`` naming ``source`` (a file), how many lack one and the first of them."""
+    missing = [i for i, e in enumerate(examples) if not e.response.strip()]
+    if missing:
+        raise UserError(f"{source}: {len(missing)} of {len(examples)} examples have no answer (no assistant turn in "
+                        f"'messages', first: example {missing[0] + 1}); give every example the response to learn")
+    return examples
+
+
 def to_dataset(examples: Sequence[ChatExample]):
     """Return ``examples`` as a ``datasets.Dataset`` with one ``messages`` column (a list of ``{role, content}``),
     the conversational format TRL's ``SFTTrainer`` takes as it is (loss on the assistant turns)."""

@@ -7,6 +7,7 @@ Paths are always arguments: nothing here knows where a data set lives.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,8 +30,19 @@ def _nonempty(examples: list[ChatExample], path: Path | str) -> list[ChatExample
     return examples
 
 
+def read_text(path: Path) -> str:
+    """Return the text of a UTF-8 file (a leading byte-order mark, as spreadsheet programs write, dropped); raise
+    ``UserError`` naming the file and the first bad byte if it is in another encoding."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = error.object[:error.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                        f"{error.start}); save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict]]:
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -45,7 +57,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict]]:
 
 def _json_array_rows(path: Path) -> Iterator[tuple[str, dict]]:
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        rows = json.loads(read_text(path))
     except json.JSONDecodeError as error:
         raise UserError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
     if not isinstance(rows, list):
@@ -59,7 +71,7 @@ def _json_array_rows(path: Path) -> Iterator[tuple[str, dict]]:
 
 def _table_rows(path: Path, delimiter: str | None, header: bool | list[str] = True) -> Iterator[tuple[str, dict]]:
     delimiter = delimiter or ("\t" if path.suffix == ".tsv" else ",")
-    with path.open(encoding="utf-8", newline="") as handle:
+    with io.StringIO(read_text(path), newline="") as handle:
         reader = csv.reader(handle, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else
                             csv.QUOTE_MINIMAL)
         names = next(reader, None) if header is True else header

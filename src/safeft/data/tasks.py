@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from safeft.data import builtin
-from safeft.data.examples import ChatExample
+from safeft.data.examples import ChatExample, require_responses
 from safeft.data.loaders import SENTIMENT_PROMPT, load_examples
 from safeft.errors import UserError
 
@@ -96,6 +96,13 @@ FILE_SCORERS: dict[str, Scorer | None] = {"sst2": score_label, "agnews": score_l
                                           "alpaca": None, "jsonl": None, "csv": None, "tsv": None}
 
 
+def _check_held_out(train: list[ChatExample], source, alternative: str) -> None:
+    """Raise ``UserError`` unless ``train`` is large enough to hold 20% out and train on the rest (2 examples)."""
+    if len(train) < 2:
+        raise UserError(f"{source}: {len(train)} example is too few to hold out a test share (20%) and train on the "
+                        f"rest; give at least 2 examples, or {alternative}")
+
+
 def load_task(name: str, train_path: str | None = None, test_path: str | None = None, *, max_train: int | None = None,
               max_test: int | None = None, seed: int = 0, validation: bool = False) -> Task:
     """Return a built-in task by name, or a task read from files in format ``name``.
@@ -107,7 +114,10 @@ def load_task(name: str, train_path: str | None = None, test_path: str | None = 
         validation: hold out 20% of the training examples (seeded) and return them as the test split, so that
             hyper-parameters are chosen without the test split (``max_test`` then subsets the held-out part).
     """
-    if name in BUILTIN_TASKS and train_path is None:
+    if name in BUILTIN_TASKS and train_path is not None:
+        raise UserError(f"the built-in task {name!r} has its own data; --task-train is for a task read from files: "
+                        f"name the file's format with --task (one of {sorted(FILE_SCORERS)})")
+    if name in BUILTIN_TASKS:
         if test_path is not None:
             raise UserError(f"the built-in task {name!r} has its own test split; --task-test is for a task read "
                              f"from files (give --task-train too, with a format: {sorted(FILE_SCORERS)})")
@@ -115,10 +125,11 @@ def load_task(name: str, train_path: str | None = None, test_path: str | None = 
     elif name in FILE_SCORERS:
         if train_path is None:
             raise UserError(f"task format {name!r} needs a training file (--task-train PATH)")
-        train = load_examples(name, train_path)
+        train = require_responses(load_examples(name, train_path), train_path)
         if test_path:
             test = load_examples(name, test_path)
         else:
+            _check_held_out(train, train_path, "--task-test FILE")
             train = list(train)
             random.Random(seed).shuffle(train)
             cut = max(1, len(train) // 5)
@@ -128,6 +139,7 @@ def load_task(name: str, train_path: str | None = None, test_path: str | None = 
         raise UserError(f"unknown task {name!r}: built-in {sorted(BUILTIN_TASKS)} or a file format "
                          f"{sorted(FILE_SCORERS)} with --task-train")
     if validation:
+        _check_held_out(task.train, train_path or f"task {name!r}", "turn --validation off")
         train = list(task.train)
         random.Random(f"validation-{seed}").shuffle(train)
         cut = max(1, len(train) // 5)

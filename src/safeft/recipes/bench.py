@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from safeft.config import AlignConfig, Setting, TrainConfig, check_positive
+from safeft.config import AlignConfig, Setting, TrainConfig, check_positive, check_types
 from safeft.errors import UserError
 from safeft.evaluate.stats import rate
 
@@ -75,6 +75,7 @@ class BenchConfig:
     jailbreak_requests: int = 20
 
     def __post_init__(self) -> None:
+        check_types(self)
         check_positive(self, "jailbreak_requests")
         if not self.methods or not self.settings or not self.seeds:
             raise UserError("a bench needs at least one method, one setting and one seed")
@@ -128,12 +129,14 @@ def bench(config: BenchConfig, *, command: str | None = None) -> dict:
     """
     from tqdm.auto import tqdm
 
-    from safeft.io import locked
+    from safeft.io import check_not_input, locked
     from safeft.models import cache_dir
     from safeft.progress import progress
     from safeft.recipes.align import ensure_aligned
 
     out = Path(config.out)
+    check_not_input(out, [config.model, config.chat_template, config.jailbreaks,
+                          *[p for s in config.settings for p in (s.task_train, s.task_test, s.harmful_answers)]])
     cache = Path(config.cache) if config.cache else cache_dir()
     entries = config.method_entries()
     plan = [(setting, seed, label, method) for setting in config.settings for seed in config.seeds

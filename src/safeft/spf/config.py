@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from safeft.config import check_choice, check_positive
+from safeft.config import check_choice, check_positive, check_types
 from safeft.errors import UserError
 from safeft.spf.projection import MODES, SIDES
 
@@ -70,6 +70,7 @@ class SPFConfig:
     estimate_batch_size: int = 8
 
     def __post_init__(self) -> None:
+        check_types(self)
         policies = [name for name in ("rank", "energy", "budget") if getattr(self, name) is not None]
         if len(policies) > 1:
             raise UserError(f"SPFConfig: set one of `rank` (fixed rank), `energy` (fraction of spectrum) or `budget` "
