@@ -2,4 +2,5 @@
 
 from safeft.cli import app
 
-app(prog_name="safeft")
+if __name__ == "__main__":
+    app(prog_name="safeft")

@@ -28,7 +28,9 @@ from safeft.options import FLAG_NAMES, command
 from safeft.recipes.bench import BenchConfig
 from safeft.spf.config import DEFAULT_RANK, SPFConfig
 
-app = typer.Typer(no_args_is_help=True)  # its commands; the top level (`--version`, `--debug`) is safeft.cli's
+# the commands; the top level (`--version`, `--debug`) is safeft.cli's, and a new command needs its line in
+# safeft.cli.COMMANDS too (a test checks the two agree)
+app = typer.Typer(no_args_is_help=True)
 subspace_app = typer.Typer(help="Estimate and inspect safety subspaces.", no_args_is_help=True)
 app.add_typer(subspace_app, name="subspace")
 
