@@ -167,6 +167,9 @@ def test_finetune_help_groups_options_in_panels_with_an_example():
     assert "Example: safeft finetune" in shown and "jsonl for your own data" in shown
     assert "per micro-batch on each process" in shown and "TRL: --per-device-train-batch-size" in shown
     assert "--spf-targets" in shown and "--target-modules" not in shown  # SPF's, apart from --lora-targets
+    shown = runner.invoke(app, ["eval", "--help"], env={"COLUMNS": "200"}).output
+    assert all(f"─ {p} " in shown for p in ["Model and data", "Evaluation", "Output"])
+    assert "Example: safeft eval" in shown
     from safeft.commands import FinetuneCommand, method_help
     from safeft.options import option_help, short_help
 

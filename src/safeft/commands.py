@@ -103,6 +103,9 @@ def _build_method(name: str, options: dict):
 
 
 @command(app, "align", AlignCommand, extra=method_options(), extra_help=method_help(),
+         panels={"model": "Model and data", "chat_template": "Model and data", "cache": "Model and data",
+                 "config": "Model and data", "align": "Training", "method": "Method", "out": "Output",
+                 "overwrite": "Output"},
          epilog="Example: safeft align --model default  (prints where the aligned model is cached)",
          help="Align a model: SFT on harmful -> varied refusals plus benign -> its own answers (cached).")
 def align(c: AlignCommand, options: dict) -> None:
@@ -257,7 +260,14 @@ class EvalCommand:
     suffixes: str | None = None
 
 
+EVAL_PANELS = {**dict.fromkeys(["model", "task", "task_train", "task_test", "max_test", "harmful", "chat_template",
+                                 "config"], "Model and data"),
+               **dict.fromkeys(["judge", "max_new_tokens", "jailbreaks", "jailbreak_requests", "suffixes"],
+                               "Evaluation"), "out": "Output", "overwrite": "Output"}
+
+
 @command(app, "eval", EvalCommand, epilog="Example: safeft eval --model runs/spf --out runs/spf/eval.json",
+         panels=EVAL_PANELS,
          help="Evaluate harmful score, over-refusal, task accuracy and safety loss (rates with 95% Wilson intervals).")
 def evaluate(c: EvalCommand, _: dict) -> None:
     from safeft.data.loaders import read_advbench
