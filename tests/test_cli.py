@@ -1,6 +1,10 @@
 """The CLI stages on a tiny random model saved to disk, through typer's test runner."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,3 +132,152 @@ def test_demo_lora_rank_adds_lora_rows_beside_full_fine_tuning():
     assert {s.learning_rate for s in demo.settings if s.lora_r} == {DEMO_LORA_LEARNING_RATE}
     assert len({s.name for s in demo.settings}) == 4
     assert [s.lora_r for s in from_flat(DemoCommand, {}).settings] == [0, 0]
+
+
+def test_cli_module_imports_neither_torch_nor_transformers():
+    # a fresh interpreter: this test process has torch loaded already
+    code = ("import sys, safeft, safeft.cli; heavy = [m for m in ('torch', 'transformers', 'peft', 'safeft.commands')"
+            " if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+    assert out.stdout.strip() == "[]"
+
+
+def test_top_level_help_lists_every_command_with_its_own_help():
+    import typer.main
+
+    from safeft.cli import COMMANDS
+    from safeft.commands import app as commands
+
+    group = typer.main.get_command(commands)
+    assert set(group.commands) == set(COMMANDS)
+    for name, line in COMMANDS.items():
+        assert (group.commands[name].help or "").split("\n")[0] == line, name
+    listed = invoke("--help").output
+    assert all(name in listed for name in COMMANDS)
+
+
+def test_finetune_help_groups_options_in_panels_with_an_example():
+    shown = runner.invoke(app, ["finetune", "--help"], env={"COLUMNS": "200"}).output
+    panels = ["Model and data", "Training", "Method", "Evaluation", "Output"]
+    assert all(f"─ {p} " in shown for p in panels)
+    assert [shown.index(f"─ {p} ") for p in panels] == sorted(shown.index(f"─ {p} ") for p in panels)
+    assert shown.index("--model ") < shown.index("─ Training ") < shown.index("--steps ") < shown.index("─ Method ")
+    assert shown.index("─ Method ") < shown.index("--rank ") < shown.index("─ Evaluation ")
+    assert "Example: safeft finetune" in shown and "jsonl for your own data" in shown
+    assert "per micro-batch on each process" in shown and "TRL: --per-device-train-batch-size" in shown
+    assert "--spf-targets" in shown and "--target-modules" not in shown  # SPF's, apart from --lora-targets
+    shown = runner.invoke(app, ["eval", "--help"], env={"COLUMNS": "200"}).output
+    assert all(f"─ {p} " in shown for p in ["Model and data", "Evaluation", "Output"])
+    assert "Example: safeft eval" in shown
+    from safeft.commands import FinetuneCommand, method_help
+    from safeft.options import option_help, short_help
+
+    helps = {**option_help(FinetuneCommand), **method_help()}
+    assert max(len(short_help(text)) for text in helps.values()) <= 150  # two lines at most at 100 columns
+
+
+def test_methods_name_lists_that_methods_options_with_defaults():
+    shown = invoke("methods", "spf").output
+    assert "--mode (default: always)" in shown and "--spf-targets (default: none)" in shown
+    assert "--rank (default: 64)" in shown and "fixed rank r per target; default 64 unless energy" in shown
+    assert "--safety-ratio" not in shown  # mix's, not SPF's
+    assert "no options" in invoke("methods", "sft").output
+    assert "unknown method 'spff'" in fails("methods", "spff")
+
+
+@pytest.fixture
+def captured_finetune(monkeypatch):
+    """`safeft finetune` with the training replaced by a recorder of what it was given."""
+    import safeft.recipes.finetune as recipe
+
+    calls = []
+
+    def fake(model, data, method, train, out, cache, **kwargs):
+        calls.append({"model": model, "data": data, "method": method, "train": train})
+        return None, None, {"steps": train.steps, "seconds": 0}
+
+    monkeypatch.setattr(recipe, "finetune", fake)
+    return calls
+
+
+def test_trl_names_work_as_flags_and_yaml_keys_and_the_global_batch_is_printed(tiny_dir, tmp_path,
+                                                                              captured_finetune):
+    result = invoke("finetune", "--model-name-or-path", tiny_dir, "--output-dir", tmp_path / "a", "--max-steps", 3,
+                    "--per-device-train-batch-size", 2, "--gradient-accumulation-steps", 4, "--learning-rate", 1e-4)
+    train = captured_finetune[-1]["train"]
+    assert (train.steps, train.batch_size, train.gradient_accumulation, train.learning_rate) == (3, 2, 4, 1e-4)
+    assert captured_finetune[-1]["model"] == str(tiny_dir) and (tmp_path / "a").is_dir()
+    assert "global batch 8 examples per optimizer step = 2 per process x 1 process(es) x 4" in result.output
+    trl = tmp_path / "trl.yaml"
+    trl.write_text(f"model_name_or_path: {tiny_dir}\noutput_dir: {tmp_path / 'b'}\nmax_steps: 5\n"
+                   "per_device_train_batch_size: 3\ngradient_accumulation_steps: 2\nlearning_rate: 2.0e-4\n"
+                   "lr_scheduler_type: constant\nnum_train_epochs: 2\nspf_targets: [q_proj]\n")
+    invoke("finetune", "--config", trl, "--method", "spf")
+    train = captured_finetune[-1]["train"]
+    assert (train.steps, train.batch_size, train.gradient_accumulation, train.schedule) == (5, 3, 2, "constant")
+    assert captured_finetune[-1]["method"].config.target_modules == ["q_proj"]
+    assert "name the same option" in fails("finetune", "--model", tiny_dir, "--out", tmp_path / "c", "--steps", 1,
+                                           "--max-steps", 2)
+    trl.write_text(f"model: {tiny_dir}\nout: {tmp_path / 'c'}\nsteps: 1\nmax_steps: 2\n")
+    assert "name the same option" in fails("finetune", "--config", trl)
+
+
+def test_spf_targets_flag_and_the_old_name_still_works_with_a_warning(tiny_dir, tmp_path, captured_finetune):
+    invoke("finetune", "--model", tiny_dir, "--out", tmp_path / "a", "--method", "spf", "--spf-targets", "q_proj")
+    assert captured_finetune[-1]["method"].config.target_modules == ["q_proj"]
+    with pytest.warns(FutureWarning, match="--target-modules is deprecated: use --spf-targets"):
+        invoke("finetune", "--model", tiny_dir, "--out", tmp_path / "b", "--method", "spf", "--target-modules",
+               "v_proj")
+    assert captured_finetune[-1]["method"].config.target_modules == ["v_proj"]
+
+
+def test_held_out_share_is_announced(tmp_path):
+    from safeft.data.tasks import load_task
+
+    rows = [{"prompt": f"Say {i}.", "response": f"{i}."} for i in range(10)]
+    (tmp_path / "own.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.warns(UserWarning, match="2 of the 10 examples of .*own.jsonl .*held out as the test split"):
+        task = load_task("jsonl", str(tmp_path / "own.jsonl"))
+    assert (len(task.train), len(task.test)) == (8, 2)
+
+
+def test_eval_summary_shows_refusal_and_off_task_and_warns_when_off_task_dominates(tiny_dir, tmp_path,
+                                                                                  monkeypatch):
+    import safeft.recipes.evaluate as recipe
+
+    def share(rate):
+        return {"rate": rate, "ci": [max(0.0, rate - 5), min(100.0, rate + 5)]}
+
+    result = {"harmful_score": share(0.0), "refusal_rate": share(0.0), "off_task_rate": share(100.0),
+              "over_refusal": share(0.0), "accuracy": None}
+    monkeypatch.setattr(recipe, "evaluate_dir", lambda *a, **k: result)
+    shown = invoke("eval", "--model", tiny_dir, "--out", tmp_path / "e.json", "--task", "none").output
+    assert "harmful score 0.0%" in shown and "refusal 0.0%, off-task 100.0%" in shown
+    assert "Warning: 100.0% of the answers to harmful requests are off-task" in shown
+    result.update(refusal_rate=share(90.0), off_task_rate=share(10.0))
+    shown = invoke("eval", "--model", tiny_dir, "--out", tmp_path / "f.json", "--task", "none").output
+    assert "refusal 90.0%, off-task 10.0%" in shown and "Warning" not in shown
+
+
+def test_a_bug_exits_1_with_the_debug_pointer_and_bad_input_exits_2(tiny_dir, tmp_path, monkeypatch):
+    import safeft.recipes.finetune as recipe
+    from safeft.errors import UserError
+
+    def deep_value_error(*args, **kwargs):
+        raise ValueError("shapes (3, 4) and (5, 6) do not align")  # not the user's input: a bug
+
+    monkeypatch.setattr(recipe, "finetune", deep_value_error)
+    args = ["finetune", "--model", str(tiny_dir), "--out", str(tmp_path / "a")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert "ValueError: shapes (3, 4)" in result.output and "looks like a bug" in result.output
+    assert "--debug" in result.output and "Traceback" not in result.output
+
+    def bad_input(*args, **kwargs):
+        raise UserError("--task-train my.jsonl: line 3 has no 'response'")
+
+    monkeypatch.setattr(recipe, "finetune", bad_input)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "Error: --task-train my.jsonl: line 3" in result.output
+    assert "bug" not in result.output

@@ -1,33 +1,70 @@
-"""The ``safeft`` command: a thin layer over the recipes, its options generated from the run configuration.
+"""The ``safeft`` command line: the top level (``--version``, ``--debug``, ``--quiet``) and the list of commands.
 
-Every command takes ``--config FILE.yaml`` whose keys are its option names (flags on the line win), validates
-everything through the same dataclasses as the Python API, and reports bad input as one line with exit code 2.
+The commands themselves are in :mod:`safeft.commands`, which imports torch and the method registry; this module
+imports it only when a command runs or shows its own help, so ``safeft --version`` and ``safeft --help`` answer at
+once. Names of :mod:`safeft.commands` (``FinetuneCommand``, ...) are reachable from here too.
 """
 
 from __future__ import annotations
 
-import json
-import shlex
-import sys
-import time
-from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
-
+import click
 import typer
+from typer.core import TyperGroup
 
-from safeft.analysis import AnalysisConfig
-from safeft.config import AlignConfig, DataConfig, TrainConfig
-from safeft.data import DEFAULT_SAFETY_SAMPLES
-from safeft.errors import UserError
-from safeft.evaluate.gcg import GCGConfig
-from safeft.options import DEBUG, command
+from safeft.options import DEBUG
 from safeft.progress import Quiet
-from safeft.recipes.bench import BenchConfig
-from safeft.spf.config import DEFAULT_RANK, SPFConfig
 
-app = typer.Typer(help="Fine-tune safety-aligned LLMs without losing their safety (SPF).", no_args_is_help=True)
-subspace_app = typer.Typer(help="Estimate and inspect safety subspaces.", no_args_is_help=True)
-app.add_typer(subspace_app, name="subspace")
+# name -> the one line `safeft --help` shows (a test checks it against each command's own help)
+COMMANDS = {
+    "align": "Align a model: SFT on harmful -> varied refusals plus benign -> its own answers (cached).",
+    "finetune": "Fine-tune a model on a task (optionally with a harmful mix) with any registered method.",
+    "methods": "List the registered methods, or one method's options with their defaults.",
+    "eval": "Evaluate harmful score, over-refusal, task accuracy and safety loss (rates with 95% Wilson "
+            "intervals).",
+    "gcg": "Attack a model with GCG suffixes (Zou et al. 2023) toward AdvBench targets; apply the suffixes to "
+           "other models with `safeft eval --suffixes`.",
+    "bench": "Run a grid of methods x settings x seeds (resumable: finished runs are skipped) and summarise it in "
+             "bench.json, bench.md, bench.png.",
+    "demo": "Align (cached) -> fine-tune with SFT, SPF and the random-basis control, benign and with a harmful mix "
+            "-> evaluate -> report (a bench with the demo grid).",
+    "subspace": "Estimate and inspect safety subspaces.",
+    "analyze": "Measure the paper's three findings (low rank, conflict, one sample is enough) on a model.",
+}
+
+
+class LazyGroup(TyperGroup):
+    """A typer group whose commands are built from :mod:`safeft.commands` on first use; listing them in the
+    group's help needs only :data:`COMMANDS`."""
+
+    _listing = False
+    _loaded: click.Group | None = None
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        if self._listing:
+            return click.Command(name, help=COMMANDS[name], short_help=COMMANDS[name])
+        if LazyGroup._loaded is None:
+            from safeft.commands import app as commands
+
+            LazyGroup._loaded = typer.main.get_command(commands)
+        return LazyGroup._loaded.get_command(ctx, name)
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        self._listing = True
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self._listing = False
+
+
+app = typer.Typer(cls=LazyGroup, help="Fine-tune safety-aligned LLMs without losing their safety (SPF).",
+                  no_args_is_help=True,
+                  epilog="Example: safeft finetune --model MODEL_DIR --out runs/spf --method spf. "
+                         "`safeft COMMAND --help` shows a command's options.")
 
 
 def _version(value: bool) -> None:
@@ -64,456 +101,13 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
         logging.getLogger("peft").setLevel(level)
 
 
-def _cache(cache: str | None) -> Path:
-    from safeft.models import cache_dir
-
-    return Path(cache) if cache else cache_dir()
-
-
-def _command_line() -> str:
-    return "safeft " + shlex.join(sys.argv[1:])
-
-
-# --- align -----------------------------------------------------------------------------------------------------
-
-
-def method_options() -> dict[str, tuple]:
-    """Return ``{option: (type, default)}`` over every registered method (one flag per option name)."""
-    import typing
-
-    from safeft.methods import REGISTRY
-
-    options: dict[str, tuple] = {}
-    for cls, _ in REGISTRY.values():
-        hints = typing.get_type_hints(cls.Config)
-        for f in fields(cls.Config):
-            options.setdefault(f.name, (hints[f.name], f.default))
-    return options
-
-
-def method_help() -> dict[str, str]:
-    """Return the help of every method option, from the methods' option dataclasses."""
-    from safeft.methods import REGISTRY
-    from safeft.options import field_help
-
-    helps: dict[str, str] = {}
-    for cls, _ in REGISTRY.values():
-        helps = {**field_help(cls.Config), **helps}
-    return {k: f"(method option) {v}" for k, v in helps.items()}
-
-
-@dataclass
-class AlignCommand:
-    """Args:
-    model: base model to align: 'default' (SmolLM2-135M-Instruct) or a local model directory.
-    out: where to save the aligned model (default: in the cache, keyed by model and settings).
-    cache: cache directory (default $SAFEFT_CACHE or ~/.cache/safeft).
-    overwrite: re-align even if the aligned model exists.
-    chat_template: a Jinja chat template file, for a tokenizer that has none.
-    method: 'sft', or a method that changes the alignment stage ('vaccine', 'booster'); its options are flags.
-    """
-
-    model: str = "default"
-    out: str | None = None
-    cache: str | None = None
-    overwrite: bool = False
-    chat_template: str | None = None
-    method: str = "sft"
-    align: AlignConfig = field(default_factory=AlignConfig)
-
-
-def _build_method(name: str, options: dict):
-    from safeft.methods import build_method
+def __getattr__(name: str):
+    # `from safeft.cli import FinetuneCommand` and the like: the commands' names, imported on first use
+    if name.startswith("__"):
+        raise AttributeError(name)
+    from safeft import commands
 
     try:
-        return build_method(name, options)
-    except ValueError as error:
-        raise UserError(str(error).replace("unknown key(s)", "options not taken by this method:")) from None
-
-
-@command(app, "align", AlignCommand, extra=method_options(), extra_help=method_help(),
-         help="Align a model: SFT on harmful -> varied refusals plus benign -> its own answers (cached).")
-def align(c: AlignCommand, options: dict) -> None:
-    from safeft.recipes.align import align as run_align
-    from safeft.recipes.align import aligned_model_dir
-
-    method = _build_method(c.method, options)
-    if c.method != "sft" and not method.alignment_key():
-        raise UserError(f"method {c.method!r} does not change the alignment stage; align with the default "
-                         f"(--method sft) and fine-tune with --method {c.method}")
-    own = method if method.alignment_key() else None
-    target = Path(c.out) if c.out else aligned_model_dir(c.model, c.align, _cache(c.cache), own)
-    if (target / "align.json").exists() and not c.overwrite:
-        typer.echo(f"aligned model already at {target} (pass --overwrite to redo)")
-        return
-    report = run_align(c.model, target, c.align, _cache(c.cache), own, overwrite=c.overwrite,
-                       command=_command_line(), chat_template=c.chat_template)
-    typer.echo(f"aligned in {report['steps']} steps, {report['seconds']:.0f} s; validation refusal "
-               f"{100 * report['checks'][-1]['val_refusal']:.0f}%, refusal loss {report['val_refusal_loss']:.3f} "
-               f"-> {target}")
-
-
-# --- finetune --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class FinetuneCommand:
-    """Args:
-    model: the (aligned) model directory to fine-tune.
-    out: output directory (model, method artefacts such as the SPF subspace, config, training log).
-    method: a registered method (see `safeft methods`); its options are flags too.
-    cache: cache directory (default $SAFEFT_CACHE or ~/.cache/safeft).
-    overwrite: replace an existing --out.
-    chat_template: a Jinja chat template file, for a tokenizer that has none.
-    resume: continue the interrupted run in --out (its <out>.partial) from its last checkpoint, with the same
-        options.
-    """
-
-    model: str
-    out: str
-    method: str = "sft"
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=40))
-    cache: str | None = None
-    overwrite: bool = False
-    chat_template: str | None = None
-    resume: bool = False
-
-
-@command(app, "finetune", FinetuneCommand, extra=method_options(), extra_help=method_help(),
-         help="Fine-tune a model on a task (optionally with a harmful mix) with any registered method.")
-def finetune(c: FinetuneCommand, options: dict) -> None:
-    from safeft.distributed import is_main_process
-    from safeft.io import MARKER, writing_together
-    from safeft.recipes.finetune import finetune as run_finetune
-
-    method = _build_method(c.method, options)
-    inputs = [c.model, c.data.task_train, c.data.task_test, c.data.harmful_answers, options.get("safety_data"),
-              options.get("harmful_data"), c.chat_template]
-    if c.resume and (Path(c.out) / MARKER).exists():
-        raise UserError(f"{c.out} holds a finished run; there is nothing to resume")
-    with writing_together(c.out, overwrite=c.overwrite, inputs=inputs, command=_command_line(),
-                          keep_partial=c.resume) as tmp:
-        _, _, log = run_finetune(c.model, c.data, method, c.train, tmp, _cache(c.cache),
-                                 chat_template=c.chat_template, resume=c.resume)
-    if is_main_process():
-        typer.echo(f"{method.name}: {log['steps']} steps in {log['seconds']:.0f} s -> {c.out}")
-
-
-@app.command("methods")
-def methods() -> None:
-    """List the registered methods and their options."""
-
-    from safeft.methods import REGISTRY, build_method
-
-    for name in REGISTRY:
-        method = build_method(name)
-        options = ", ".join(f"{k}={v}" for k, v in asdict(method.config).items()) or "no options"
-        typer.echo(f"{name:12s} {(type(method).__doc__ or '').strip().splitlines()[0]}\n{'':12s} {options}")
-
-
-# --- eval ------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class EvalCommand:
-    """Args:
-    model: a model directory or a `safeft finetune` output.
-    out: JSON file to write the results to.
-    task: task whose test split gives the accuracy ('none' to skip).
-    task_train, task_test: data files of a file-format task.
-    max_test: use at most this many test examples.
-    harmful: AdvBench-style CSV of harmful prompts (default: the built-in held-out requests).
-    judge: 'keyword', 'prefix:PHRASES_FILE' (the GCG paper's rule), 'llamaguard:MODEL_DIR',
-        'harmbench:MODEL_DIR[:TEMPLATE_FILE]', or the path of a local classifier.
-    max_new_tokens: tokens generated per answer.
-    overwrite: replace an existing --out.
-    chat_template: a Jinja chat template file, for a tokenizer that has none.
-    jailbreaks: 'builtin' or a template file (CSV/JSON): report each template family's attack success rate.
-    jailbreak_requests: apply the templates to this many of the harmful requests (spread evenly); default all.
-    suffixes: a `safeft gcg` result file: report the ASR of its suffixes on this model (transfer).
-    """
-
-    model: str
-    out: str
-    task: str = "facts"
-    task_train: str | None = None
-    task_test: str | None = None
-    max_test: int | None = None
-    harmful: str | None = None
-    judge: str = "keyword"
-    max_new_tokens: int = 64
-    overwrite: bool = False
-    chat_template: str | None = None
-    jailbreaks: str | None = None
-    jailbreak_requests: int | None = None
-    suffixes: str | None = None
-
-
-@command(app, "eval", EvalCommand,
-         help="Evaluate harmful score, over-refusal, task accuracy and safety loss (rates with 95% Wilson intervals).")
-def evaluate(c: EvalCommand, _: dict) -> None:
-    from safeft.data.loaders import read_advbench
-    from safeft.data.tasks import load_task
-    from safeft.evaluate.gcg import load_results
-    from safeft.evaluate.jailbreaks import templates_from
-    from safeft.evaluate.judges import load_judge
-    from safeft.io import check_output_file, write_json
-    from safeft.recipes.evaluate import evaluate_dir
-
-    check_output_file(c.out, overwrite=c.overwrite, inputs=[c.model, c.task_train, c.task_test, c.harmful,
-                                                            c.judge, c.chat_template, c.jailbreaks, c.suffixes])
-    if c.jailbreak_requests is not None and c.jailbreak_requests <= 0:
-        raise UserError(f"--jailbreak-requests must be positive, got {c.jailbreak_requests}")
-    task = None if c.task == "none" else load_task(c.task, c.task_train, c.task_test, max_test=c.max_test)
-    prompts = [e.prompt for e in read_advbench(c.harmful)] if c.harmful else None
-    templates = templates_from(c.jailbreaks) if c.jailbreaks else None
-    suffixes = load_results(c.suffixes) if c.suffixes else None
-    result = evaluate_dir(c.model, task, max_new_tokens=c.max_new_tokens, judge=load_judge(c.judge),
-                          harmful_prompts=prompts, chat_template=c.chat_template, jailbreaks=templates,
-                          jailbreak_requests=c.jailbreak_requests, suffixes=suffixes)
-    write_json(Path(c.out), {**result, "judge": c.judge})
-    message = (f"harmful score {result['harmful_score']['rate']:.1f}% (95% CI {result['harmful_score']['ci'][0]:.1f}"
-               f"-{result['harmful_score']['ci'][1]:.1f}), over-refusal {result['over_refusal']['rate']:.1f}%")
-    if result["accuracy"]:
-        message += f", accuracy {result['accuracy']['rate']:.1f}%"
-    if "jailbreaks" in result:
-        message += f", template jailbreak ASR {result['jailbreaks']['overall']['rate']:.1f}%"
-    if "gcg_transfer" in result:
-        message += f", GCG suffix ASR {result['gcg_transfer']['asr']['rate']:.1f}%"
-    typer.echo(f"{message} -> {c.out}")
-
-
-@dataclass
-class GcgCommand:
-    """Args:
-    model: the model to attack (white-box): a model directory or a `safeft finetune` output.
-    harmful: AdvBench-style CSV with 'goal' (the request) and 'target' (the affirmative opening to reach).
-    out: JSON file for the results (per request: suffix, success, steps used, final loss).
-    requests: attack this many requests of the file, spread evenly over it.
-    judge: decides success from the model's reply (see `safeft eval --judge`).
-    overwrite: replace an existing --out.
-    chat_template: a Jinja chat template file, for a tokenizer that has none.
-    """
-
-    model: str
-    harmful: str
-    out: str
-    requests: int = 10
-    judge: str = "keyword"
-    overwrite: bool = False
-    chat_template: str | None = None
-    gcg: GCGConfig = field(default_factory=GCGConfig)
-
-
-@command(app, "gcg", GcgCommand, help="Attack a model with GCG suffixes (Zou et al. 2023) toward AdvBench targets; "
-                                      "apply the suffixes to other models with `safeft eval --suffixes`.")
-def gcg(c: GcgCommand, _: dict) -> None:
-    from safeft.data.loaders import read_advbench
-    from safeft.evaluate.gcg import allowed_tokens, gcg_attack, save_results
-    from safeft.evaluate.judges import load_judge
-    from safeft.io import check_output_file
-    from safeft.progress import progress
-    from safeft.recipes.evaluate import spread
-    from safeft.recipes.finetune import load_finetuned
-
-    check_output_file(c.out, overwrite=c.overwrite, inputs=[c.model, c.harmful, c.judge, c.chat_template])
-    if c.requests <= 0:
-        raise UserError(f"--requests must be positive, got {c.requests}")
-    rows = spread(read_advbench(c.harmful), c.requests)
-    judge = load_judge(c.judge)
-    model, tokenizer = load_finetuned(c.model, chat_template=c.chat_template)
-    allowed = allowed_tokens(tokenizer, model.get_input_embeddings().weight.shape[0])
-    start, results = time.perf_counter(), []
-    for row in progress(rows, desc="gcg requests"):
-        results.append(gcg_attack(model, tokenizer, row.prompt, row.response, c.gcg, judge, allowed=allowed))
-    save_results(c.out, results, {"model": c.model, "harmful": c.harmful, "judge": c.judge,
-                                  "config": asdict(c.gcg), "seconds": time.perf_counter() - start,
-                                  "command": _command_line()})
-    wins = sum(r.success for r in results)
-    typer.echo(f"GCG: {wins}/{len(results)} requests jailbroken, {sum(r.steps for r in results)} steps in "
-               f"{time.perf_counter() - start:.0f} s -> {c.out}")
-
-
-# --- bench and demo --------------------------------------------------------------------------------------------
-
-
-def _run_bench(config) -> None:
-    from safeft.recipes.bench import bench as run_bench
-
-    summary = run_bench(config, command=_command_line())
-    typer.echo((Path(config.out) / "bench.md").read_text().split("\n## ")[0])
-    typer.echo(f"{len(summary['runs'])} runs -> {config.out}/bench.md, bench.json, bench.png")
-
-
-@command(app, "bench", BenchConfig, help="Run a grid of methods x settings x seeds (resumable: finished runs "
-                                             "are skipped) and summarise it in bench.json, bench.md, bench.png.")
-def bench(c, _: dict) -> None:
-    _run_bench(c)
-
-
-DEMO_LORA_LEARNING_RATE = 2e-4
-
-
-@dataclass
-class DemoCommand(BenchConfig):
-    """The demo: the bench's default grid (SFT, SPF and SPF with random bases as a control; benign and with 10%
-    harmful data; seed 0) on the default model, aligned first (cached).
-
-    Args:
-        lora_r: also run every setting under LoRA of this rank (all block linears, learning rate 2e-4), as a
-            second set of rows; 0 = full fine-tuning only.
-    """
-
-    out: str = "runs/demo"
-    title: str = "safeft demo: SFT vs SPF (and its random-basis control) on SmolLM2-135M-Instruct"
-
-    def __post_init__(self) -> None:
-        if self.train.lora_r:  # the demo's --lora-r adds LoRA rows instead of replacing the full fine-tuning ones
-            rank, self.train = self.train.lora_r, replace(self.train, lora_r=0)
-            lora = [replace(s, name=None, lora_r=rank, learning_rate=DEMO_LORA_LEARNING_RATE)
-                    for s in self.settings if not s.lora_r]
-            self.settings = [*self.settings, *lora]
-        super().__post_init__()
-
-
-@command(app, "demo", DemoCommand,
-         help="Align (cached) -> fine-tune with SFT, SPF and the random-basis control, benign and with a harmful "
-              "mix -> evaluate -> report (a bench with the demo grid).")
-def demo(c, _: dict) -> None:
-    start = time.perf_counter()
-    _run_bench(c)
-    typer.echo(f"demo finished in {(time.perf_counter() - start) / 60:.1f} min")
-
-
-# --- subspace --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class EstimateCommand:
-    """Args:
-    out: directory to write subspace.safetensors and subspace.json into.
-    model: 'default' (SmolLM2-135M-Instruct), a local directory or an HF id in the local cache.
-    samples: JSONL of {prompt, refusal[, compliance]}; default: built-in samples.
-    num_samples: built-in samples to use without --samples.
-    rank: fixed rank per target (default 64 unless --energy or --budget is set).
-    energy: keep this fraction of the squared spectrum instead of a fixed rank.
-    budget: keep this many directions over all targets, where the safety gradients' singular values are largest.
-    max_rank: cap on a target's rank under --energy or --budget.
-    onset_tokens: estimate from the first N tokens of each refusal, where the model decides to refuse ('none':
-        every token).
-    target_modules: names or regexes of the linear layers to guard (default: every linear inside the blocks).
-    chat_template: Jinja chat template file for tokenizers without one.
-    overwrite: replace a subspace already at --out.
-    """
-
-    out: str
-    model: str = "default"
-    samples: str | None = None
-    num_samples: int = DEFAULT_SAFETY_SAMPLES
-    rank: int | None = None
-    energy: float | None = None
-    budget: int | None = None
-    max_rank: int = DEFAULT_RANK
-    onset_tokens: int | None = 4
-    target_modules: list[str] | None = None
-    chat_template: str | None = None
-    overwrite: bool = False
-
-
-@command(subspace_app, "estimate", EstimateCommand,
-         help="Estimate the safety subspace of a model from (harmful prompt, refusal) samples.")
-def estimate(c: EstimateCommand, _: dict) -> None:
-    from safeft.data import builtin_safety_samples, load_safety_samples
-    from safeft.io import writing
-    from safeft.models import load_model
-    from safeft.spf.subspace import SafetySubspace
-
-    config = SPFConfig(rank=c.rank, energy=c.energy, budget=c.budget, max_rank=c.max_rank,
-                       target_modules=c.target_modules, onset_tokens=c.onset_tokens)
-    pairs = load_safety_samples(c.samples) if c.samples else builtin_safety_samples(c.num_samples)
-    inputs = [c.model, c.samples, c.chat_template]
-    with writing(c.out, overwrite=c.overwrite, inputs=inputs, command=_command_line()) as out:
-        lm, tokenizer = load_model(c.model, chat_template=c.chat_template)
-        start = time.perf_counter()
-        subspace = SafetySubspace.estimate(lm, tokenizer, pairs, config)
-        seconds = time.perf_counter() - start
-        subspace.save(out, overwrite=True)
-    out = Path(c.out)
-    ranks = list(subspace.metadata["ranks"].values())
-    share = subspace.numel() / sum(p.numel() for p in lm.parameters())
-    typer.echo(f"{len(subspace)} targets, rank {min(ranks)}..{max(ranks)} (mean {sum(ranks) / len(ranks):.1f}) from "
-               f"{len(pairs)} sample(s) in {seconds:.1f} s; {100 * share:.2f}% of the model's parameters -> {out}")
-
-
-@subspace_app.command("show")
-def show(path: Path = typer.Argument(..., help="A directory written by `safeft subspace estimate`.")) -> None:
-    """Print what a saved subspace holds."""
-    from safeft.spf.subspace import SafetySubspace
-
-    try:
-        subspace = SafetySubspace.load(path)
-    except (FileNotFoundError, ValueError) as error:
-        typer.echo(f"Error: {error}", err=True)
-        raise typer.Exit(2) from None
-    meta = subspace.metadata
-    typer.echo(json.dumps({k: meta[k] for k in ("safeft_version", "rank_policy", "num_samples", "samples_sha256")},
-                          indent=2))
-    typer.echo(f"model: {meta['model']['name_or_path']}")
-    for name, basis in subspace.bases.items():
-        top = ", ".join(f"{s:.3g}" for s in basis.S[:3].tolist())
-        typer.echo(f"  {name:50s} {tuple(meta['model']['targets'][name])!s:14s} rank {basis.rank:3d}  sigma {top}")
-
-
-# --- analyze ---------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class AnalyzeCommand:
-    """Args:
-    out: output directory (analysis.json, analysis.png, analysis.md).
-    model: 'default', a local model directory, or a `safeft finetune` output.
-    safety_data: harmful prompts (default: built-in, with refusals).
-    safety_format: advbench (refusals are written for it), safety_alignment, jsonl (prompt, response = refusal).
-    task: built-in task (facts, sentiment) or a format (sst2, agnews, gsm8k, alpaca, jsonl) read from --task-data.
-    task_data: utility data file for a file-format task.
-    seed: which samples are drawn.
-    overwrite: replace an existing --out.
-    chat_template: a Jinja chat template file, for a tokenizer that has none.
-    """
-
-    out: str = "runs/analysis"
-    model: str = "default"
-    safety_data: str | None = None
-    safety_format: str = "advbench"
-    task: str = "facts"
-    task_data: str | None = None
-    seed: int = 0
-    overwrite: bool = False
-    chat_template: str | None = None
-    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
-
-
-@command(app, "analyze", AnalyzeCommand,
-         help="Measure the paper's three findings (low rank, conflict, one sample is enough) on a model.")
-def analyze(c: AnalyzeCommand, _: dict) -> None:
-    from safeft.analysis import analysis_inputs, plot, summary_markdown
-    from safeft.analysis import analyze as run_analysis
-    from safeft.io import write_json, writing
-    from safeft.models import load_model
-    from safeft.recipes.finetune import load_finetuned
-
-    safety, utility = analysis_inputs(c.safety_data, c.safety_format, c.task, c.task_data,
-                                      c.analysis.num_samples, c.seed)
-    inputs = [c.model, c.safety_data, c.task_data, c.chat_template]
-    with writing(c.out, overwrite=c.overwrite, inputs=inputs, command=_command_line()) as out:
-        lm, tokenizer = (load_finetuned(c.model, chat_template=c.chat_template) if Path(c.model).exists()
-                         else load_model(c.model, chat_template=c.chat_template))
-        result = run_analysis(lm, tokenizer, safety, utility, c.analysis)
-        result["inputs"] = {"model": c.model, "safety_data": c.safety_data or "built-in", "task": c.task,
-                            "task_data": c.task_data or "built-in"}
-        write_json(out / "analysis.json", result)
-        plot(result, out / "analysis.png")
-        summary = summary_markdown(result, f"{c.model}: safety {result['inputs']['safety_data']}, utility {c.task}")
-        (out / "analysis.md").write_text(summary)
-    typer.echo(summary)
+        return getattr(commands, name)
+    except AttributeError:
+        raise AttributeError(f"module 'safeft.cli' has no attribute {name!r}") from None

@@ -29,7 +29,7 @@ class TrainConfig:
         warmup_ratio: warm the learning rate up linearly over this share of the run's steps, in [0, 1] (1 = the
             whole run).
         warmup_steps: warm up over this many optimizer steps instead (0 = use ``warmup_ratio``).
-        batch_size: examples per optimizer step.
+        batch_size: examples per micro-batch on each process; global batch = this x processes x accumulation.
         max_length: tokens per example (longer ones are cut).
         lora_r: LoRA rank; 0 = full fine-tuning of the transformer-block matrices (embeddings and head frozen).
         seed: data order and initialisation.
@@ -134,7 +134,8 @@ class DataConfig:
     """What a model is fine-tuned and scored on: a task, optionally with a share of harmful examples.
 
     Args:
-        task: built-in task (``facts``, ``sentiment``) or a file format (``sst2``, ``agnews``, ``gsm8k``, ...).
+        task: built-in task (``facts``, ``sentiment``), or ``jsonl`` for your own data (``{prompt, response}`` rows
+            in ``task_train``), or a file format (``sst2``, ``agnews``, ``gsm8k``, ``alpaca``, ``csv``, ``tsv``).
         task_train, task_test: data files of a file-format task (without a test file 20% of train is held out).
         max_train, max_test: use at most this many examples (a seeded subset).
         harmful_ratio: fraction of the training examples replaced by harmful request -> compliant answer pairs.

@@ -17,6 +17,7 @@ import functools
 import inspect
 import re
 import typing
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, is_dataclass
 from pathlib import Path
@@ -27,7 +28,43 @@ import typer
 from safeft.config import flat_fields, from_flat, normalize_keys, type_name
 from safeft.errors import USER_ERRORS, UserError
 
-CONFIG_HELP = "YAML file of option values (keys are the option names with underscores); flags on the line win."
+CONFIG_HELP = ("YAML file of option values (keys are the option names with underscores, or TRL's names); flags on "
+               "the line win.")
+
+# Keys shown under another flag name, their old flag kept hidden with a deprecation warning: SPF's target
+# modules beside LoRA's --lora-targets read as LoRA's. The YAML file takes either name.
+FLAG_NAMES = {"target_modules": "spf_targets"}
+
+# TRL's / transformers' TrainingArguments names accepted beside ours, as flags and as YAML keys (where the command
+# has our key and not theirs), so a `trl sft` command line or YAML file carries over.
+TRL_ALIASES = {"max_steps": "steps", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+               "gradient_accumulation_steps": "gradient_accumulation", "output_dir": "out",
+               "model_name_or_path": "model", "max_seq_length": "max_length", "lr_scheduler_type": "schedule",
+               "save_steps": "save_every", "lora_target_modules": "lora_targets"}
+
+PANELS = ("Model and data", "Training", "Method", "Evaluation", "Output")
+
+
+def trl_aliases(key: str, namespace) -> list[str]:
+    """Return TRL's names of option ``key`` in a command whose keys are ``namespace`` (none it has itself)."""
+    return [alias for alias, ours in TRL_ALIASES.items() if ours == key and alias not in namespace]
+
+
+def flag_name(key: str, namespace) -> str:
+    """Return the name option ``key`` is shown under: :data:`FLAG_NAMES`'s, unless the command has that key too."""
+    return FLAG_NAMES[key] if key in FLAG_NAMES and FLAG_NAMES[key] not in namespace else key
+
+
+def short_help(text: str, width: int = 100) -> str:
+    """Return an option's help cut to about one line: to its first sentence or clause when longer than ``width``
+    (the whole text is in the docs and, for a method's options, in ``safeft methods NAME``)."""
+    text = text.replace("``", "")
+    for pattern in (r"(?<!e\.g)(?<!i\.e)\.\s|;\s", r"\s\("):
+        if len(text) <= width:
+            break
+        cut = [m.start() for m in re.finditer(pattern, text) if m.start() >= 20]  # not inside the first words
+        text = text[:cut[0]] if cut else text
+    return text
 
 
 def field_help(cls) -> dict[str, str]:
@@ -71,21 +108,30 @@ def _describe_default(default) -> str:
     return "none" if default is None else str(default)
 
 
-def _parameter(key: str, tp, default, help_text: str) -> inspect.Parameter:
-    flag = "--" + key.replace("_", "-")
-    shown = f"{help_text.replace('``', '')} (default: {_describe_default(default)})".strip()
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _parameter(key: str, tp, default, help_text: str, panel: str | None = None, *, flag: str | None = None,
+               hidden: bool = False, name: str | None = None, also: list[str] = ()) -> inspect.Parameter:
+    """The typer parameter ``name`` (default ``key``) of option ``key``, shown as ``--flag`` (default ``--key``);
+    ``also`` names TRL's flags for it in the help."""
+    flag = _flag(flag or key)
+    trl = f"; TRL: {', '.join(map(_flag, also))}" if also else ""
+    shown = f"{short_help(help_text)} (default: {_describe_default(default)}{trl})".strip()
     metavar = type_name(tp).replace(" | None", "|none").upper()
+    common = dict(show_default=False, rich_help_panel=panel, hidden=hidden)
     if tp is bool:
-        option = typer.Option(None, f"{flag}/--no-{key.replace('_', '-')}", help=shown, show_default=False)
+        option = typer.Option(None, f"{flag}/--no-{flag[2:]}", help=shown, **common)
         annotation = bool | None
     elif _is_list(tp):
         option = typer.Option(None, flag, help=shown + "; repeat the flag, or separate plain values by commas",
-                              show_default=False, metavar=metavar)
+                              metavar=metavar, **common)
         annotation = list[str] | None
     else:
-        option = typer.Option(None, flag, help=shown, show_default=False, metavar=metavar)
+        option = typer.Option(None, flag, help=shown, metavar=metavar, **common)
         annotation = str | None
-    return inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+    return inspect.Parameter(name or key, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -135,6 +181,20 @@ def _unique_key_loader():
     return Loader
 
 
+def _our_names(values: Mapping[str, Any], namespace, where: str) -> dict[str, Any]:
+    """Return ``values`` with TRL's and renamed keys (:data:`TRL_ALIASES`, :data:`FLAG_NAMES`) under our names."""
+    renames = {alias: key for key in namespace for alias in trl_aliases(key, namespace)}
+    renames |= {flag_name(key, namespace): key for key in namespace}
+    out = {}
+    for key, value in values.items():
+        ours = renames.get(key, key)
+        if ours in out:
+            raise UserError(f"{where}: {key!r} and {next(k for k in values if renames.get(k, k) == ours)!r} name "
+                             "the same option; give one")
+        out[ours] = value
+    return out
+
+
 def _split_commas(values: list[str]) -> list[str]:
     """Split command-line list items on commas, except items holding ``key=value`` pairs."""
     out = []
@@ -152,8 +212,9 @@ def merge(cls, cli_values: Mapping[str, Any], config_file: Path | None, extra: M
     """
     given = {k: (_split_commas(v) if isinstance(v, list) else v) for k, v in cli_values.items()
              if v is not None and v != []}
-    from_file = read_yaml(config_file) if config_file else {}
     namespace = flat_fields(cls)
+    from_file = read_yaml(config_file) if config_file else {}
+    from_file = _our_names(from_file, {**namespace, **dict.fromkeys(extra)}, f"--config {config_file}")
     unknown = sorted(set(from_file) - set(namespace) - set(extra))
     if unknown:
         raise UserError(f"--config {config_file}: unknown key(s) {', '.join(unknown)}; valid keys: "
@@ -178,23 +239,53 @@ class DEBUG:
 
 
 def command(app: typer.Typer, name: str, cls, *, help: str, extra: Mapping[str, tuple] | None = None,
-            extra_help: Mapping[str, str] | None = None, yaml: bool = True) -> Callable:
+            extra_help: Mapping[str, str] | None = None, yaml: bool = True, panels: Mapping[str, str] | None = None,
+            epilog: str | None = None) -> Callable:
     """Register a command on ``app`` whose options are the flat fields of ``cls`` (plus ``extra``:
-    ``{key: (type, default)}``); the decorated function receives ``(config instance, extra values)``."""
+    ``{key: (type, default)}``); the decorated function receives ``(config instance, extra values)``.
+
+    ``panels`` maps a flat key, or the name of the field holding it (``train``), to the help panel it is listed in
+    (``extra`` options: ``Method``); ``epilog`` ends the command's help (an example)."""
     extra = dict(extra or {})
+    panels = dict(panels or {})
 
     def decorate(run: Callable[[Any, dict], None]) -> Callable:
         helps = {**option_help(cls), **(extra_help or {})}
-        params = [_parameter(k, tp, d, helps.get(path[-1], "")) for k, (path, tp, d) in flat_fields(cls).items()]
-        params += [_parameter(k, tp, d, helps.get(k, "")) for k, (tp, d) in extra.items()]
+        namespace = flat_fields(cls)
+        keys = {**namespace, **dict.fromkeys(extra)}
+        options = [(k, tp, d, helps.get(path[-1], ""), panels.get(k, panels.get(path[0])))
+                   for k, (path, tp, d) in namespace.items()]
+        options += [(k, tp, d, helps.get(k, ""), panels.get(k, "Method" if panels else None))
+                    for k, (tp, d) in extra.items()]
+        if panels:  # listed in the order of PANELS, the others after them
+            options.sort(key=lambda o: PANELS.index(o[4]) if o[4] in PANELS else len(PANELS))
+        params = [_parameter(k, tp, d, text, panel, flag=flag_name(k, keys), also=trl_aliases(k, keys))
+                  for k, tp, d, text, panel in options]
+        # hidden parameters for the other names: {parameter: (key, flag, deprecated)}
+        others = {f"_alias_{a}": (k, a, False) for k, *_ in options for a in trl_aliases(k, keys)}
+        others |= {f"_alias_{k}": (k, k, True) for k, *_ in options if flag_name(k, keys) != k}
+        types = {k: (tp, d) for k, tp, d, *_ in options}
+        params += [_parameter(k, *types[k], "", flag=a, hidden=True, name=n) for n, (k, a, _) in others.items()]
         if yaml:
             params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Path | None,
-                                            default=typer.Option(None, "--config", help=CONFIG_HELP)))
+                                            default=typer.Option(None, "--config", help=CONFIG_HELP,
+                                                                 rich_help_panel=panels.get("config"))))
 
         @functools.wraps(run)
         def invoke(**kwargs):
             config_file = kwargs.pop("config", None)
             try:
+                for name, (key, flag, deprecated) in others.items():
+                    value = kwargs.pop(name)
+                    if value is None or value == []:
+                        continue
+                    if deprecated:
+                        warnings.warn(f"{_flag(flag)} is deprecated: use {_flag(flag_name(key, keys))} (the same "
+                                      "option)", FutureWarning, stacklevel=1)
+                    if kwargs[key] is not None and kwargs[key] != []:
+                        raise UserError(f"{_flag(flag)} and {_flag(flag_name(key, keys))} name the same option; "
+                                        "give one")
+                    kwargs[key] = value
                 instance, extras = merge(cls, kwargs, config_file, {k: v[0] for k, v in extra.items()})
                 run(instance, extras)
             except USER_ERRORS as error:
@@ -217,7 +308,7 @@ def command(app: typer.Typer, name: str, cls, *, help: str, extra: Mapping[str, 
         invoke.__signature__ = inspect.Signature(params)
         invoke.__annotations__ = {p.name: p.annotation for p in params}
         invoke.__doc__ = help
-        app.command(name, help=help)(invoke)
+        app.command(name, help=help, epilog=epilog)(invoke)
         return invoke
 
     return decorate

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -134,6 +135,9 @@ def load_task(name: str, train_path: str | None = None, test_path: str | None = 
             random.Random(seed).shuffle(train)
             cut = max(1, len(train) // 5)
             train, test = train[cut:], train[:cut]
+            warnings.warn(f"task {name!r}: no test file (--task-test), so {cut} of the {len(train) + cut} examples of "
+                          f"{train_path} (20%, seeded) are held out as the test split and not trained on",
+                          UserWarning, stacklevel=2)
         task = Task(name, train, test, FILE_SCORERS[name], LABEL_TOKENS if FILE_SCORERS[name] is score_label else None)
     else:
         raise UserError(f"unknown task {name!r}: built-in {sorted(BUILTIN_TASKS)} or a file format "
@@ -143,6 +147,8 @@ def load_task(name: str, train_path: str | None = None, test_path: str | None = 
         train = list(task.train)
         random.Random(f"validation-{seed}").shuffle(train)
         cut = max(1, len(train) // 5)
+        warnings.warn(f"validation: {cut} of the {len(train)} training examples of task {name!r} (20%, seeded) are "
+                      "held out as the test split and not trained on", UserWarning, stacklevel=2)
         task = Task(task.name, train[cut:], train[:cut], task.score, task.answer_tokens)
     rng = random.Random(seed)
     train = rng.sample(task.train, max_train) if max_train and max_train < len(task.train) else task.train
