@@ -95,6 +95,44 @@ def block_bench_verdicts(name: str) -> str:
     return "\n".join(verdict_markdown(bench_data(name)["verdicts"])).strip() + "\n"
 
 
+def _run_value(run: dict, metric: str) -> float:
+    value = run["metrics"][metric]
+    return value["rate"] if isinstance(value, dict) else value
+
+
+def block_bench_seeds(name: str, metric: str = "harmful_score", setting: str = "") -> str:
+    """A list, per (setting, method) that ran several seeds, of ``metric`` on each seed (seed order), from the run
+    files; ``setting`` keeps one setting only."""
+    groups: dict[tuple[str, str], dict[int, float]] = {}
+    for run in bench_data(name)["runs"]:
+        if not setting or run["setting"]["name"] == setting:
+            groups.setdefault((run["setting"]["name"], run["label"]), {})[run["seed"]] = _run_value(run, metric)
+    lines = [f"- `{s}` `{label}`, seeds {','.join(str(k) for k in sorted(v))}: "
+             + " / ".join(f"{v[k]:.{3 if 'loss' in metric else 1}f}" for k in sorted(v))
+             for (s, label), v in sorted(groups.items()) if len(v) > 1]
+    unit = "" if "loss" in metric else " %"
+    return f"{metric.replace('_', ' ').capitalize()}{unit} per seed:\n\n" + "\n".join(lines) + "\n"
+
+
+def block_bench_vs_sft(name: str) -> str:
+    """A list, per setting and method other than SFT (pooled over seeds): harmful score against the aligned model
+    (points), accuracy against SFT (points) and task loss against SFT (per cent)."""
+    data = bench_data(name)
+    rows = data["rows"]
+    aligned = {a["task"]: a["metrics"]["harmful_score"]["rate"] for a in data["aligned"]}
+    lines = []
+    for row in rows:
+        sft = next((r for r in rows if r["setting"] == row["setting"] and r["label"] == "sft"), None)
+        if row["label"] == "sft" or sft is None:
+            continue
+        lines.append(
+            f"- `{row['setting']}` `{row['label']}`: harmful score "
+            f"{row['harmful_score']['rate'] - aligned[row['task']]:+.1f} points vs aligned, accuracy "
+            f"{row['accuracy']['rate'] - sft['accuracy']['rate']:+.1f} points vs SFT, task loss "
+            f"{100 * (row['task_loss'] / sft['task_loss'] - 1):+.0f}% vs SFT")
+    return "\n".join(lines) + "\n"
+
+
 def block_headline(name: str) -> str:
     """The front page's table: both rules in words, then per setting the winners and SPF's row."""
     from safeft.recipes.rules import RULES
@@ -205,6 +243,16 @@ def block_ablation(tag: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def block_ablation_runs(tag: str, metric: str = "harmful_score") -> str:
+    """One sentence per (setting, variant) of ``spf_ablation{TAG}.json``: ``metric`` on each run, in run order."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for run in _json(f"spf_ablation{tag}.json")["runs"]:
+        value = run[metric]["rate"] if isinstance(run[metric], dict) else run[metric]
+        groups.setdefault((run["setting"], run["variant"]), []).append(f"{value:.1f} (seed {run.get('seed', 0)})")
+    return f"{metric.replace('_', ' ').capitalize()} per run: " + "; ".join(
+        f"{s} {v}: " + ", ".join(values) for (s, v), values in groups.items()) + ".\n"
+
+
 def block_module_map() -> str:
     """The src/safeft tree, one line per module: the first line of its docstring."""
     import ast
@@ -220,11 +268,11 @@ def block_module_map() -> str:
 
 BLOCKS = {
     "bench-setup": block_bench_setup, "bench-table": block_bench_table, "bench-setting": block_bench_setting,
-    "bench-verdicts": block_bench_verdicts, "headline": block_headline, "limits": block_limits,
+    "bench-verdicts": block_bench_verdicts, "bench-seeds": block_bench_seeds, "bench-vs-sft": block_bench_vs_sft, "headline": block_headline, "limits": block_limits,
     "jailbreaks": block_jailbreaks,
     "overhead": block_overhead, "distributed": block_distributed, "cost-curve": block_cost_curve,
     "selection": block_selection, "spf-choices": block_spf_choices, "findings": block_findings,
-    "ablation": block_ablation,
+    "ablation": block_ablation, "ablation-runs": block_ablation_runs,
     "module-map": block_module_map,
 }
 
