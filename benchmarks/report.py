@@ -100,12 +100,13 @@ def _run_value(run: dict, metric: str) -> float:
     return value["rate"] if isinstance(value, dict) else value
 
 
-def block_bench_seeds(name: str, metric: str = "harmful_score", setting: str = "") -> str:
+def block_bench_seeds(name: str, metric: str = "harmful_score", setting: str = "", labels: str = "") -> str:
     """A list, per (setting, method) that ran several seeds, of ``metric`` on each seed (seed order), from the run
-    files; ``setting`` keeps one setting only."""
+    files; ``setting`` keeps one setting only, ``labels`` (comma-separated) those methods only."""
+    keep = set(labels.split(",")) if labels else None
     groups: dict[tuple[str, str], dict[int, float]] = {}
     for run in bench_data(name)["runs"]:
-        if not setting or run["setting"]["name"] == setting:
+        if (not setting or run["setting"]["name"] == setting) and (keep is None or run["label"] in keep):
             groups.setdefault((run["setting"]["name"], run["label"]), {})[run["seed"]] = _run_value(run, metric)
     lines = [f"- `{s}` `{label}`, seeds {','.join(str(k) for k in sorted(v))}: "
              + " / ".join(f"{v[k]:.{3 if 'loss' in metric else 1}f}" for k in sorted(v))
@@ -114,23 +115,34 @@ def block_bench_seeds(name: str, metric: str = "harmful_score", setting: str = "
     return f"{metric.replace('_', ' ').capitalize()}{unit} per seed:\n\n" + "\n".join(lines) + "\n"
 
 
-def block_bench_vs_sft(name: str) -> str:
-    """A list, per setting and method other than SFT (pooled over seeds): harmful score against the aligned model
-    (points), accuracy against SFT (points) and task loss against SFT (per cent)."""
+def block_bench_vs_sft(name: str, setting: str = "") -> str:
+    """A list, per setting (or the one ``setting``) and method other than SFT (pooled over seeds): harmful score
+    against the aligned model (points), accuracy against SFT (points) and task loss against SFT (per cent)."""
     data = bench_data(name)
     rows = data["rows"]
-    aligned = {a["task"]: a["metrics"]["harmful_score"]["rate"] for a in data["aligned"]}
+    # the plain aligned model: the one SFT started from in the setting (vaccine and booster align their own)
+    aligned = {(a["task"], a["aligned_model"]): a["metrics"]["harmful_score"]["rate"] for a in data["aligned"]}
+    start = {r["setting"]["name"]: r["aligned_model"] for r in data["runs"] if r["label"] == "sft"}
     lines = []
     for row in rows:
         sft = next((r for r in rows if r["setting"] == row["setting"] and r["label"] == "sft"), None)
-        if row["label"] == "sft" or sft is None:
+        if row["label"] == "sft" or sft is None or (setting and row["setting"] != setting):
             continue
         lines.append(
             f"- `{row['setting']}` `{row['label']}`: harmful score "
-            f"{row['harmful_score']['rate'] - aligned[row['task']]:+.1f} points vs aligned, accuracy "
+            f"{row['harmful_score']['rate'] - aligned[row['task'], start[row['setting']]]:+.1f} points vs aligned, accuracy "
             f"{row['accuracy']['rate'] - sft['accuracy']['rate']:+.1f} points vs SFT, task loss "
             f"{100 * (row['task_loss'] / sft['task_loss'] - 1):+.0f}% vs SFT")
     return "\n".join(lines) + "\n"
+
+
+def block_bench_monitor(name: str, key: str, label: str, settings: str) -> str:
+    """One sentence: the monitor metric ``key`` at the last logged step of ``label``'s seed-0 run in each of the
+    comma-separated ``settings``."""
+    last = {r["setting"]["name"]: (r["monitor_last"] or {}).get(key) for r in bench_data(name)["runs"]
+            if r["label"] == label and r["seed"] == 0}
+    values = ", ".join(f"{s} {last[s]:.4f}" for s in settings.split(","))
+    return f"`{key}` at the last step, `{label}` seed 0: {values}.\n"
 
 
 def block_headline(name: str) -> str:
@@ -268,7 +280,8 @@ def block_module_map() -> str:
 
 BLOCKS = {
     "bench-setup": block_bench_setup, "bench-table": block_bench_table, "bench-setting": block_bench_setting,
-    "bench-verdicts": block_bench_verdicts, "bench-seeds": block_bench_seeds, "bench-vs-sft": block_bench_vs_sft, "headline": block_headline, "limits": block_limits,
+    "bench-verdicts": block_bench_verdicts, "bench-seeds": block_bench_seeds, "bench-vs-sft": block_bench_vs_sft,
+    "bench-monitor": block_bench_monitor, "headline": block_headline, "limits": block_limits,
     "jailbreaks": block_jailbreaks,
     "overhead": block_overhead, "distributed": block_distributed, "cost-curve": block_cost_curve,
     "selection": block_selection, "spf-choices": block_spf_choices, "findings": block_findings,
