@@ -95,6 +95,69 @@ def block_bench_verdicts(name: str) -> str:
     return "\n".join(verdict_markdown(bench_data(name)["verdicts"])).strip() + "\n"
 
 
+def _run_value(run: dict, metric: str) -> float:
+    value = run["metrics"][metric]
+    return value["rate"] if isinstance(value, dict) else value
+
+
+def block_bench_seeds(name: str, metric: str = "harmful_score", setting: str = "", labels: str = "") -> str:
+    """A list, per (setting, method) that ran several seeds, of ``metric`` on each seed (seed order), from the run
+    files; ``setting`` keeps one setting only, ``labels`` (comma-separated) those methods only."""
+    keep = set(labels.split(",")) if labels else None
+    groups: dict[tuple[str, str], dict[int, float]] = {}
+    for run in bench_data(name)["runs"]:
+        if (not setting or run["setting"]["name"] == setting) and (keep is None or run["label"] in keep):
+            groups.setdefault((run["setting"]["name"], run["label"]), {})[run["seed"]] = _run_value(run, metric)
+    lines = [f"- `{s}` `{label}`, seeds {','.join(str(k) for k in sorted(v))}: "
+             + " / ".join(f"{v[k]:.{3 if 'loss' in metric else 1}f}" for k in sorted(v))
+             for (s, label), v in sorted(groups.items()) if len(v) > 1]
+    unit = "" if "loss" in metric else " %"
+    return f"{metric.replace('_', ' ').capitalize()}{unit} per seed:\n\n" + "\n".join(lines) + "\n"
+
+
+def block_bench_vs_sft(name: str, setting: str = "") -> str:
+    """A list, per setting (or the one ``setting``) and method other than SFT (pooled over seeds): harmful score
+    against the aligned model (points), accuracy against SFT (points) and task loss against SFT (per cent)."""
+    data = bench_data(name)
+    rows = data["rows"]
+    # the plain aligned model: the one SFT started from in the setting (vaccine and booster align their own)
+    aligned = {(a["task"], a["aligned_model"]): a["metrics"]["harmful_score"]["rate"] for a in data["aligned"]}
+    start = {r["setting"]["name"]: r["aligned_model"] for r in data["runs"] if r["label"] == "sft"}
+    lines = []
+    for row in rows:
+        sft = next((r for r in rows if r["setting"] == row["setting"] and r["label"] == "sft"), None)
+        if row["label"] == "sft" or sft is None or (setting and row["setting"] != setting):
+            continue
+        base = aligned[row["task"], start[row["setting"]]]
+        lines.append(
+            f"- `{row['setting']}` `{row['label']}`: harmful score "
+            f"{row['harmful_score']['rate'] - base:+.1f} points vs aligned, accuracy "
+            f"{row['accuracy']['rate'] - sft['accuracy']['rate']:+.1f} points vs SFT, task loss "
+            f"{100 * (row['task_loss'] / sft['task_loss'] - 1):+.0f}% vs SFT")
+    return "\n".join(lines) + "\n"
+
+
+def block_bench_monitor(name: str, key: str, label: str, settings: str) -> str:
+    """One sentence: the monitor metric ``key`` at the last logged step of ``label``'s seed-0 run in each of the
+    comma-separated ``settings``."""
+    last = {r["setting"]["name"]: (r["monitor_last"] or {}).get(key) for r in bench_data(name)["runs"]
+            if r["label"] == label and r["seed"] == 0}
+    values = ", ".join(f"{s} {last[s]:.4f}" for s in settings.split(","))
+    return f"`{key}` at the last step, `{label}` seed 0: {values}.\n"
+
+
+def block_bench_row(name: str, setting: str, label: str) -> str:
+    """One method's pooled row of one setting in a bench directory, as a sentence, with its per-seed harmful score."""
+    row = next(r for r in bench_data(name)["rows"] if r["setting"] == setting and r["label"] == label)
+    h = row["harmful_score"]
+    per_seed = " / ".join(f"{v:.1f}" for _, v in sorted(row["per_seed_harmful_score"].items(),
+                                                         key=lambda item: int(item[0])))
+    return (f"`{label}` in `{name}` {setting}, seeds {','.join(str(s) for s in row['seeds'])}: harmful score "
+            f"{h['rate']:.1f}% [{h['ci'][0]:.0f}, {h['ci'][1]:.0f}] (per seed {per_seed}), over-refusal "
+            f"{row['over_refusal']['rate']:.1f}%, accuracy {row['accuracy']['rate']:.1f}%, task loss "
+            f"{row['task_loss']:.3f}.\n")
+
+
 def block_headline(name: str) -> str:
     """The front page's table: both rules in words, then per setting the winners and SPF's row."""
     from safeft.recipes.rules import RULES
@@ -145,6 +208,52 @@ def block_cost_curve(name: str) -> str:
     import spf_cost_curve
 
     return _demote(spf_cost_curve.to_markdown(_json(f"{name}/cost_curve.json")))
+
+
+def block_estimation_sums(relative: str) -> str:
+    import estimation_sums
+
+    return _demote(estimation_sums.markdown(_json(relative)))
+
+
+def block_estimation_accuracy() -> str:
+    """Randomized SVD against LAPACK on the default model's safety gradients (estimation_accuracy.json)."""
+    r = _json("estimation_accuracy.json")
+    s = r["summary"]
+    return (f"Command: `{r['command']}`. Randomized SVD against LAPACK on {r['targets']} safety gradients "
+            f"(rank {r['rank']}, {r['samples']} samples): subspace overlap at least {s['overlap_U']['min']:.4f} (U) "
+            f"and {s['overlap_V']['min']:.4f} (V), largest singular-value error {s['max_singular_value_error']:.1e} "
+            f"of the first value; {r['seconds']['randomized']:.1f} s against {r['seconds']['lapack']:.1f} s.\n")
+
+
+def block_bf16_check(relative: str) -> str:
+    """The bf16 shortcut against the fp32-copy path (benchmarks/bf16_check.py's JSON)."""
+    r = _json(relative)
+    lines = [f"Command: `{r['command']}` on {r['device']} (torch {r['torch']})", "",
+             "| side | sketch rel. error vs fp32 copy | subtraction: entries differing | max diff. |",
+             "|---|---|---|---|"]
+    for key, sides in r.items():
+        if key.startswith("matrix_"):
+            lines += [f"| {side} ({key[len('matrix_'):]}) | {m['sketch_relative_error']:.2e} | "
+                      f"{m['subtract_entries_differing']:.2e} | {m['subtract_max_difference']:.2e} |"
+                      for side, m in sides.items()]
+    lines += ["", f"SPF on a bf16 tiny Llama, 20 AdamW steps: max over targets ||dW V|| / ||dW|| = "
+              f"{r['invariant_max_dWV_over_dW']:.2e}."]
+    return "\n".join(lines) + "\n"
+
+
+def block_batched_check(relative: str) -> str:
+    """The batched correction against the per-target one (benchmarks/batched_check.py's JSON), in one sentence."""
+    r = _json(relative)
+    v = r["max_dW_V_over_dW"]
+    text = (f"`{r['command']}` on {r['device']}: after {r['steps']} step(s) the batched and per-target paths' "
+            f"weights differ in {100 * r['entries_differing']:.2f}% of the entries, by at most "
+            f"{100 * r['largest_difference_over_largest_weight']:.2g}% of the largest weight; max ||dW V|| / ||dW|| "
+            f"{v['batched']:.3g} batched, {v['plain']:.3g} per target")
+    if "hooks_median_s" in r:
+        h = r["hooks_median_s"]
+        text += f"; hooks {h['batched']:.2f} s a step batched against {h['plain']:.2f} s per target"
+    return text + ".\n"
 
 
 def block_selection() -> str:
@@ -205,6 +314,16 @@ def block_ablation(tag: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def block_ablation_runs(tag: str, metric: str = "harmful_score") -> str:
+    """One sentence per (setting, variant) of ``spf_ablation{TAG}.json``: ``metric`` on each run, in run order."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for run in _json(f"spf_ablation{tag}.json")["runs"]:
+        value = run[metric]["rate"] if isinstance(run[metric], dict) else run[metric]
+        groups.setdefault((run["setting"], run["variant"]), []).append(f"{value:.1f} (seed {run.get('seed', 0)})")
+    return f"{metric.replace('_', ' ').capitalize()} per run: " + "; ".join(
+        f"{s} {v}: " + ", ".join(values) for (s, v), values in groups.items()) + ".\n"
+
+
 def block_module_map() -> str:
     """The src/safeft tree, one line per module: the first line of its docstring."""
     import ast
@@ -220,11 +339,15 @@ def block_module_map() -> str:
 
 BLOCKS = {
     "bench-setup": block_bench_setup, "bench-table": block_bench_table, "bench-setting": block_bench_setting,
-    "bench-verdicts": block_bench_verdicts, "headline": block_headline, "limits": block_limits,
+    "bench-verdicts": block_bench_verdicts, "bench-seeds": block_bench_seeds, "bench-vs-sft": block_bench_vs_sft,
+    "bench-monitor": block_bench_monitor, "bench-row": block_bench_row,
+    "headline": block_headline, "limits": block_limits,
     "jailbreaks": block_jailbreaks,
     "overhead": block_overhead, "distributed": block_distributed, "cost-curve": block_cost_curve,
+    "estimation-sums": block_estimation_sums, "estimation-accuracy": block_estimation_accuracy,
+    "bf16-check": block_bf16_check, "batched-check": block_batched_check,
     "selection": block_selection, "spf-choices": block_spf_choices, "findings": block_findings,
-    "ablation": block_ablation,
+    "ablation": block_ablation, "ablation-runs": block_ablation_runs,
     "module-map": block_module_map,
 }
 
