@@ -258,7 +258,7 @@ def test_hub_style_save_load_card_and_push(model, tokenizer, safety_pairs, tmp_p
 
     monkeypatch.setattr(huggingface_hub.hub_mixin, "HfApi", FakeApi)
     subspace.push_to_hub("me/smollm-safety-subspace")
-    assert uploaded["me/smollm-safety-subspace"] == ["README.md", "config.json", "subspace.json",
+    assert uploaded["me/smollm-safety-subspace"] == ["README.md", "manifest.json", "subspace.json",
                                                     "subspace.safetensors"]
 
 
