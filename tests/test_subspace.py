@@ -256,6 +256,7 @@ def test_hub_style_save_load_card_and_push(model, tokenizer, safety_pairs, tmp_p
             uploaded[repo_id] = sorted(p.name for p in Path(folder_path).iterdir())
             return f"https://huggingface.co/{repo_id}/commit/0"
 
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the fake Hub is reachable
     monkeypatch.setattr(huggingface_hub.hub_mixin, "HfApi", FakeApi)
     subspace.push_to_hub("me/smollm-safety-subspace")
     assert uploaded["me/smollm-safety-subspace"] == ["README.md", "manifest.json", "subspace.json",

@@ -236,6 +236,7 @@ def test_push_uploads_the_files_and_a_card_naming_the_repo(saved, monkeypatch):
             uploaded.update({p.name: p.read_bytes() for p in Path(folder_path).iterdir()})
             return f"https://huggingface.co/{repo_id}/commit/0"
 
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the fake Hub is reachable
     monkeypatch.setattr(huggingface_hub.hub_mixin, "HfApi", FakeApi)
     result = runner.invoke(app, ["subspace", "push", str(saved), "me/sub"])
     assert result.exit_code == 0, result.output
@@ -270,3 +271,83 @@ def test_save_pretrained_writes_the_files_and_the_card(saved, tmp_path):
                                                                    "subspace.safetensors"]
     loaded = SafetySubspace.from_pretrained(tmp_path / "hub")
     assert all(torch.equal(loaded[n].U, b.U) for n, b in SafetySubspace.load(saved).bases.items())
+
+
+# --- finetune --subspace: estimation options cannot apply to a saved subspace --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def onset2(tmp_path_factory):
+    """A subspace estimated with rank 4 on the first 2 tokens of 2 samples (the rest of its settings the defaults)."""
+    path = tmp_path_factory.mktemp("onset2") / "s"
+    SafetySubspace.estimate(tiny_llama(seed=0), byte_tokenizer(), SAFETY_PAIRS[:2], SPFConfig(rank=4, onset_tokens=2),
+                            show_progress=False).save(path)
+    return path
+
+
+def snapshot_files(*roots):
+    return {p: p.read_bytes() for root in roots for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def test_finetune_subspace_with_another_rank_exits_2_naming_both(tiny_dir, onset2, tmp_path):
+    before = snapshot_files(tiny_dir, onset2)
+    result = runner.invoke(app, ["finetune", "--model", str(tiny_dir), "--out", str(tmp_path / "run"), "--method",
+                                 "spf", "--subspace", str(onset2), "--rank", "2", "--steps", "1"])
+    assert result.exit_code == 2, result.output + repr(result.exception)
+    assert "rank 2 asked, the subspace has rank 4" in result.output and str(onset2) in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "run").exists()
+    assert snapshot_files(tiny_dir, onset2) == before
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"rank": 2}, "rank 2 asked, the subspace has rank 4"),
+    ({"energy": 0.9}, "energy 0.9 asked, the subspace has rank 4"),
+    ({"budget": 8}, "budget 8 asked, the subspace has rank 4"),
+    ({"onset_tokens": 3}, "onset_tokens: 3 asked, the subspace has 2"),
+    ({"target_modules": ["q_proj"]}, r"target_modules: \['q_proj'\] asked, the subspace has none"),
+    ({"max_rank": 8}, "max_rank: 8 asked, the subspace has 64"),
+    ({"safety_samples": 5}, "safety_samples: 5 asked, the subspace has 2"),
+    ({"margin": True}, "margin: asked, but the subspace's samples carry no compliance"),
+])
+def test_every_estimation_option_that_differs_from_the_subspace_is_refused(onset2, options, message):
+    from safeft.methods import build_method
+
+    for name in ("spf", "spf-random"):
+        with pytest.raises(UserError, match=message) as error:
+            build_method(name, {"subspace": str(onset2), **options})
+        assert str(onset2) in str(error.value) and "Drop those options" in str(error.value)
+
+
+def test_safety_data_must_hold_the_subspace_samples(onset2, tmp_path):
+    from safeft.methods import build_method
+
+    same, other = tmp_path / "same.jsonl", tmp_path / "other.jsonl"
+    rows = [{"prompt": p, "refusal": r} for p, r in SAFETY_PAIRS]
+    same.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))  # the subspace's two among others: fine
+    other.write_text("".join(json.dumps(r) + "\n" for r in rows[2:]))
+    assert build_method("spf", {"subspace": str(onset2), "safety_data": str(same)}).config.safety_data == str(same)
+    with pytest.raises(UserError, match=r"safety_data: .*other.jsonl has \d+ sample\(s\) .*estimated from 2 others"):
+        build_method("spf", {"subspace": str(onset2), "safety_data": str(other)})
+
+
+def test_options_left_unset_take_the_subspace_values_and_are_recorded(onset2):
+    from safeft.config import TrainConfig
+    from safeft.methods import build_method
+
+    for options in ({}, {"rank": 4, "onset_tokens": 2, "safety_samples": 2}, {"side": "left", "mode": "conflict"}):
+        recorded = build_method("spf", {"subspace": str(onset2), **options}).options(TrainConfig())
+        assert (recorded["rank"], recorded["energy"], recorded["budget"]) == (4, None, None)
+        assert (recorded["onset_tokens"], recorded["safety_samples"], recorded["target_modules"]) == (2, 2, None)
+    assert recorded["side"] == "left" and recorded["mode"] == "conflict"  # projection options apply as given
+
+
+def test_a_finetune_with_a_subspace_records_what_ran(tiny_dir, onset2, tmp_path):
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["finetune", "--model", str(tiny_dir), "--out", str(run), "--method", "spf",
+                                 "--subspace", str(onset2), "--steps", "1", "--batch-size", "2", "--task",
+                                 "sentiment", "--max-train", "4", "--cache", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    options = json.loads((run / "config.json").read_text())["method_options"]
+    assert (options["rank"], options["onset_tokens"], options["safety_samples"]) == (4, 2, 2)
+    assert SafetySubspace.load(run / "subspace").metadata["samples_sha256"] == \
+        SafetySubspace.read_metadata(onset2)["samples_sha256"]
