@@ -281,3 +281,23 @@ def test_an_onset_estimate_ignores_the_tokens_after_the_onset(tokenizer):
     for name in targets:
         (a, b), (c, d) = full[name].factors(), short[name].factors()
         torch.testing.assert_close(a @ b.T, c @ d.T, rtol=1e-4, atol=1e-6)
+
+
+def test_estimation_on_a_compiled_model_runs_eagerly_and_leaves_it_compiled(model, tokenizer, safety_pairs):
+    """Hooks that differ per target would make dynamo recompile per target until its limit, after which the model
+    ran uncompiled for good; estimation runs the compiled model eagerly instead (backend "eager": no codegen)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    plain = SafetySubspace.estimate(model, tokenizer, safety_pairs[:2], SPFConfig(rank=4), show_progress=False)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager")
+    subspace = SafetySubspace.estimate(compiled, tokenizer, safety_pairs[:2], SPFConfig(rank=4), show_progress=False)
+    assert subspace.bases.keys() == plain.bases.keys()
+    assert all(torch.allclose(subspace[n].S, plain[n].S, rtol=1e-4, atol=1e-6) for n in plain.bases)
+    assert not counters["frames"]  # dynamo compiled nothing during estimation
+    ids = torch.tensor([[1, 2, 3, 4]])
+    torch.testing.assert_close(compiled(ids).logits, model(ids).logits)
+    assert counters["frames"]["ok"] > 0 and not counters["recompiles"]  # and compiles as usual afterwards
+    torch._dynamo.reset()
