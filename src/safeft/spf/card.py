@@ -1,5 +1,7 @@
-"""The model card (README.md) of a saved safety subspace: a standard Hub card (YAML front matter from
-``huggingface_hub.ModelCardData``) that says what the subspace was estimated on and from, and for what settings.
+"""The model card (README.md) of a saved safety subspace, a standard Hub model card.
+
+Its YAML front matter comes from ``huggingface_hub.ModelCardData``; its text says what the subspace was estimated
+on and from, and for what settings.
 
 No local path goes into the card (a Hub page must not show the estimating machine's directories), and the harmful
 safety prompts appear as a count and a sha256 unless ``include_samples=True``.
