@@ -242,6 +242,10 @@ def test_push_uploads_the_files_and_a_card_naming_the_repo(saved, monkeypatch):
     assert result.exit_code == 0, result.output
     assert sorted(uploaded) == ["README.md", "manifest.json", "subspace.json", "subspace.safetensors"]
     assert b'from_pretrained("me/sub"' in uploaded["README.md"]
+    uploaded.clear()
+    SafetySubspace.load(saved).save_pretrained(saved.parent / "hub", push_to_hub=True, repo_id="me/other",
+                                               model_card_kwargs={"license_id": "mit"})
+    assert b"license: mit" in uploaded["README.md"] and b'from_pretrained("me/other"' in uploaded["README.md"]
 
 
 def test_cli_card_and_push(copy, tmp_path, monkeypatch):

@@ -241,8 +241,8 @@ class SafetySubspace(ModelHubMixin, library_name="safeft", tags=["safeft", "safe
         if constants.is_offline_mode():
             raise UserError(f"cannot push to {repo_id!r}: offline mode is on (HF_HUB_OFFLINE=1); unset it, or "
                             "copy the saved directory instead")
-        card = {"repo_id": repo_id, "include_samples": include_samples, "base_model": base_model,
-                "license_id": license_id}
+        card = {"include_samples": include_samples, "base_model": base_model, "license_id": license_id,
+                **(kwargs.pop("model_card_kwargs", None) or {}), "repo_id": repo_id}  # save_pretrained passes some
         try:
             return super().push_to_hub(repo_id, private=private, token=token, commit_message=commit_message,
                                        model_card_kwargs=card, **kwargs)
