@@ -322,6 +322,21 @@ def test_every_estimation_option_that_differs_from_the_subspace_is_refused(onset
         assert str(onset2) in str(error.value) and "Drop those options" in str(error.value)
 
 
+def test_an_option_given_at_its_default_value_is_not_dropped_either(tiny_dir, onset2, tmp_path):
+    from safeft.methods import build_method
+
+    with pytest.raises(UserError, match="onset_tokens: 4 asked, the subspace has 2"):
+        build_method("spf", {"subspace": str(onset2), "onset_tokens": "4"})  # 4 is the default: given, it counts
+    with pytest.raises(UserError, match="safety_samples: 20 asked, the subspace has 2"):
+        build_method("spf", {"subspace": str(onset2), "safety_samples": 20})
+    assert build_method("spf", {"subspace": str(onset2), "onset_tokens": 2}).config.onset_tokens == 2
+    config = tmp_path / "run.yaml"
+    config.write_text(f"subspace: {onset2}\nonset_tokens: 4\n")
+    result = runner.invoke(app, ["finetune", "--model", str(tiny_dir), "--out", str(tmp_path / "run"), "--method",
+                                 "spf", "--config", str(config)])
+    assert result.exit_code == 2 and "onset_tokens: 4 asked, the subspace has 2" in result.output
+
+
 def test_safety_data_must_hold_the_subspace_samples(onset2, tmp_path):
     from safeft.methods import build_method
 

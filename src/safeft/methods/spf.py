@@ -63,6 +63,24 @@ class SPFOptions(SPFConfig):
             raise UserError(f"task_rank and task_examples must be positive, got {self.task_rank} and "
                              f"{self.task_examples}")
 
+    def check_given(self, given: dict) -> None:
+        """Raise ``UserError`` if an option in ``given`` (the flags, YAML keys and preset the options were built
+        from) was replaced by the saved subspace's value: one given at its default value is not told apart from
+        one left unset by ``__post_init__``, so it is compared here."""
+        if not self.subspace:
+            return
+        from safeft.config import from_dict
+
+        asked = from_dict(type(self), {k: v for k, v in given.items() if k.replace("-", "_") != "subspace"})
+        names = {k.replace("-", "_") for k in given}
+        dropped = [f"{name}: {getattr(asked, name)} asked, the subspace has {getattr(self, name)}"
+                   for name in _SUBSPACE_SETTINGS if name in names and getattr(asked, name) != getattr(self, name)]
+        if dropped:
+            raise _settings_conflict(self.subspace, dropped)
+
+
+_SUBSPACE_SETTINGS = ("max_rank", "target_modules", "onset_tokens", "safety_samples", "margin")
+
 
 def _policy_text(rank, energy, budget) -> str:
     return " and ".join(f"{name} {value}" for name, value in (("rank", rank), ("energy", energy), ("budget", budget))
@@ -107,15 +125,18 @@ def use_subspace_settings(options: SPFOptions) -> None:
                              f"{samples_sha256(rows)[:12]}), the subspace was estimated from {meta['num_samples']} "
                              f"others (sha256 {meta['samples_sha256'][:12]})")
     if conflicts:
-        raise UserError(f"--subspace {options.subspace} was estimated with other settings than this run asks for "
-                        "(given, or by the method's preset), and they cannot apply to a saved subspace:\n  "
-                        + "\n  ".join(conflicts)
-                        + "\nDrop those options (the subspace's values are used and recorded), or estimate a new "
-                          "subspace with them (leave out --subspace, or run safeft subspace estimate).")
+        raise _settings_conflict(options.subspace, conflicts)
     if not any(v is not None for v in asked.values()):
         options.rank, options.energy, options.budget = recorded["rank"], recorded["energy"], recorded["budget"]
     for name, value in values.items():
         setattr(options, name, value)
+
+
+def _settings_conflict(subspace: str, conflicts: list[str]) -> UserError:
+    return UserError(f"--subspace {subspace} was estimated with other settings than this run asks for (given, or by "
+                     "the method's preset), and they cannot apply to a saved subspace:\n  " + "\n  ".join(conflicts)
+                     + "\nDrop those options (the subspace's values are used and recorded), or estimate a new "
+                       "subspace with them (leave out --subspace, or run safeft subspace estimate).")
 
 
 def _holds_in_order(rows: list, samples: list[dict]) -> bool:
