@@ -256,9 +256,10 @@ def test_hub_style_save_load_card_and_push(model, tokenizer, safety_pairs, tmp_p
             uploaded[repo_id] = sorted(p.name for p in Path(folder_path).iterdir())
             return f"https://huggingface.co/{repo_id}/commit/0"
 
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the fake Hub is reachable
     monkeypatch.setattr(huggingface_hub.hub_mixin, "HfApi", FakeApi)
     subspace.push_to_hub("me/smollm-safety-subspace")
-    assert uploaded["me/smollm-safety-subspace"] == ["README.md", "config.json", "subspace.json",
+    assert uploaded["me/smollm-safety-subspace"] == ["README.md", "manifest.json", "subspace.json",
                                                     "subspace.safetensors"]
 
 
@@ -280,3 +281,23 @@ def test_an_onset_estimate_ignores_the_tokens_after_the_onset(tokenizer):
     for name in targets:
         (a, b), (c, d) = full[name].factors(), short[name].factors()
         torch.testing.assert_close(a @ b.T, c @ d.T, rtol=1e-4, atol=1e-6)
+
+
+def test_estimation_on_a_compiled_model_runs_eagerly_and_leaves_it_compiled(model, tokenizer, safety_pairs):
+    """Hooks that differ per target would make dynamo recompile per target until its limit, after which the model
+    ran uncompiled for good; estimation runs the compiled model eagerly instead (backend "eager": no codegen)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    plain = SafetySubspace.estimate(model, tokenizer, safety_pairs[:2], SPFConfig(rank=4), show_progress=False)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager")
+    subspace = SafetySubspace.estimate(compiled, tokenizer, safety_pairs[:2], SPFConfig(rank=4), show_progress=False)
+    assert subspace.bases.keys() == plain.bases.keys()
+    assert all(torch.allclose(subspace[n].S, plain[n].S, rtol=1e-4, atol=1e-6) for n in plain.bases)
+    assert not counters["frames"]  # dynamo compiled nothing during estimation
+    ids = torch.tensor([[1, 2, 3, 4]])
+    torch.testing.assert_close(compiled(ids).logits, model(ids).logits)
+    assert counters["frames"]["ok"] > 0 and not counters["recompiles"]  # and compiles as usual afterwards
+    torch._dynamo.reset()

@@ -473,16 +473,21 @@ def estimate(c: EstimateCommand, _: dict) -> None:
                f"{len(pairs)} sample(s) in {seconds:.1f} s; {100 * share:.2f}% of the model's parameters -> {out}")
 
 
-@subspace_app.command("show")
-def show(path: Path = typer.Argument(..., help="A directory written by `safeft subspace estimate`.")) -> None:
-    """Print what a saved subspace holds."""
+def _load_subspace(path: Path):
+    """Return the subspace saved in ``path`` (checked against its manifest); exit 2 with one line if it is not."""
     from safeft.spf.subspace import SafetySubspace
 
     try:
-        subspace = SafetySubspace.load(path)
+        return SafetySubspace.load(path)
     except (FileNotFoundError, ValueError) as error:
         typer.echo(f"Error: {error}", err=True)
         raise typer.Exit(2) from None
+
+
+@subspace_app.command("show")
+def show(path: Path = typer.Argument(..., help="A directory written by `safeft subspace estimate`.")) -> None:
+    """Print what a saved subspace holds."""
+    subspace = _load_subspace(path)
     meta = subspace.metadata
     typer.echo(json.dumps({k: meta[k] for k in ("safeft_version", "rank_policy", "num_samples", "samples_sha256")},
                           indent=2))
@@ -490,6 +495,55 @@ def show(path: Path = typer.Argument(..., help="A directory written by `safeft s
     for name, basis in subspace.bases.items():
         top = ", ".join(f"{s:.3g}" for s in basis.S[:3].tolist())
         typer.echo(f"  {name:50s} {tuple(meta['model']['targets'][name])!s:14s} rank {basis.rank:3d}  sigma {top}")
+
+
+CARD_OPTIONS = {"base_model": "The Hub id of the model it was estimated on, for the card's base_model (default: the "
+                              "recorded model name if it is a Hub id; a local path is never written).",
+                "license_id": "The card's license (a Hub licence id).",
+                "include_samples": "List the safety samples (harmful prompts) verbatim in the card; default: their "
+                                   "count and sha256 only."}
+
+
+@subspace_app.command("card")
+def card(path: Path = typer.Argument(..., help="A saved subspace directory."),
+         out: Path | None = typer.Option(None, "--out", help="Where to write the card (default: PATH/README.md)."),
+         repo_id: str | None = typer.Option(None, "--repo-id", help="The Hub repo the card's snippet loads from."),
+         base_model: str | None = typer.Option(None, "--base-model", help=CARD_OPTIONS["base_model"]),
+         license_id: str = typer.Option("other", "--license", help=CARD_OPTIONS["license_id"]),
+         include_samples: bool = typer.Option(False, "--include-samples", help=CARD_OPTIONS["include_samples"]),
+         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing card.")) -> None:
+    """Write the Hub model card (README.md with YAML front matter) of a saved subspace."""
+    subspace = _load_subspace(path)
+    target = out or path / "README.md"
+    if target.exists() and not overwrite:
+        typer.echo(f"Error: {target} exists; pass --overwrite to replace it, or --out FILE", err=True)
+        raise typer.Exit(2)
+    if target.is_dir() or not target.parent.is_dir():
+        typer.echo(f"Error: --out {target}: {'a directory' if target.is_dir() else 'its folder does not exist'}; "
+                   "give a file path", err=True)
+        raise typer.Exit(2)
+    subspace.generate_model_card(repo_id=repo_id, base_model=base_model, license_id=license_id,
+                                 include_samples=include_samples).save(target)
+    typer.echo(f"model card -> {target}")
+
+
+@subspace_app.command("push")
+def push(path: Path = typer.Argument(..., help="A saved subspace directory."),
+         repo_id: str = typer.Argument(..., help="The Hub repo to upload to (owner/name; created if missing)."),
+         private: bool = typer.Option(False, "--private", help="Create the repo private."),
+         base_model: str | None = typer.Option(None, "--base-model", help=CARD_OPTIONS["base_model"]),
+         license_id: str = typer.Option("other", "--license", help=CARD_OPTIONS["license_id"]),
+         include_samples: bool = typer.Option(False, "--include-samples", help=CARD_OPTIONS["include_samples"])
+         ) -> None:
+    """Upload a saved subspace (its files and a model card) to the Hugging Face Hub."""
+    subspace = _load_subspace(path)
+    try:
+        url = subspace.push_to_hub(repo_id, private=private or None, base_model=base_model, license_id=license_id,
+                                   include_samples=include_samples)
+    except UserError as error:
+        typer.echo(f"Error: {error}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"pushed {path} -> {url}")
 
 
 # --- analyze ---------------------------------------------------------------------------------------------------

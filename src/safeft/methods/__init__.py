@@ -103,7 +103,10 @@ def build_method(name: str, options: Mapping[str, Any] | None = None) -> Method:
                  for n in names]
         return Composite(parts, "+".join(names))
     cls, preset = _lookup(name)
-    config = from_dict(cls.Config, {**preset, **dict(options or {})}, f"method {name!r}")
+    values = {**preset, **dict(options or {})}
+    config = from_dict(cls.Config, values, f"method {name!r}")
+    if hasattr(config, "check_given"):  # options whose given value the config cannot tell from its default
+        config.check_given(values)
     return cls(config, name)
 
 

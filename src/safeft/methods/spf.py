@@ -8,7 +8,7 @@ singular values but replaces every basis by a random orthonormal one (seeded). I
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 from safeft.config import TrainConfig
 from safeft.data import DEFAULT_SAFETY_SAMPLES
@@ -30,7 +30,9 @@ class SPFOptions(SPFConfig):
         margin: give each built-in sample the unaligned base model's own compliant answer, so the subspace spans
             the gradient of the refusal-vs-compliance margin.
         subspace: a saved subspace (a directory from ``safeft subspace estimate`` or ``save_pretrained``) to use
-            instead of estimating one; it must fit the model (names, shapes; other weights warn).
+            instead of estimating one; it must fit the model (names, shapes; other weights warn). The estimation
+            options then take the subspace's recorded values (rank policy, max_rank, target_modules, onset_tokens,
+            safety samples, margin); one set to another value is refused, since it could not apply.
         keep_trainable: regular expressions of parameters SPF does not project (under full fine-tuning the blocks'
             norm weights) to leave trainable; by default every one is frozen, since nothing would guard it.
         task_overlap: a task-aware subspace: estimate the fine-tuning data's gradient (``task_examples`` of its
@@ -50,6 +52,8 @@ class SPFOptions(SPFConfig):
     task_examples: int = 32
 
     def __post_init__(self) -> None:
+        if self.subspace:  # before SPFConfig gives an unset rank policy its default
+            use_subspace_settings(self)
         super().__post_init__()
         if self.safety_samples <= 0:
             raise UserError(f"safety_samples must be positive, got {self.safety_samples}")
@@ -58,6 +62,89 @@ class SPFOptions(SPFConfig):
         if self.task_rank <= 0 or self.task_examples <= 0:
             raise UserError(f"task_rank and task_examples must be positive, got {self.task_rank} and "
                              f"{self.task_examples}")
+
+    def check_given(self, given: dict) -> None:
+        """Raise ``UserError`` if an option in ``given`` (the flags, YAML keys and preset the options were built
+        from) was replaced by the saved subspace's value: one given at its default value is not told apart from
+        one left unset by ``__post_init__``, so it is compared here."""
+        if not self.subspace:
+            return
+        from safeft.config import from_dict
+
+        asked = from_dict(type(self), {k: v for k, v in given.items() if k.replace("-", "_") != "subspace"})
+        names = {k.replace("-", "_") for k in given}
+        dropped = [f"{name}: {getattr(asked, name)} asked, the subspace has {getattr(self, name)}"
+                   for name in _SUBSPACE_SETTINGS if name in names and getattr(asked, name) != getattr(self, name)]
+        if dropped:
+            raise _settings_conflict(self.subspace, dropped)
+
+
+_SUBSPACE_SETTINGS = ("max_rank", "target_modules", "onset_tokens", "safety_samples", "margin")
+
+
+def _policy_text(rank, energy, budget) -> str:
+    return " and ".join(f"{name} {value}" for name, value in (("rank", rank), ("energy", energy), ("budget", budget))
+                        if value is not None) or "the default rank"
+
+
+def use_subspace_settings(options: SPFOptions) -> None:
+    """Give ``options`` the estimation settings recorded in its saved ``subspace`` (so the run records what guards
+    it), and raise ``UserError`` naming both values for every one set to something else, which could not apply.
+
+    An option left at its default takes the recorded value; the rank policy counts as set when any of ``rank``,
+    ``energy`` or ``budget`` is given. ``safety_data`` must hold the subspace's samples (all of them, or them
+    among others).
+    """
+    from safeft.spf.subspace import SafetySubspace, samples_sha256
+
+    meta = SafetySubspace.read_metadata(options.subspace)
+    policy = meta["rank_policy"]
+    recorded = {"rank": policy.get("rank"), "energy": policy.get("energy"), "budget": policy.get("budget")}
+    asked = {name: getattr(options, name) for name in recorded}
+    conflicts = []
+    if any(v is not None for v in asked.values()) and asked != recorded:
+        conflicts.append(f"rank policy: {_policy_text(**asked)} asked, the subspace has {_policy_text(**recorded)}")
+    defaults = {f.name: f.default for f in fields(SPFOptions)}
+    samples = meta["samples"]
+    values = {"max_rank": policy.get("max_rank", defaults["max_rank"]), "target_modules": policy["target_modules"],
+              "onset_tokens": policy.get("onset_tokens"), "margin": any(s.get("compliance") for s in samples)}
+    if options.safety_data is None:
+        values["safety_samples"] = meta["num_samples"]
+    for name, value in values.items():
+        given = getattr(options, name)
+        if given != defaults[name] and given != value:
+            shown = "none" if value is None else value
+            conflicts.append(f"{name}: {given} asked, the subspace has {shown}" if name != "margin" else
+                             "margin: asked, but the subspace's samples carry no compliance answer")
+    if options.safety_data is not None:
+        from safeft.data import load_safety_samples
+
+        rows = load_safety_samples(options.safety_data)
+        if not _holds_in_order(rows, samples):
+            conflicts.append(f"safety_data: {options.safety_data} has {len(rows)} sample(s) (sha256 "
+                             f"{samples_sha256(rows)[:12]}), the subspace was estimated from {meta['num_samples']} "
+                             f"others (sha256 {meta['samples_sha256'][:12]})")
+    if conflicts:
+        raise _settings_conflict(options.subspace, conflicts)
+    if not any(v is not None for v in asked.values()):
+        options.rank, options.energy, options.budget = recorded["rank"], recorded["energy"], recorded["budget"]
+    for name, value in values.items():
+        setattr(options, name, value)
+
+
+def _settings_conflict(subspace: str, conflicts: list[str]) -> UserError:
+    return UserError(f"--subspace {subspace} was estimated with other settings than this run asks for (given, or by "
+                     "the method's preset), and they cannot apply to a saved subspace:\n  " + "\n  ".join(conflicts)
+                     + "\nDrop those options (the subspace's values are used and recorded), or estimate a new "
+                       "subspace with them (leave out --subspace, or run safeft subspace estimate).")
+
+
+def _holds_in_order(rows: list, samples: list[dict]) -> bool:
+    """Return True if the stored ``samples`` are ``rows`` with some left out (those in the fine-tuning data)."""
+    from safeft.spf.subspace import _sample_dict
+
+    wanted, it = [dict(s) for s in samples], iter(_sample_dict(r) for r in rows)
+    return bool(wanted) and all(any(w == r for r in it) for w in wanted)
 
 
 @dataclass
@@ -124,9 +211,10 @@ class SPF(Method):
         from safeft.spf.subspace import SafetySubspace
 
         if self.config.subspace:
-            return SafetySubspace.load(self.config.subspace, model)
-        subspace = SafetySubspace.estimate(model, tokenizer, self.safety_samples(run), self.config)
-        if self.config.task_overlap is not None:
+            subspace = SafetySubspace.load(self.config.subspace, model)
+        else:
+            subspace = SafetySubspace.estimate(model, tokenizer, self.safety_samples(run), self.config)
+        if self.config.task_overlap is not None:  # it applies to a saved subspace as to a fresh one
             subspace = self.task_aware(subspace, model, tokenizer, run)
         return subspace
 

@@ -105,7 +105,9 @@ def gradient_factors(model: nn.Module, targets: dict[str, Target], encoded: list
 
     handles = [t.base.register_forward_hook(on_forward(name)) for name, t in targets.items()]
     try:
-        with eval_without_param_grads(model), torch.enable_grad():  # may run inside optimizer.step() (refresh)
+        # may run inside optimizer.step() (refresh); eager even on a torch.compile'd model: the hooks differ per
+        # target, so compiling them recompiles per target up to the recompile limit, then runs uncompiled for good
+        with eval_without_param_grads(model), torch.enable_grad(), _eager():
             by_length = sorted(encoded, key=lambda e: len(e.input_ids))  # less padding; the sum is order-free
             for batch in progress(list(batches(by_length, batch_size, tokenizer)), desc="gradient",
                                   show=show_progress):
@@ -119,6 +121,15 @@ def gradient_factors(model: nn.Module, targets: dict[str, Target], encoded: list
             h.remove()
         inputs.clear()
     return sums
+
+
+def _eager():
+    """Return a context in which ``torch.compile``'d code runs eagerly (``torch.compiler.set_stance``, torch >= 2.6;
+    before that, a no-op)."""
+    import contextlib
+
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 def estimate_bases(model: nn.Module, tokenizer, samples: Sequence[SafetySample], config: SPFConfig, *,
