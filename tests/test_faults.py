@@ -161,7 +161,7 @@ def kill_points() -> list:
     points += [(f"before-{name}", name) for name in CHECKPOINT_FILES["spf"]]
     points += [(f"torn-{name}", name) for name in ("model.safetensors", "optimizer.pt", STATE_FILE)]
     points += [(f"truncated-{name}", name) for name in DAMAGED]
-    points += [("flipped-byte-weights", "weights"), ("twice-3-and-7", (3, 7)), ("spf-state-missing", STATE_FILE)]
+    points += [("overwritten-bytes-weights", "weights"), ("twice-3-and-7", (3, 7)), ("spf-state-missing", STATE_FILE)]
     return points
 
 
@@ -232,14 +232,15 @@ def interrupt(scenario: str, out: Path, point: str, what) -> None:
     if kind == "twice":
         with pytest.raises(KeyboardInterrupt):
             run(scenario, out, resume=True, extra=[KillAfterStep(what[1])])
-    if kind in ("truncated", "flipped", "spf"):
+    if kind in ("truncated", "overwritten", "spf"):
         newest = trainer / "checkpoint-4"
         path = newest / file_name(scenario, what)
         if kind == "truncated":
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-        elif kind == "flipped":
+        elif kind == "overwritten":  # same size, other bytes: only the hash tells
             data = bytearray(path.read_bytes())
-            data[len(data) // 2] ^= 0xFF
+            middle = len(data) // 2
+            data[middle:middle + 16] = b"\x7f" * 16
             path.write_bytes(bytes(data))
         else:
             path.unlink()
