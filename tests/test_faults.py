@@ -387,5 +387,61 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_weights(uninterrupted, tmp_p
     assert_same_run(model, log, uninterrupted[scenario])
 
 
+def _cli_child(kill_at: str, *args: str) -> None:
+    """In each process of a torchrun launch: ``safeft finetune *args``, every process SIGKILLing itself after step
+    ``kill_at`` (0: never)."""
+    import safeft.methods.sft
+    from safeft.cli import app
+
+    class Die(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == int(kill_at):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    safeft.methods.sft.SFT.callbacks = lambda self, *a: [Die()]
+    sys.argv = ["safeft", "finetune", *args]
+    app()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["none", "truncated-weights"])
+def test_a_sigkilled_two_process_run_resumes_to_the_uninterrupted_weights(tiny_dir, tmp_path, damage):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    env = {**os.environ, "TQDM_DISABLE": "1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(safeft.checkpoints.__file__).parents[1]),
+                                          os.environ.get("PYTHONPATH", "")])}
+    common = ["--model", str(tiny_dir), "--task", "sentiment", "--max-train", "16", "--steps", "6", "--batch-size",
+              "2", "--save-every", "2", "--learning-rate", "1e-3"]
+
+    def launch(out: str, kill_at: int, *extra: str):
+        return subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(29530 + kill_at), __file__,
+                               "cli", str(kill_at), *common, "--out", out, *extra],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+
+    full = launch("full", 0)
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = launch("run", 5)
+    assert killed.returncode != 0 and (tmp_path / "run.partial" / INCOMPLETE).exists(), killed.stderr[-3000:]
+    trainer = tmp_path / "run.partial" / "trainer"
+    assert not check_checkpoint(trainer / "checkpoint-4")  # every process's files are in the manifest
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in (trainer / "checkpoint-4").iterdir()}
+    if damage == "truncated-weights":
+        weights = trainer / "checkpoint-4" / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    resumed = launch("run", 0, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    if damage != "none":
+        assert resumed.stderr.count("resuming from") >= 1 and "checkpoint-4 is damaged" in resumed.stderr
+    a, b = (load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("full", "run"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+
+
 if __name__ == "__main__":
-    _child(*sys.argv[1:4])
+    if sys.argv[1] == "cli":
+        _cli_child(*sys.argv[2:])
+    else:
+        _child(*sys.argv[1:4])

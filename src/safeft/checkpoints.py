@@ -73,12 +73,14 @@ def check_checkpoint(folder: str | Path) -> list[str]:
     problems = []
     for name, entry in files.items():
         path = folder / name
-        if not path.is_file():
+        try:
+            size = path.stat().st_size
+            if size != entry["bytes"]:
+                problems.append(f"{name} has {size} bytes, {entry['bytes']} recorded")
+            elif _sha256(path) != entry["sha256"]:
+                problems.append(f"{name} does not match its recorded sha256")
+        except OSError:  # gone, or being removed by another process of the run
             problems.append(f"{name} is missing")
-        elif path.stat().st_size != entry["bytes"]:
-            problems.append(f"{name} has {path.stat().st_size} bytes, {entry['bytes']} recorded")
-        elif _sha256(path) != entry["sha256"]:
-            problems.append(f"{name} does not match its recorded sha256")
     return problems
 
 
@@ -134,9 +136,13 @@ def check_restart(out: str | Path, *, resume: bool, overwrite: bool) -> None:
 
 class ManifestCallback(TrainerCallback):
     """Writes each checkpoint's manifest once the Trainer and every callback before this one have saved their files
-    (keep it last in the callback list: SPF's state is saved in ``on_save`` too)."""
+    (keep it last in the callback list: SPF's state is saved in ``on_save`` too). Launched as several processes, it
+    waits until every process has written its own files (its RNG state) before the main one writes the manifest."""
 
     def on_save(self, args, state, control, **kwargs):
+        from safeft.distributed import barrier
+
+        barrier()
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and folder.is_dir():
             write_manifest(folder)
