@@ -107,7 +107,8 @@ def resume_checkpoint(output_dir: str | Path, *, remove_damaged: bool = True) ->
             return None
         listing = "; ".join(f"{f.name}: {', '.join(p)}" for f, p in damaged)
         raise UserError(f"cannot resume: no intact checkpoint in {output_dir} ({listing}). Start over with "
-                        f"--overwrite, or resume from one of them as it is with --resume-from {damaged[0][0]}")
+                        "--overwrite, or point at a checkpoint you trust (e.g. one an older safeft saved without a "
+                        f"manifest) with --resume-from {Path(output_dir) / 'checkpoint-<step>'}: it is used as it is")
     if not damaged:
         logger.info("resuming from %s (step %d): its files match its manifest", folder.name, step_of(folder))
         return folder

@@ -160,8 +160,7 @@ def train(model, tokenizer, examples: Sequence[ChatExample], config: TrainConfig
     each gets a manifest of its files, written last, and the last two are kept. With ``resume`` training continues from
     the newest intact one there (weights, optimizer, schedule, data position and the callbacks' own state; see
     :func:`checkpoint_to_resume`, which also takes a checkpoint's path), and ends where an uninterrupted run would
-    have. ``loss`` (a method's objective,
-    :data:`StepLoss`) replaces the task loss.
+    have. ``loss`` (a method's objective, :data:`StepLoss`) replaces the task loss.
 
     Returns:
         ``{"log_history": [...], "seconds": float, "steps": int, "step_seconds_median": float,
