@@ -429,3 +429,49 @@ def test_a_damaged_run_file_is_reported_by_name_rerun_and_never_counted(tmp_path
         summarize(tmp_path)
     assert str(path) in str(error.value) and "rerun the bench" in str(error.value)
     assert isinstance(error.value, UserError) and not (tmp_path / "bench.json").exists()
+
+
+def _headlines(summary: dict) -> dict:
+    """Each run's numbers (not its timings), by (setting, label, seed)."""
+    from safeft.recipes.bench import HEADLINE_KEYS
+
+    return {(r["setting"], r["label"], r["seed"]): {k: r[k] for k in HEADLINE_KEYS} for r in summary["runs"]}
+
+
+@pytest.mark.slow
+def test_a_bench_grid_killed_anywhere_ends_with_the_uninterrupted_grids_numbers(tiny_dir, cache, tmp_path,
+                                                                                monkeypatch):
+    """Kill points of a grid: between two runs, inside a run file's write (its temporary file left), and after a
+    run file was written and then cut short; each time the rerun bench finishes the grid with the same numbers."""
+    from safeft.recipes.bench import RUN_FORMAT
+
+    methods = ("sft", "spf rank=4")
+    full = bench(config(tiny_dir, cache, tmp_path / "full", methods=methods))
+    real = bench_module.run_in_subprocess
+    for point in ("between-runs", "inside-write", "file-cut-after"):
+        out = tmp_path / point
+        calls = []
+
+        def killed(*args, point=point, calls=calls):
+            calls.append(args)
+            path = args[-1]
+            if len(calls) == 2 and point == "between-runs":
+                raise KeyboardInterrupt
+            real(*args)
+            if len(calls) == 2 and point == "inside-write":  # the rename never happened: only the temporary file
+                path.rename(path.with_name(f".{path.name}.1234.tmp"))
+                raise KeyboardInterrupt
+            if len(calls) == 1 and point == "file-cut-after":
+                path.write_text(path.read_text()[:200])
+                raise KeyboardInterrupt
+
+        with monkeypatch.context() as patch:
+            patch.setattr(bench_module, "run_in_subprocess", killed)
+            with pytest.raises(KeyboardInterrupt):
+                bench(config(tiny_dir, cache, out, methods=methods))
+        if point == "file-cut-after":
+            with pytest.raises(UserError, match="not a valid bench run file"):
+                summarize(out)  # the cut file is never counted
+        again = bench(config(tiny_dir, cache, out, methods=methods))
+        assert _headlines(again) == _headlines(full), point
+        assert all(json.loads(p.read_text())["format"] == RUN_FORMAT for p in (out / "runs").rglob("*.json"))
