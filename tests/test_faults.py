@@ -345,6 +345,28 @@ def test_resume_reports_the_fallback_in_one_line(tmp_path, caplog):
     assert "checkpoint-4 is damaged (model.safetensors has 100 bytes" in lines[0]
 
 
+def test_a_full_disk_is_a_user_error_naming_the_path_and_the_run_resumes_once_there_is_space(uninterrupted,
+                                                                                               tmp_path):
+    import errno
+
+    out = tmp_path / "out"
+
+    def full(path, write):
+        if path.parent.name == "checkpoint-6" and path.name == "optimizer.pt":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return write()
+
+    with writes(full), pytest.raises(UserError) as error:
+        run("sft", out)
+    message = str(error.value)
+    assert "no space left on the device of" in message and "checkpoint-6/optimizer.pt" in message
+    assert "MiB" in message and "--resume" in message
+    partial = out.with_name("out.partial")
+    assert (partial / INCOMPLETE).exists()  # kept: it holds a checkpoint to resume from
+    model, log = run("sft", out, resume=True)
+    assert_same_run(model, log, uninterrupted["sft"])
+
+
 # --- a real kill: SIGKILL of a child process -----------------------------------------------------------------------
 
 

@@ -135,6 +135,20 @@ def check_restart(out: str | Path, *, resume: bool, overwrite: bool) -> None:
                         "pass --resume to continue it, or --overwrite to start over (its checkpoints are deleted)")
 
 
+def disk_full(error: BaseException, output_dir: str | Path) -> UserError | None:
+    """Return the user error for ``error`` if it says the disk holding ``output_dir`` is full (``ENOSPC``, or a
+    library's message saying so), naming the path and the space a checkpoint takes; None for any other error."""
+    import errno
+
+    if not ((isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error)):
+        return None
+    sizes = [sum(p.stat().st_size for p in f.rglob("*") if p.is_file()) for f in checkpoint_folders(output_dir)]
+    need = f" (a checkpoint here takes {max(sizes) / 2**20:.1f} MiB, and {KEEP} are kept)" if sizes else ""
+    return UserError(f"no space left on the device of {getattr(error, 'filename', None) or output_dir} while "
+                     f"training{need}. Free some space, then rerun with --resume: it continues from the newest "
+                     "intact checkpoint")
+
+
 class ManifestCallback(TrainerCallback):
     """Writes each checkpoint's manifest once the Trainer and every callback before this one have saved their files
     (keep it last in the callback list: SPF's state is saved in ``on_save`` too). Launched as several processes, it

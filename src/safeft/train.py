@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 
 from safeft.callbacks import CostMeter, FiniteCheck
 from safeft.chat import encode_messages, truncate
-from safeft.checkpoints import KEEP, ManifestCallback, logger
+from safeft.checkpoints import KEEP, ManifestCallback, disk_full, logger
 from safeft.config import TrainConfig
 from safeft.data.examples import ChatExample
 from safeft.errors import UserError
@@ -195,7 +195,13 @@ def train(model, tokenizer, examples: Sequence[ChatExample], config: TrainConfig
     trainer.callback_handler.callbacks.append(FiniteCheck())
     trainer.callback_handler.callbacks.append(ManifestCallback())  # last: after every file of a checkpoint is saved
     checkpoint = checkpoint_to_resume(output_dir, resume)
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    try:
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except Exception as error:
+        full = disk_full(error, output_dir)
+        if full is None:
+            raise
+        raise full from None
     bad = first_non_finite(model)
     if bad:
         raise FloatingPointError(f"training diverged: non-finite weights after {trainer.state.global_step} steps, "
