@@ -245,12 +245,20 @@ def test_a_second_bench_on_the_same_directory_is_refused(tiny_dir, cache, tmp_pa
     assert not (out / "runs").exists()
 
 
+RATE = {"k": 1, "n": 10, "rate": 10.0, "ci": [1.8, 40.4]}
+HEADLINE = {"harmful_score": 10.0, "harmful_score_ci": [1.8, 40.4], "accuracy": None, "accuracy_ci": None,
+            "over_refusal": 10.0, "over_refusal_ci": [1.8, 40.4], "safety_loss": 0.5, "task_loss": 1.0}
+VALID_RUN = {"format": "safeft.bench-run/1", "kind": "run", "label": "sft", "cost": {"step_seconds_median": 1.0},
+             "headline": HEADLINE,
+             "metrics": {"harmful_score": RATE, "over_refusal": RATE, "safety_loss": 0.5, "task_loss": 1.0}}
+
+
 def test_run_files_from_before_a_field_existed_still_count_as_finished(tmp_path):
     from safeft.recipes.bench import _finished, run_identity
 
     grid = BenchConfig(out=str(tmp_path), methods=["spf"])
     setting, (label, method) = grid.settings[0], grid.method_entries()[0]
-    record = run_identity(grid, setting, 0, method)
+    record = {**VALID_RUN, **run_identity(grid, setting, 0, method)}
     # as if written before those fields (of the run, the setting, the method's options) were added
     del record["train"]["schedule"], record["setting"]["deep"], record["method_options"]["subspace"]
     write_json(run_path(tmp_path, setting, label, 0), record)
@@ -397,3 +405,73 @@ def test_a_default_is_replaced_only_by_a_candidate_that_wins_somewhere_and_loses
     chosen = choose_factor(gated, ALIGNED, "spf", ["spf w", "spf x"])  # the default refuses too much; x, w tie
     assert chosen["choice"] == "spf x" and "excluded everywhere" in chosen["why"]
     assert choose_factor(runs, ALIGNED, "spf", ["spf z"])["choice"] is None  # nothing to compare with yet
+
+
+@pytest.mark.parametrize("damage", ["cut", "edited", "kind", "empty"])
+def test_a_damaged_run_file_is_reported_by_name_rerun_and_never_counted(tmp_path, capsys, damage):
+    from safeft.recipes.bench import DamagedRunFile, _finished, run_identity
+
+    grid = BenchConfig(out=str(tmp_path), methods=["sft"])
+    setting, (label, method) = grid.settings[0], grid.method_entries()[0]
+    path = run_path(tmp_path, setting, label, 0)
+    record = {**VALID_RUN, **run_identity(grid, setting, 0, method)}
+    write_json(path, record)
+    assert _finished(grid, tmp_path, setting, 0, label, method)
+    assert len(read_runs(tmp_path)[1]) == 1
+    text = path.read_text()
+    damaged = {"cut": text[: len(text) // 2],  # a full disk, a kill mid-write by some other tool
+               "edited": text.replace('"harmful_score": 10.0', '"harmful_score": "10%"'),  # by hand
+               "kind": text.replace('"kind": "run"', '"kind": "runs"'), "empty": ""}[damage]
+    path.write_text(damaged)
+    assert not _finished(grid, tmp_path, setting, 0, label, method)  # so the bench runs it again
+    assert f"bench: {path} is damaged" in capsys.readouterr().out
+    with pytest.raises(DamagedRunFile) as error:  # the summary refuses it rather than count it or crash on it
+        summarize(tmp_path)
+    assert str(path) in str(error.value) and "rerun the bench" in str(error.value)
+    assert isinstance(error.value, UserError) and not (tmp_path / "bench.json").exists()
+
+
+def _headlines(summary: dict) -> dict:
+    """Each run's numbers (not its timings), by (setting, label, seed)."""
+    from safeft.recipes.bench import HEADLINE_KEYS
+
+    return {(r["setting"], r["label"], r["seed"]): {k: r[k] for k in HEADLINE_KEYS} for r in summary["runs"]}
+
+
+@pytest.mark.slow
+def test_a_bench_grid_killed_anywhere_ends_with_the_uninterrupted_grids_numbers(tiny_dir, cache, tmp_path,
+                                                                                monkeypatch):
+    """Kill points of a grid: between two runs, inside a run file's write (its temporary file left), and after a
+    run file was written and then cut short; each time the rerun bench finishes the grid with the same numbers."""
+    from safeft.recipes.bench import RUN_FORMAT
+
+    methods = ("sft", "spf rank=4")
+    full = bench(config(tiny_dir, cache, tmp_path / "full", methods=methods))
+    real = bench_module.run_in_subprocess
+    for point in ("between-runs", "inside-write", "file-cut-after"):
+        out = tmp_path / point
+        calls = []
+
+        def killed(*args, point=point, calls=calls):
+            calls.append(args)
+            path = args[-1]
+            if len(calls) == 2 and point == "between-runs":
+                raise KeyboardInterrupt
+            real(*args)
+            if len(calls) == 2 and point == "inside-write":  # the rename never happened: only the temporary file
+                path.rename(path.with_name(f".{path.name}.1234.tmp"))
+                raise KeyboardInterrupt
+            if len(calls) == 1 and point == "file-cut-after":
+                path.write_text(path.read_text()[:200])
+                raise KeyboardInterrupt
+
+        with monkeypatch.context() as patch:
+            patch.setattr(bench_module, "run_in_subprocess", killed)
+            with pytest.raises(KeyboardInterrupt):
+                bench(config(tiny_dir, cache, out, methods=methods))
+        if point == "file-cut-after":
+            with pytest.raises(UserError, match="not a valid bench run file"):
+                summarize(out)  # the cut file is never counted
+        again = bench(config(tiny_dir, cache, out, methods=methods))
+        assert _headlines(again) == _headlines(full), point
+        assert all(json.loads(p.read_text())["format"] == RUN_FORMAT for p in (out / "runs").rglob("*.json"))

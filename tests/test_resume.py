@@ -80,3 +80,61 @@ def test_cli_resume_continues_the_partial_output_and_refuses_other_settings(tiny
     assert result.exit_code == 0, result.output
     assert (tmp_path / "run" / MARKER).exists() and not partial.exists()
     assert "nothing to resume" in runner.invoke(app, [*args, "--resume"]).output
+
+
+def test_cli_resume_falls_back_past_a_truncated_checkpoint_and_refuses_to_restart_silently(tiny_dir, tmp_path,
+                                                                                           monkeypatch, caplog):
+    """The case of issue 39: the newest checkpoint's weights cut short (a full disk, a dying node)."""
+    import safeft.methods.sft
+    from safeft.models import load_model
+
+    runner = CliRunner()
+    args = ["finetune", "--model", str(tiny_dir), "--task", "sentiment", "--max-train", "12", "--steps", "6",
+            "--batch-size", "2", "--save-every", "2"]
+    assert runner.invoke(app, [*args, "--out", str(tmp_path / "full")]).exit_code == 0
+    run = [*args, "--out", str(tmp_path / "run")]
+    with monkeypatch.context() as patch:
+        patch.setattr(safeft.methods.sft.SFT, "callbacks", lambda self, *a: [Interrupt(5)], raising=False)
+        assert runner.invoke(app, run).exit_code == 130
+    trainer = tmp_path / "run.partial" / "trainer"
+    weights = trainer / "checkpoint-4" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    again = runner.invoke(app, run)  # without --resume: refused, the checkpoints kept
+    assert again.exit_code == 2 and "checkpoint to resume from" in again.output and "--resume" in again.output
+    assert "--overwrite" in again.output and weights.exists()
+    with caplog.at_level("WARNING", logger="safeft"):  # the CLI prints it on stderr
+        result = runner.invoke(app, [*run, "--resume"])
+    assert result.exit_code == 0, result.output
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resuming from")]
+    assert len(said) == 1 and "checkpoint-2 (step 2), the newest intact checkpoint" in said[0]
+    assert "checkpoint-4 is damaged (model.safetensors has 1000 bytes" in said[0]
+    full, _ = load_model(str(tmp_path / "full" / "model"))
+    resumed, _ = load_model(str(tmp_path / "run" / "model"))
+    for (key, p), (_, q) in zip(full.named_parameters(), resumed.named_parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6, rtol=0), key
+
+
+def test_cli_with_every_checkpoint_damaged_exits_2_naming_the_files_and_the_choices(tiny_dir, tmp_path, monkeypatch,
+                                                                                      caplog):
+    import safeft.methods.sft
+
+    runner = CliRunner()
+    run = ["finetune", "--model", str(tiny_dir), "--task", "sentiment", "--max-train", "12", "--steps", "6",
+           "--batch-size", "2", "--save-every", "2", "--out", str(tmp_path / "run")]
+    with monkeypatch.context() as patch:
+        patch.setattr(safeft.methods.sft.SFT, "callbacks", lambda self, *a: [Interrupt(5)], raising=False)
+        assert runner.invoke(app, run).exit_code == 130
+    trainer = tmp_path / "run.partial" / "trainer"
+    (trainer / "checkpoint-2" / "safeft-manifest.json").unlink()  # e.g. saved by an older safeft
+    weights = trainer / "checkpoint-4" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    result = runner.invoke(app, [*run, "--resume"])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert "no intact checkpoint" in message and "checkpoint-4: model.safetensors has 1000 bytes" in message
+    assert "checkpoint-2: no safeft-manifest.json" in message
+    assert "--overwrite" in message and "--resume-from" in message
+    with caplog.at_level("WARNING", logger="safeft"):
+        result = runner.invoke(app, [*run, "--resume-from", str(trainer / "checkpoint-2")])  # the user vouches for it
+    assert result.exit_code == 0, result.output
+    assert "as asked" in caplog.text and (tmp_path / "run" / "model").is_dir()

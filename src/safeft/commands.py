@@ -140,8 +140,9 @@ class FinetuneCommand:
     cache: cache directory (default $SAFEFT_CACHE or ~/.cache/safeft).
     overwrite: replace an existing --out.
     chat_template: a Jinja chat template file, for a tokenizer that has none.
-    resume: continue the interrupted run in --out (its <out>.partial) from its last checkpoint, with the same
-        options.
+    resume: continue the interrupted run in --out (its <out>.partial) from its newest intact checkpoint, with the
+        same options.
+    resume_from: continue the interrupted run in --out from this checkpoint folder, used as it is (not verified).
     """
 
     model: str
@@ -153,12 +154,14 @@ class FinetuneCommand:
     overwrite: bool = False
     chat_template: str | None = None
     resume: bool = False
+    resume_from: str | None = None
 
 
 FINETUNE_PANELS = {"model": "Model and data", "data": "Model and data", "chat_template": "Model and data",
                    "cache": "Model and data", "config": "Model and data", "train": "Training", "method": "Method",
                    "task_test": "Evaluation", "max_test": "Evaluation", "validation": "Evaluation",
-                   "out": "Output", "overwrite": "Output", "resume": "Output"}
+                   "out": "Output", "overwrite": "Output", "resume": "Output",
+                   "resume_from": "Output"}
 
 
 @command(app, "finetune", FinetuneCommand, extra=method_options(), extra_help=method_help(), panels=FINETUNE_PANELS,
@@ -166,6 +169,7 @@ FINETUNE_PANELS = {"model": "Model and data", "data": "Model and data", "chat_te
                 "my_data.jsonl --max-steps 100 (`safeft methods spf` lists SPF's options).",
          help="Fine-tune a model on a task (optionally with a harmful mix) with any registered method.")
 def finetune(c: FinetuneCommand, options: dict) -> None:
+    from safeft.checkpoints import check_restart
     from safeft.distributed import is_main_process
     from safeft.io import MARKER, writing_together
     from safeft.recipes.finetune import finetune as run_finetune
@@ -173,14 +177,16 @@ def finetune(c: FinetuneCommand, options: dict) -> None:
     method = _build_method(c.method, options)
     inputs = [c.model, c.data.task_train, c.data.task_test, c.data.harmful_answers, options.get("safety_data"),
               options.get("harmful_data"), c.chat_template]
-    if c.resume and (Path(c.out) / MARKER).exists():
+    resume = c.resume_from or c.resume
+    if resume and (Path(c.out) / MARKER).exists():
         raise UserError(f"{c.out} holds a finished run; there is nothing to resume")
+    check_restart(c.out, resume=bool(resume), overwrite=c.overwrite)
     if is_main_process():
         typer.echo(global_batch(c.train), err=True)
     with writing_together(c.out, overwrite=c.overwrite, inputs=inputs, command=_command_line(),
-                          keep_partial=c.resume) as tmp:
+                          keep_partial=bool(resume)) as tmp:
         _, _, log = run_finetune(c.model, c.data, method, c.train, tmp, _cache(c.cache),
-                                 chat_template=c.chat_template, resume=c.resume)
+                                 chat_template=c.chat_template, resume=resume)
     if is_main_process():
         typer.echo(f"{method.name}: {log['steps']} steps in {log['seconds']:.0f} s -> {c.out}")
 

@@ -11,6 +11,7 @@ from transformers import TrainerCallback
 
 from safeft.callbacks import CostMeter, FiniteCheck
 from safeft.chat import encode_messages, truncate
+from safeft.checkpoints import KEEP, ManifestCallback, disk_full, logger
 from safeft.config import TrainConfig
 from safeft.data.examples import ChatExample
 from safeft.errors import UserError
@@ -76,11 +77,46 @@ def encode_for_training(model, tokenizer, examples: Sequence[ChatExample], max_l
 
 
 def last_checkpoint(output_dir: str | Path) -> Path | None:
-    """Return the newest complete Trainer checkpoint in ``output_dir`` (one whose ``trainer_state.json``, written
-    last, exists), or None. A checkpoint cut short by a kill is skipped."""
-    folders = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    complete = [p for p in folders if (p / "trainer_state.json").exists()]
-    return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    """Return the newest intact Trainer checkpoint in ``output_dir`` (one whose files match the manifest written last,
+    see :mod:`safeft.checkpoints`), or None if there is no checkpoint; raises ``UserError`` if none is intact."""
+    from safeft.checkpoints import resume_checkpoint
+
+    return resume_checkpoint(output_dir, remove_damaged=False)
+
+
+def checkpoint_to_resume(output_dir: str | Path, resume: bool | str | Path) -> Path | None:
+    """Return the checkpoint a run resumes from: with ``resume=True`` the newest intact one in ``output_dir`` (damaged
+    newer ones are removed, and the fallback is reported); with a path, that checkpoint as it is (unverified, copied
+    into ``output_dir`` if it lies elsewhere; checkpoints after it are removed); None without ``resume``."""
+    import shutil
+
+    from safeft.checkpoints import check_checkpoint, checkpoint_folders, resume_checkpoint, step_of
+    from safeft.distributed import is_main_process
+
+    if not resume:
+        return None
+    if resume is True:
+        checkpoint = resume_checkpoint(output_dir, remove_damaged=is_main_process())
+        if checkpoint is None:
+            raise FileNotFoundError(f"nothing to resume: no checkpoint in {output_dir} (was the run saving "
+                                    "checkpoints? see --save-every)")
+        return checkpoint
+    given = Path(resume)
+    if step_of(given) is None or not (given / "trainer_state.json").is_file():
+        raise UserError(f"--resume-from {given} is not a Trainer checkpoint (a checkpoint-<step> folder with "
+                        "trainer_state.json)")
+    problems = check_checkpoint(given)
+    if problems:
+        logger.warning("resuming from %s as asked, although %s", given, "; ".join(problems))
+    checkpoint = Path(output_dir) / given.name
+    if is_main_process():
+        for later in checkpoint_folders(output_dir):
+            if step_of(later) > step_of(given):
+                shutil.rmtree(later, ignore_errors=True)
+        if checkpoint.resolve() != given.resolve():
+            shutil.rmtree(checkpoint, ignore_errors=True)
+            shutil.copytree(given, checkpoint)
+    return checkpoint
 
 
 def trainer_class(loss: StepLoss | None = None):
@@ -113,7 +149,7 @@ def warmup_steps(config: TrainConfig, steps: int) -> int:
 
 def train(model, tokenizer, examples: Sequence[ChatExample], config: TrainConfig, *,
           output_dir: str = "/tmp/safeft-trainer", callbacks: Sequence[TrainerCallback] = (),
-          loss: StepLoss | None = None, resume: bool = False) -> dict:
+          loss: StepLoss | None = None, resume: bool | str | Path = False) -> dict:
     """Fine-tune ``model`` in place on ``examples`` (loss on assistant turns) with TRL's ``SFTTrainer`` and return the
     training log.
 
@@ -121,9 +157,10 @@ def train(model, tokenizer, examples: Sequence[ChatExample], config: TrainConfig
     tokenized dataset (``input_ids``, ``labels``). ``callbacks`` (e.g. a method's
     :class:`~safeft.spf.SPFCallback`, an early stop) run ahead of the trainer's own callbacks and loggers, so metrics
     they add to a log entry reach every reporter. Checkpoints go to ``output_dir`` every ``config.save_every`` steps;
-    with ``resume`` training continues from the last complete one there (weights, optimizer, schedule, data position
-    and the callbacks' own state), and ends where an uninterrupted run would have. ``loss`` (a method's objective,
-    :data:`StepLoss`) replaces the task loss.
+    each gets a manifest of its files, written last, and the last two are kept. With ``resume`` training continues from
+    the newest intact one there (weights, optimizer, schedule, data position and the callbacks' own state; see
+    :func:`checkpoint_to_resume`, which also takes a checkpoint's path), and ends where an uninterrupted run would
+    have. ``loss`` (a method's objective, :data:`StepLoss`) replaces the task loss.
 
     Returns:
         ``{"log_history": [...], "seconds": float, "steps": int, "step_seconds_median": float,
@@ -143,7 +180,8 @@ def train(model, tokenizer, examples: Sequence[ChatExample], config: TrainConfig
         warmup_steps=warmup_steps(config, steps), lr_scheduler_type=config.schedule,
         logging_steps=config.logging_steps or max(1, steps // 20), report_to=config.report_to,
         gradient_accumulation_steps=config.gradient_accumulation, bf16=config.bf16, gradient_checkpointing=False,
-        save_strategy="steps" if config.save_every else "no", save_steps=config.save_every or 500, save_total_limit=1,
+        save_strategy="steps" if config.save_every else "no", save_steps=config.save_every or 500,
+        save_total_limit=KEEP,
         seed=config.seed, data_seed=config.seed, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
         max_grad_norm=1.0, max_length=None, dataset_num_proc=None,
     )
@@ -155,11 +193,15 @@ def train(model, tokenizer, examples: Sequence[ChatExample], config: TrainConfig
     for callback in reversed([*callbacks, meter]):
         trainer.callback_handler.callbacks.insert(0, callback)
     trainer.callback_handler.callbacks.append(FiniteCheck())
-    checkpoint = last_checkpoint(output_dir) if resume else None
-    if resume and checkpoint is None:
-        raise FileNotFoundError(f"nothing to resume: no complete checkpoint in {output_dir} (was the run saving "
-                                "checkpoints? see --save-every)")
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    trainer.callback_handler.callbacks.append(ManifestCallback())  # last: after every file of a checkpoint is saved
+    checkpoint = checkpoint_to_resume(output_dir, resume)
+    try:
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except Exception as error:
+        full = disk_full(error, output_dir)
+        if full is None:
+            raise
+        raise full from None
     bad = first_non_finite(model)
     if bad:
         raise FloatingPointError(f"training diverged: non-finite weights after {trainer.state.global_step} steps, "

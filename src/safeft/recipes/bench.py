@@ -179,13 +179,18 @@ def _jailbreak_options(config: BenchConfig) -> dict:
 
 
 def _finished(config: BenchConfig, out: Path, setting: Setting, seed: int, label: str, method) -> bool:
-    """Return True if the run's file exists and was made with the same settings; raise if its settings differ."""
+    """Return True if the run's file exists, validates and was made with the same settings; False (saying so) if it
+    is damaged, so that the run is done again; raise if its settings differ."""
     path = run_path(out, setting, label, seed)
     if not path.exists():
         return False
     from safeft.io import fill_defaults
 
-    record = json.loads(path.read_text())
+    try:
+        record = read_run_file(path)
+    except DamagedRunFile as error:
+        print(f"bench: {error.path} is damaged ({error.problems}); running it again")
+        return False
     expected = run_identity(config, setting, seed, method)
     fill_defaults(record, expected, {"setting": Setting(), "train": TrainConfig(), "method_options": method.Config()})
     differ = sorted(k for k, v in expected.items() if json.loads(json.dumps(v)) != record.get(k))
@@ -193,6 +198,70 @@ def _finished(config: BenchConfig, out: Path, setting: Setting, seed: int, label
         raise UserError(f"{path} holds a finished run made with other settings ({', '.join(differ)} differ); "
                          "give this grid another --out, or delete that file to rerun it")
     return True
+
+
+class DamagedRunFile(UserError):
+    """A bench run file that is not valid JSON or not a run record (cut short, edited by hand)."""
+
+    def __init__(self, path: Path, problems: str):
+        self.path, self.problems = path, problems
+        super().__init__(f"{path} is not a valid bench run file ({problems}); rerun the bench (it runs a damaged "
+                         "run again) or delete that file")
+
+
+def _is_number(value, optional: bool = True) -> bool:
+    return (value is None and optional) or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def run_file_problems(record) -> list[str]:
+    """Return what keeps ``record`` (a parsed run file) from being a bench run or aligned-model record: the format,
+    the kind, and the fields the summary reads, with their types."""
+    if not isinstance(record, dict):
+        return ["not a JSON object"]
+    if record.get("format") != RUN_FORMAT:
+        return [f"format {record.get('format')!r}, not {RUN_FORMAT!r}"]
+    kind = record.get("kind")
+    if kind not in ("run", "aligned"):
+        return [f"kind {kind!r}, not 'run' or 'aligned'"]
+    problems = []
+    fields = {"run": {"label": str, "method": str, "seed": int, "setting": dict, "train": dict, "cost": dict,
+                      "method_options": dict},
+              "aligned": {"task": str, "aligned_model": str}}[kind]
+    for key, kind_of in {"headline": dict, "metrics": dict, **fields}.items():
+        value = record.get(key)
+        if not isinstance(value, kind_of) or isinstance(value, bool):
+            problems.append(f"{key} is {type(value).__name__}, not {kind_of.__name__}")
+    headline, metrics = record.get("headline"), record.get("metrics")
+    if isinstance(headline, dict):
+        for key in HEADLINE_KEYS:
+            value = headline.get(key)
+            ok = (value is None or (isinstance(value, list) and len(value) == 2 and all(map(_is_number, value)))
+                  if key.endswith("_ci") else _is_number(value, optional=key != "harmful_score"))
+            if not ok:
+                problems.append(f"headline.{key} is {value!r}")
+    if isinstance(metrics, dict):
+        for key in RATES:
+            value = metrics.get(key)
+            if value is not None and not (isinstance(value, dict) and all(_is_number(value.get(f), False)
+                                                                        for f in ("k", "n", "rate"))):
+                problems.append(f"metrics.{key} is {value!r}"[:120])
+    if isinstance(record.get("setting"), dict) and not isinstance(record["setting"].get("name"), str):
+        problems.append("setting.name is missing")
+    return problems
+
+
+def read_run_file(path: str | Path) -> dict:
+    """Return the record in the run file ``path``; raise :class:`DamagedRunFile` (naming it) if it is not valid JSON
+    or does not validate (:func:`run_file_problems`)."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise DamagedRunFile(path, f"not valid JSON: {error}") from None
+    problems = run_file_problems(record)
+    if problems:
+        raise DamagedRunFile(path, "; ".join(problems))
+    return record
 
 
 def run_in_subprocess(config: BenchConfig, setting: Setting, seed: int, label: str, method, aligned_dir: Path,
@@ -269,7 +338,11 @@ def _evaluate_aligned(config: BenchConfig, aligned_dir: Path, report: dict | Non
         task += f"-jailbreaks-{_short_hash([config.jailbreaks, config.jailbreak_requests])}"
     path = out / "runs" / "aligned" / f"{task}-{slug(aligned_dir.name)}.json"
     if path.exists():
-        return
+        try:
+            read_run_file(path)
+            return
+        except DamagedRunFile as error:
+            print(f"bench: {error.path} is damaged ({error.problems}); evaluating the aligned model again")
     metrics = evaluate_dir(aligned_dir, task_of(setting), max_new_tokens=config.max_new_tokens,
                            judge=load_judge(config.judge), split=split_of(setting),
                            **_jailbreak_options(config))
@@ -326,12 +399,14 @@ def run_one(config: BenchConfig, setting: Setting, seed: int, label: str, method
 
 
 def read_runs(out: str | Path) -> tuple[list[dict], list[dict]]:
-    """Return ``(aligned records, run records)`` from the run files under ``out/runs`` (sorted by path)."""
+    """Return ``(aligned records, run records)`` from the run files under ``out/runs`` (sorted by path).
+
+    Raises:
+        DamagedRunFile: for a run file that is not valid JSON or does not validate (never counted), naming it.
+    """
     aligned, runs = [], []
     for path in sorted(Path(out, "runs").rglob("*.json")):
-        record = json.loads(path.read_text())
-        if record.get("format") != RUN_FORMAT:
-            continue
+        record = read_run_file(path)
         (aligned if record["kind"] == "aligned" else runs).append(record)
     return aligned, runs
 

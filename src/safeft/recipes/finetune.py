@@ -62,7 +62,8 @@ def training_examples(task: Task, data: DataConfig, seed: int, cache: Path, mode
 
 
 def finetune(model_dir: str | Path, data: DataConfig, method: Method, train_config: TrainConfig, out: Path,
-             cache: Path, *, save_model: bool = True, chat_template: str | None = None, resume: bool = False):
+             cache: Path, *, save_model: bool = True, chat_template: str | None = None,
+             resume: bool | str | Path = False):
     """Fine-tune the model in ``model_dir`` with ``method`` on the setting ``data``.
 
     Runs the method's hooks in order (training data, before training, callbacks, after training; see
@@ -71,7 +72,8 @@ def finetune(model_dir: str | Path, data: DataConfig, method: Method, train_conf
     ``out/model`` (full model or LoRA adapter).
 
     With ``resume``, ``out`` holds an interrupted run of the same settings (its ``config.json`` is compared) and
-    training continues from its last checkpoint in ``out/trainer``.
+    training continues from its newest intact checkpoint in ``out/trainer`` (or from the checkpoint folder ``resume``
+    names, as it is; see :func:`safeft.train.checkpoint_to_resume`).
 
     Returns:
         ``(model, tokenizer, log)``: the trained model in memory, its tokenizer, and the training log (with
@@ -95,7 +97,7 @@ def finetune(model_dir: str | Path, data: DataConfig, method: Method, train_conf
     task = task_of(data)
     examples = training_examples(task, data, train_config.seed, cache, model_dir)
     run = RunContext(out=out, cache=cache, seed=train_config.seed, base_model=harmful_source(data, model_dir),
-                     harmful_answers=data.harmful_answers, task_prompts=user_turns(examples), resume=resume,
+                     harmful_answers=data.harmful_answers, task_prompts=user_turns(examples), resume=bool(resume),
                      examples=tuple(examples))
     examples = method.training_data(examples, run)
     model = prepare_model(model, train_config)

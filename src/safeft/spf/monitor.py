@@ -27,6 +27,17 @@ class Monitor:
         self.checked = 0
         self.sums: dict[tuple[str, torch.device | None], Tensor | float] = {}
 
+    def state(self) -> dict:
+        """Return the sums of the interval so far as JSON values (a checkpoint keeps them, so that a resumed run
+        reports the interval whole)."""
+        names = sorted({name for name, _ in self.sums})
+        return {"steps": self.steps, "checked": self.checked, "sums": {name: self.total(name) for name in names}}
+
+    def load_state(self, state: dict) -> None:
+        """Continue the interval saved by :meth:`state`."""
+        self.steps, self.checked = int(state["steps"]), int(state["checked"])
+        self.sums = {(name, None): float(value) for name, value in state["sums"].items()}
+
     def add(self, metric: str, value: Tensor | float) -> None:
         """Add to a metric's running sum: a tensor on its own device (no host sync), a Python number on the host."""
         if not isinstance(value, Tensor):

@@ -417,25 +417,31 @@ class SPFProjector:
 
     def save_state(self, folder: str | Path) -> None:
         """Write what a resumed run needs to continue as this one would have into ``folder``: the step count, the
-        safety drift so far and, once refreshed, the current subspace (``spf_state.json``, ``spf_subspace/``)."""
+        safety drift so far, the monitor's sums since its last report and, once refreshed, the current subspace
+        (``spf_state.json``, ``spf_subspace/``)."""
         folder = Path(folder)
         refreshed = bool(self.refreshes)
         if refreshed:
             self.subspace.save(folder / "spf_subspace", overwrite=True)
         (folder / STATE_FILE).write_text(json.dumps({"step": self.step, "safety_drift": self.safety_drift(),
                                                      "refreshed": refreshed, "refreshes": self.refreshes,
-                                                     "loss_at_estimate": self.loss_at_estimate}) + "\n")
+                                                     "loss_at_estimate": self.loss_at_estimate,
+                                                     "monitor": self.monitor.state()}) + "\n")
 
     def load_state(self, folder: str | Path) -> None:
         """Continue from a state written by :meth:`save_state` (call it with the checkpoint's weights loaded)."""
         folder = Path(folder)
         state = json.loads((folder / STATE_FILE).read_text())
         if state["refreshed"]:
-            self._use(SafetySubspace.load(folder / "spf_subspace", self.model))
+            refreshed = SafetySubspace.load(folder / "spf_subspace")  # estimated at earlier weights, by design
+            refreshed.check_model(self.model)
+            self._use(refreshed)
         self.step = state["step"]
         self.drift_before_refresh = state["safety_drift"]
         self.refreshes = list(state.get("refreshes", []))
         self.loss_at_estimate = state.get("loss_at_estimate", self.loss_at_estimate)
+        if "monitor" in state:
+            self.monitor.load_state(state["monitor"])
         for guard, core in zip(self.guards, effective_cores(self.guards, self.collectives)):
             guard.start_core = core  # the drift so far is carried over
 
