@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Commit a bench's run files as they land, one commit per run, so a grid that takes hours survives the session:
 #   bash benchmarks/commit_runs.sh benchmarks/results/validation &
-# Run from the repository root; it commits only the run files (other staged work is left alone) and stops when the
-# file STOP appears in the bench directory (or when killed).
+# Run from the repository root; it commits only the run files and the generated pages they change (README.md and
+# docs/, rebuilt by benchmarks/report.py, so a committed run never leaves a stale page behind; other staged work is
+# left alone) and stops when the file STOP appears in the bench directory (or when killed).
 set -u
 dir="$1"
 while [ ! -e "$dir/STOP" ]; do
@@ -22,6 +23,14 @@ PY
       git add -- "$f" 2>/dev/null && git commit -q -m "$msg" --only -- "$f" 2>/dev/null && break
       sleep 3
     done
+    landed=1
   done
+  if [ "${landed:-0}" = 1 ]; then
+    landed=0
+    if .venv/bin/python benchmarks/report.py >/dev/null; then
+      pages=$(git diff --name-only -- README.md docs)
+      [ -n "$pages" ] && git commit -q -m "docs: regenerated from the runs that landed" --only -- $pages
+    fi
+  fi
   sleep 60
 done

@@ -126,12 +126,25 @@ def test_demo_lora_rank_adds_lora_rows_beside_full_fine_tuning():
     from safeft.cli import DEMO_LORA_LEARNING_RATE, DemoCommand
     from safeft.config import from_flat
 
-    demo = from_flat(DemoCommand, {"lora_r": "8"})
+    demo = from_flat(DemoCommand, {"lora_r": "8", "full": "true"})
     assert demo.train.lora_r == 0  # the full fine-tuning rows stay full fine-tuning
     assert [(s.harmful_ratio, s.lora_r) for s in demo.settings] == [(0.0, 0), (0.1, 0), (0.0, 8), (0.1, 8)]
     assert {s.learning_rate for s in demo.settings if s.lora_r} == {DEMO_LORA_LEARNING_RATE}
     assert len({s.name for s in demo.settings}) == 4
-    assert [s.lora_r for s in from_flat(DemoCommand, {}).settings] == [0, 0]
+    assert [s.lora_r for s in from_flat(DemoCommand, {"full": "true"}).settings] == [0, 0]
+
+
+def test_the_quick_demo_is_sft_against_spf_at_ten_percent_and_full_is_the_grid():
+    from safeft.cli import DemoCommand
+    from safeft.config import from_flat
+
+    quick, full = from_flat(DemoCommand, {}), from_flat(DemoCommand, {"full": "true"})
+    assert quick.methods == ["sft", "spf"] and [s.harmful_ratio for s in quick.settings] == [0.1]
+    assert full.methods == ["sft", "spf", "spf-random"] and [s.harmful_ratio for s in full.settings] == [0.0, 0.1]
+    assert "random-basis" in full.title and "random-basis" not in quick.title
+    # the quick demo's runs are the full grid's runs: same settings and labels, so --full reuses them
+    assert {s.name for s in quick.settings} <= {s.name for s in full.settings}
+    assert from_flat(DemoCommand, {"full": "true", "methods": ["sft"]}).methods == ["sft"]  # given ones are kept
 
 
 def test_cli_module_imports_neither_torch_nor_transformers():

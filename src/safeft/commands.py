@@ -20,7 +20,7 @@ from pathlib import Path
 import typer
 
 from safeft.analysis import AnalysisConfig
-from safeft.config import AlignConfig, DataConfig, TrainConfig
+from safeft.config import AlignConfig, DataConfig, Setting, TrainConfig
 from safeft.data import DEFAULT_SAFETY_SAMPLES
 from safeft.errors import UserError
 from safeft.evaluate.gcg import GCGConfig
@@ -387,20 +387,37 @@ def bench(c, _: dict) -> None:
 DEMO_LORA_LEARNING_RATE = 2e-4
 
 
+DEMO_METHODS = ["sft", "spf"]
+DEMO_FULL_METHODS = ["sft", "spf", "spf-random"]
+
+
 @dataclass
 class DemoCommand(BenchConfig):
-    """The demo: the bench's default grid (SFT, SPF and SPF with random bases as a control; benign and with 10%
-    harmful data; seed 0) on the default model, aligned first (cached).
+    """The demo: SFT against SPF with 10% harmful data (seed 0) on the default model, aligned first (cached); with
+    ``--full``, the bench's default grid (SFT, SPF and SPF with random bases as a control; benign and with 10%
+    harmful data).
 
     Args:
+        full: run the full demo grid (three methods, benign and 10% harmful) instead of SFT vs SPF at 10% harmful;
+            the quick demo's runs are reused.
         lora_r: also run every setting under LoRA of this rank (all block linears, learning rate 2e-4), as a
             second set of rows; 0 = full fine-tuning only.
     """
 
     out: str = "runs/demo"
-    title: str = "safeft demo: SFT vs SPF (and its random-basis control) on SmolLM2-135M-Instruct"
+    methods: list[str | dict] = field(default_factory=lambda: list(DEMO_METHODS))
+    settings: list[Setting] = field(default_factory=lambda: [Setting(harmful_ratio=0.1)])
+    title: str = "safeft demo: SFT vs SPF on SmolLM2-135M-Instruct, 10% harmful data"
+    full: bool = False
 
     def __post_init__(self) -> None:
+        if self.full:  # the full grid, unless methods or settings were given
+            if self.methods == DEMO_METHODS:
+                self.methods = list(DEMO_FULL_METHODS)
+            if self.settings == [Setting(harmful_ratio=0.1)]:
+                self.settings = [Setting(), Setting(harmful_ratio=0.1)]
+            if self.title == DemoCommand.title:
+                self.title = "safeft demo: SFT vs SPF (and its random-basis control) on SmolLM2-135M-Instruct"
         if self.train.lora_r:  # the demo's --lora-r adds LoRA rows instead of replacing the full fine-tuning ones
             rank, self.train = self.train.lora_r, replace(self.train, lora_r=0)
             lora = [replace(s, name=None, lora_r=rank, learning_rate=DEMO_LORA_LEARNING_RATE)
@@ -409,9 +426,9 @@ class DemoCommand(BenchConfig):
         super().__post_init__()
 
 
-@command(app, "demo", DemoCommand, epilog="Example: safeft demo --out runs/demo",
-         help="Align (cached) -> fine-tune with SFT, SPF and the random-basis control, benign and with a harmful "
-              "mix -> evaluate -> report (a bench with the demo grid).")
+@command(app, "demo", DemoCommand, epilog="Example: safeft demo (then safeft demo --full for the whole grid)",
+         help="Align (cached) -> fine-tune with SFT and SPF on a 10% harmful mix -> evaluate -> report; --full adds "
+              "benign data and SPF's random-basis control (a bench with the demo grid).")
 def demo(c, _: dict) -> None:
     start = time.perf_counter()
     _run_bench(c)
