@@ -324,6 +324,21 @@ def block_ablation_runs(tag: str, metric: str = "harmful_score") -> str:
         f"{s} {v}: " + ", ".join(values) for (s, v), values in groups.items()) + ".\n"
 
 
+def block_demo_time(style: str = "line") -> str:
+    """How long each mode of ``safeft demo`` took (demo_time/demo_time.json): one README line, or the table."""
+    import demo_time
+
+    record = _json("demo_time/demo_time.json")
+    if style == "table":
+        return _demote(demo_time.markdown(record))
+    smoke, quick, *full = (seconds / 60 for seconds in record["seconds"].values())
+    first = record["alignment_seconds"] / 60
+    after = f"`--full` after it {full[0]:.1f} min more" if full else "`--full` (not timed yet) runs four more runs"
+    return (f"Measured ({record['machine']}, `benchmarks/results/demo_time/`): `--smoke` {smoke * 60:.0f} s; "
+            f"`safeft demo` {quick:.1f} min with the aligned model cached (aligning it the first time adds "
+            f"{first:.1f} min); {after}.\n")
+
+
 def block_module_map() -> str:
     """The src/safeft tree, one line per module: the first line of its docstring."""
     import ast
@@ -348,7 +363,7 @@ BLOCKS = {
     "bf16-check": block_bf16_check, "batched-check": block_batched_check,
     "selection": block_selection, "spf-choices": block_spf_choices, "findings": block_findings,
     "ablation": block_ablation, "ablation-runs": block_ablation_runs,
-    "module-map": block_module_map,
+    "module-map": block_module_map, "demo-time": block_demo_time,
 }
 
 

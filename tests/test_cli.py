@@ -294,3 +294,21 @@ def test_a_bug_exits_1_with_the_debug_pointer_and_bad_input_exits_2(tiny_dir, tm
     result = runner.invoke(app, args)
     assert result.exit_code == 2 and "Error: --task-train my.jsonl: line 3" in result.output
     assert "bug" not in result.output
+
+
+@pytest.mark.slow
+def test_the_smoke_demo_runs_the_whole_pipeline_on_a_tiny_model_it_writes_once(tmp_path):
+    from safeft.cli import DemoCommand
+    from safeft.config import from_flat
+
+    invoke("demo", "--smoke", "--out", tmp_path / "smoke", "--cache", tmp_path / "cache")
+    summary = json.loads((tmp_path / "smoke" / "bench.json").read_text())
+    assert {r["label"] for r in summary["rows"]} == {"sft", "spf rank=4"} and len(summary["aligned"]) == 1
+    model = tmp_path / "cache" / "tiny-random-llama"
+    assert (model / "config.json").is_file() and not list((tmp_path / "cache").glob("*.partial-*"))
+    # with --full the smoke grid is the full grid's, shrunk; a model the user names is refused, not replaced
+    full = from_flat(DemoCommand, {"smoke": "true", "full": "true", "cache": str(tmp_path / "cache")})
+    assert full.methods == ["sft", "spf rank=4", "spf-random rank=4"] and len(full.settings) == 2
+    assert full.model == str(model)
+    refused = fails("demo", "--smoke", "--model", tmp_path / "mine", "--out", tmp_path / "x")
+    assert "drop --model" in refused and not (tmp_path / "x").exists()

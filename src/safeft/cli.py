@@ -25,8 +25,9 @@ COMMANDS = {
            "other models with `safeft eval --suffixes`.",
     "bench": "Run a grid of methods x settings x seeds (resumable: finished runs are skipped) and summarise it in "
              "bench.json, bench.md, bench.png.",
-    "demo": "Align (cached) -> fine-tune with SFT and SPF on a 10% harmful mix -> evaluate -> report; --full adds "
-            "benign data and SPF's random-basis control (a bench with the demo grid).",
+    "demo": "Align (cached) -> fine-tune with SFT and SPF on a 10% harmful mix -> evaluate -> report; --smoke "
+            "checks the install on a tiny random model in a minute; --full adds benign data and SPF's random-basis "
+            "control (a bench with the demo grid).",
     "subspace": "Estimate and inspect safety subspaces.",
     "analyze": "Measure the paper's three findings (low rank, conflict, one sample is enough) on a model.",
 }

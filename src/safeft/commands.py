@@ -400,6 +400,8 @@ class DemoCommand(BenchConfig):
     Args:
         full: run the full demo grid (three methods, benign and 10% harmful) instead of SFT vs SPF at 10% harmful;
             the quick demo's runs are reused.
+        smoke: check the install in about a minute: the same pipeline on a tiny random Llama (written to the cache),
+            one step per stage and 4 new tokens; its numbers say nothing about SPF.
         lora_r: also run every setting under LoRA of this rank (all block linears, learning rate 2e-4), as a
             second set of rows; 0 = full fine-tuning only.
     """
@@ -409,6 +411,7 @@ class DemoCommand(BenchConfig):
     settings: list[Setting] = field(default_factory=lambda: [Setting(harmful_ratio=0.1)])
     title: str = "safeft demo: SFT vs SPF on SmolLM2-135M-Instruct, 10% harmful data"
     full: bool = False
+    smoke: bool = False
 
     def __post_init__(self) -> None:
         if self.full:  # the full grid, unless methods or settings were given
@@ -418,6 +421,18 @@ class DemoCommand(BenchConfig):
                 self.settings = [Setting(), Setting(harmful_ratio=0.1)]
             if self.title == DemoCommand.title:
                 self.title = "safeft demo: SFT vs SPF (and its random-basis control) on SmolLM2-135M-Instruct"
+        if self.smoke and self.model not in ("default", str(_tiny_model_dir(self.cache))):
+            raise UserError("--smoke runs on its own tiny random model; drop --model (or drop --smoke to use yours)")
+        if self.smoke and self.model == "default":
+            self.model = str(_tiny_model_dir(self.cache))
+            # SPF's default rank 64 exceeds the tiny model's 32-wide matrices
+            self.methods = [f"{m} rank=4" if isinstance(m, str) and m.startswith("spf") else m for m in self.methods]
+            self.settings = [replace(s, name=None, task="sentiment", max_train=20, max_test=8) for s in self.settings]
+            self.train = replace(self.train, steps=1, batch_size=4)
+            self.align = replace(self.align, max_steps=1, check_every=1)
+            self.max_new_tokens = 4
+            self.out = "runs/demo-smoke" if self.out == DemoCommand.out else self.out
+            self.title = "safeft demo --smoke: the pipeline on a tiny random model (numbers mean nothing)"
         if self.train.lora_r:  # the demo's --lora-r adds LoRA rows instead of replacing the full fine-tuning ones
             rank, self.train = self.train.lora_r, replace(self.train, lora_r=0)
             lora = [replace(s, name=None, lora_r=rank, learning_rate=DEMO_LORA_LEARNING_RATE)
@@ -426,11 +441,33 @@ class DemoCommand(BenchConfig):
         super().__post_init__()
 
 
-@command(app, "demo", DemoCommand, epilog="Example: safeft demo (then safeft demo --full for the whole grid)",
-         help="Align (cached) -> fine-tune with SFT and SPF on a 10% harmful mix -> evaluate -> report; --full adds "
-              "benign data and SPF's random-basis control (a bench with the demo grid).")
+def _tiny_model_dir(cache: str | None) -> Path:
+    """Return where the smoke demo's tiny random Llama lives: ``tiny-random-llama`` in the cache directory."""
+    from safeft.models import cache_dir
+
+    return (Path(cache) if cache else cache_dir()) / "tiny-random-llama"
+
+
+def _write_tiny_model(path: Path) -> None:
+    """Write safeft.testing's tiny random Llama (byte tokenizer, ChatML template) to ``path`` unless it is there."""
+    from safeft.testing import byte_tokenizer, tiny_llama
+
+    if not path.is_dir():
+        partial = path.with_name(f"{path.name}.partial-{os.getpid()}")  # renamed when whole: a kill leaves no half
+        tiny_llama(seed=0).save_pretrained(partial)
+        byte_tokenizer().save_pretrained(partial)
+        os.replace(partial, path)
+
+
+@command(app, "demo", DemoCommand,
+         epilog="Examples: safeft demo --smoke (a minute); safeft demo; then safeft demo --full for the whole grid",
+         help="Align (cached) -> fine-tune with SFT and SPF on a 10% harmful mix -> evaluate -> report; --smoke "
+              "checks the install on a tiny random model in a minute; --full adds benign data and SPF's random-basis "
+              "control (a bench with the demo grid).")
 def demo(c, _: dict) -> None:
     start = time.perf_counter()
+    if c.smoke:
+        _write_tiny_model(Path(c.model))
     _run_bench(c)
     typer.echo(f"demo finished in {(time.perf_counter() - start) / 60:.1f} min")
 

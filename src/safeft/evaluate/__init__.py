@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 from safeft.data.examples import ChatExample, SafetySample
@@ -41,14 +42,24 @@ def evaluate_model(model, tokenizer, *, harmful_prompts: Sequence[str], benign_p
     score on its test split (None for unscored tasks). ``verdicts`` holds every prompt's verdict (see
     :func:`verdict_string`; the task's as ``1``/``0`` for correct/wrong), so that intervals can resample prompts.
     Generation runs in batches of ``batch_size`` (on the default model's CPU path 48 took 0.7x the time of 16).
+    ``seconds`` says where the time went: each part's wall-clock seconds (generation and judging of the harmful,
+    benign and task prompts, and the safety and task losses).
     """
     judge = judge or KeywordJudge()
+    seconds, clock = {}, time.perf_counter()
+
+    def lap(part: str) -> None:
+        nonlocal clock
+        seconds[part], clock = time.perf_counter() - clock, time.perf_counter()
+
     harmful_replies = generate(model, tokenizer, [[{"role": "user", "content": p}] for p in harmful_prompts],
                                max_new_tokens=max_new_tokens, batch_size=batch_size, desc="harmful prompts")
     verdicts = judge.judge(harmful_prompts, harmful_replies)
+    lap("harmful")
     benign_replies = generate(model, tokenizer, [[{"role": "user", "content": p}] for p in benign_prompts],
                               max_new_tokens=max_new_tokens, batch_size=batch_size, desc="benign prompts")
     benign_verdicts = judge.judge(benign_prompts, benign_replies)
+    lap("benign")
     n = len(harmful_prompts)
     result = {
         "harmful_score": rate(verdicts.count(COMPLIANCE), n),
@@ -65,7 +76,9 @@ def evaluate_model(model, tokenizer, *, harmful_prompts: Sequence[str], benign_p
             "benign": [{"prompt": p, "response": r, "verdict": v}
                        for p, r, v in list(zip(benign_prompts, benign_replies, benign_verdicts))[:keep_samples]],
         },
+        "seconds": seconds,
     }
+    lap("safety_loss")
     if benign_kinds is not None:
         kinds = list(benign_kinds)
         if len(kinds) != len(benign_prompts):
@@ -81,7 +94,9 @@ def evaluate_model(model, tokenizer, *, harmful_prompts: Sequence[str], benign_p
             correct = [bool(task.score(r, e)) for r, e in zip(task_replies, task.test, strict=True)]
             result["accuracy"] = rate(sum(correct), len(correct))
             result["verdicts"]["task"] = "".join("1" if c else "0" for c in correct)
+        lap("task")
         result["task_loss"] = task_loss(model, tokenizer, task.test)
+        lap("task_loss")
         result["samples"]["task"] = [{"prompt": e.prompt, "response": r, "answer": e.answer}
                                      for e, r in list(zip(task.test, task_replies))[:keep_samples]]
     return result
