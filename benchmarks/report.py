@@ -52,7 +52,7 @@ def bench_data(name: str) -> dict:
     """Return a bench directory's ``aligned`` and ``runs`` records, pooled ``rows`` and ``verdicts`` per rule, all
     computed from its run files (``benchmarks/results/NAME/runs``)."""
     from safeft.recipes.bench import pooled, read_runs
-    from safeft.recipes.rules import RULES, decide
+    from safeft.rules import RULES, decide
 
     directory = RESULTS / name
     if not (directory / "runs").is_dir():
@@ -160,8 +160,8 @@ def block_bench_row(name: str, setting: str, label: str) -> str:
 
 def block_headline(name: str) -> str:
     """The front page's table: both rules in words, then per setting the winners and SPF's row."""
-    from safeft.recipes.rules import RULES
     from safeft.report import headline_lines
+    from safeft.rules import RULES
 
     data = bench_data(name)
     seeds = sorted({r["seed"] for r in data["runs"]})

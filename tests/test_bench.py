@@ -298,7 +298,7 @@ ALIGNED = [{"aligned_model": "/m", "split": "eval", "metrics": {"over_refusal": 
 
 
 def test_a_winner_needs_a_per_seed_margin_and_rule_b_counts_over_refusal():
-    from safeft.recipes.rules import decide
+    from safeft.rules import decide
 
     runs = []
     for seed in range(3):

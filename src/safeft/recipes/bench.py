@@ -507,8 +507,8 @@ def summarize(out: str | Path, title: str = "safeft bench", command: str | None 
     """Build ``bench.json`` (with a ``runs`` list), ``bench.md`` and ``bench.png`` in ``out`` from its run files
     alone, and return the summary."""
     from safeft.io import write_json
-    from safeft.recipes.rules import RULES, decide
     from safeft.report import aligned_labels, bench_markdown, plot_tradeoff
+    from safeft.rules import RULES, decide
 
     out = Path(out)
     aligned, runs = read_runs(out)
