@@ -339,6 +339,24 @@ def block_demo_time(style: str = "line") -> str:
             f"{first:.1f} min); {after}.\n")
 
 
+def block_checkpoint_cost(*names: str) -> str:
+    """The cost of one checkpoint (checkpoint_cost/<name>/checkpoint_cost.json), a table per name, then the
+    ``--save-every`` default beside what the first measurement suggests."""
+    import checkpoint_cost
+    from safeft.config import TrainConfig
+
+    records = [_json(f"checkpoint_cost/{name}/checkpoint_cost.json") for name in names]
+    parts = [_demote(checkpoint_cost.markdown(record)) for record in records]
+    first = records[0]
+    parts.append(f"The default `--save-every` is {TrainConfig().save_every}; on {first['model']} "
+                 f"({'LoRA r=' + str(first['lora_r']) if first['lora_r'] else 'full fine-tuning'}) it adds "
+                 f"{100 * first['checkpoint_in_steps'] / TrainConfig().save_every:.1f}% to a run's time, and a "
+                 f"crash loses at most {TrainConfig().save_every} steps (about "
+                 f"{TrainConfig().save_every * first['step_seconds_median'] / 60:.0f} min at "
+                 f"{first['step_seconds_median']:.1f} s per step).\n")
+    return "\n".join(parts)
+
+
 def block_module_map() -> str:
     """The src/safeft tree, one line per module: the first line of its docstring."""
     import ast
@@ -363,7 +381,7 @@ BLOCKS = {
     "bf16-check": block_bf16_check, "batched-check": block_batched_check,
     "selection": block_selection, "spf-choices": block_spf_choices, "findings": block_findings,
     "ablation": block_ablation, "ablation-runs": block_ablation_runs,
-    "module-map": block_module_map, "demo-time": block_demo_time,
+    "module-map": block_module_map, "demo-time": block_demo_time, "checkpoint-cost": block_checkpoint_cost,
 }
 
 

@@ -154,6 +154,11 @@ def bench(config: BenchConfig, *, command: str | None = None) -> dict:
             tqdm.write(f"{setting.name} seed {seed} | {label}: harmful score {h['harmful_score']:.1f}%, accuracy "
                        f"{'n/a' if h['accuracy'] is None else format(h['accuracy'], '.1f') + '%'}, safety loss "
                        f"{h['safety_loss']:.3f}")
+        for setting, method in {(s.name, json.dumps(m.alignment_key(), sort_keys=True)): (s, m)
+                                for s, _, _, m in plan}.values():
+            aligned_dir, report, _ = ensure_aligned(config.model, config.align, cache, method,
+                                                    chat_template=config.chat_template)
+            _evaluate_aligned(config, aligned_dir, report, setting, out)  # a damaged row is evaluated again
     return summarize(out, config.title, command)
 
 
@@ -191,6 +196,14 @@ def _finished(config: BenchConfig, out: Path, setting: Setting, seed: int, label
     except DamagedRunFile as error:
         print(f"bench: {error.path} is damaged ({error.problems}); running it again")
         return False
+    if config.keep_models:
+        from safeft.checkpoints import check_checkpoint
+
+        model = kept_dir(out, setting, label, seed) / "model"
+        problems = check_checkpoint(model) if model.is_dir() else ["it is missing"]
+        if problems:
+            print(f"bench: the kept model {model} is damaged ({'; '.join(problems)}); running it again")
+            return False
     expected = run_identity(config, setting, seed, method)
     fill_defaults(record, expected, {"setting": Setting(), "train": TrainConfig(), "method_options": method.Config()})
     differ = sorted(k for k, v in expected.items() if json.loads(json.dumps(v)) != record.get(k))
@@ -262,6 +275,11 @@ def read_run_file(path: str | Path) -> dict:
     if problems:
         raise DamagedRunFile(path, "; ".join(problems))
     return record
+
+
+def kept_dir(out: Path, setting: Setting, label: str, seed: int) -> Path:
+    """Return the folder where a run works and, with ``keep_models``, keeps its model (``model/``) and artefacts."""
+    return out / "models" / f"{slug(setting.name)}--{slug(label)}--seed{seed}"
 
 
 def run_in_subprocess(config: BenchConfig, setting: Setting, seed: int, label: str, method, aligned_dir: Path,
@@ -370,7 +388,7 @@ def run_one(config: BenchConfig, setting: Setting, seed: int, label: str, method
 
     train_config = config.run_train_config(setting, seed)
     data = replace(setting.data(), base_model=setting.base_model or config.model)
-    scratch = Path(config.out) / "models" / f"{slug(setting.name)}--{slug(label)}--seed{seed}"
+    scratch = kept_dir(Path(config.out), setting, label, seed)
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     start = time.perf_counter()
