@@ -339,6 +339,13 @@ def block_demo_time(style: str = "line") -> str:
             f"{first:.1f} min); {after}.\n")
 
 
+def block_eval_time() -> str:
+    """The evaluation's two loss passes in the order given and batched by length (eval_time/eval_time.json)."""
+    import eval_time
+
+    return _demote(eval_time.markdown(_json("eval_time/eval_time.json")))
+
+
 def block_checkpoint_cost(*names: str) -> str:
     """The cost of one checkpoint (checkpoint_cost/<name>/checkpoint_cost.json), a table per name, then the
     ``--save-every`` default beside what the first measurement suggests."""
@@ -382,6 +389,7 @@ BLOCKS = {
     "selection": block_selection, "spf-choices": block_spf_choices, "findings": block_findings,
     "ablation": block_ablation, "ablation-runs": block_ablation_runs,
     "module-map": block_module_map, "demo-time": block_demo_time, "checkpoint-cost": block_checkpoint_cost,
+    "eval-time": block_eval_time,
 }
 
 
