@@ -584,9 +584,10 @@ def damage_grid(out: Path, cache: Path, point: str) -> None:
         import shutil
 
         shutil.rmtree(kept)
-    elif point == "aligned-model-truncated":
+    elif point == "aligned-model-truncated":  # and a run left to do, so that the bench needs the aligned model
         weights = next(cache.glob("aligned-*")) / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:1000])
+        run_file.unlink()
     elif point == "summary-cut":
         (out / "bench.json").write_text((out / "bench.json").read_text()[:50])
     elif point == "stale-lock":  # a bench killed with SIGKILL leaves its lock, holding a pid that has ended

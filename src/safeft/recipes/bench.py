@@ -132,7 +132,7 @@ def bench(config: BenchConfig, *, command: str | None = None) -> dict:
     from safeft.io import check_not_input, locked
     from safeft.models import cache_dir
     from safeft.progress import progress
-    from safeft.recipes.align import ensure_aligned
+    from safeft.recipes.align import aligned_model_dir, ensure_aligned
 
     out = Path(config.out)
     check_not_input(out, [config.model, config.chat_template, config.jailbreaks,
@@ -155,10 +155,12 @@ def bench(config: BenchConfig, *, command: str | None = None) -> dict:
                        f"{'n/a' if h['accuracy'] is None else format(h['accuracy'], '.1f') + '%'}, safety loss "
                        f"{h['safety_loss']:.3f}")
         for setting, method in {(s.name, json.dumps(m.alignment_key(), sort_keys=True)): (s, m)
-                                for s, _, _, m in plan}.values():
-            aligned_dir, report, _ = ensure_aligned(config.model, config.align, cache, method,
-                                                    chat_template=config.chat_template)
-            _evaluate_aligned(config, aligned_dir, report, setting, out)  # a damaged row is evaluated again
+                                for s, _, _, m in plan}.values():  # the aligned rows the summary reads
+            row = aligned_row_path(config, aligned_model_dir(config.model, config.align, cache, method), setting, out)
+            if not _valid_row(row):  # missing or damaged, with no run left to make it again
+                aligned_dir, report, _ = ensure_aligned(config.model, config.align, cache, method,
+                                                        chat_template=config.chat_template)
+                _evaluate_aligned(config, aligned_dir, report, setting, out)
     return summarize(out, config.title, command)
 
 
@@ -349,18 +351,9 @@ def _evaluate_aligned(config: BenchConfig, aligned_dir: Path, report: dict | Non
     from safeft.recipes.evaluate import evaluate_dir, headline
     from safeft.recipes.finetune import task_of
 
-    data = (setting.task_train, setting.task_test, setting.max_train, setting.max_test)  # these pick the test set
-    task = slug(setting.task) if data == (None,) * 4 else f"{slug(setting.task)}-{_short_hash(data)}"
-    task = f"val-{task}" if setting.validation else task
-    if config.jailbreaks:
-        task += f"-jailbreaks-{_short_hash([config.jailbreaks, config.jailbreak_requests])}"
-    path = out / "runs" / "aligned" / f"{task}-{slug(aligned_dir.name)}.json"
-    if path.exists():
-        try:
-            read_run_file(path)
-            return
-        except DamagedRunFile as error:
-            print(f"bench: {error.path} is damaged ({error.problems}); evaluating the aligned model again")
+    path = aligned_row_path(config, aligned_dir, setting, out)
+    if _valid_row(path, say=True):
+        return
     metrics = evaluate_dir(aligned_dir, task_of(setting), max_new_tokens=config.max_new_tokens,
                            judge=load_judge(config.judge), split=split_of(setting),
                            **_jailbreak_options(config))
@@ -368,6 +361,30 @@ def _evaluate_aligned(config: BenchConfig, aligned_dir: Path, report: dict | Non
                       "model": config.model,
                       "aligned_model": str(aligned_dir), "alignment": report, "metrics": metrics,
                       "headline": headline(metrics)})
+
+
+def aligned_row_path(config: BenchConfig, aligned_dir: Path, setting: Setting, out: Path) -> Path:
+    """Return the run file of the aligned model's row for ``setting`` (one per task, test data and jailbreaks)."""
+    data = (setting.task_train, setting.task_test, setting.max_train, setting.max_test)  # these pick the test set
+    task = slug(setting.task) if data == (None,) * 4 else f"{slug(setting.task)}-{_short_hash(data)}"
+    task = f"val-{task}" if setting.validation else task
+    if config.jailbreaks:
+        task += f"-jailbreaks-{_short_hash([config.jailbreaks, config.jailbreak_requests])}"
+    return out / "runs" / "aligned" / f"{task}-{slug(aligned_dir.name)}.json"
+
+
+def _valid_row(path: Path, say: bool = False) -> bool:
+    """Return True if the aligned model's row ``path`` exists and validates; a damaged one is reported (with
+    ``say``) and counts as missing."""
+    if not path.exists():
+        return False
+    try:
+        read_run_file(path)
+        return True
+    except DamagedRunFile as error:
+        if say:
+            print(f"bench: {error.path} is damaged ({error.problems}); evaluating the aligned model again")
+        return False
 
 
 def split_of(setting: Setting) -> str:
