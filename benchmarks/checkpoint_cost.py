@@ -1,7 +1,8 @@
 """Cost of a checkpoint: seconds and bytes per Trainer checkpoint (manifest included), as a share of a training step.
 
     python benchmarks/checkpoint_cost.py --out /tmp/checkpoint-cost                  # the tiny random model, seconds
-    python benchmarks/checkpoint_cost.py --model default --out benchmarks/results/checkpoint_cost
+    python benchmarks/checkpoint_cost.py --model default --out benchmarks/results/checkpoint_cost/full
+    python benchmarks/checkpoint_cost.py --model default --lora-r 8 --out benchmarks/results/checkpoint_cost/lora8
 
 Trains ``--steps`` steps twice with the training recipe's own ``train()``: once without checkpoints (the step time,
 median) and once saving every ``--save-every`` steps, timing each save (the Trainer's files, then the manifest that
@@ -14,8 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import shlex
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +26,7 @@ import torch
 
 import safeft.checkpoints
 from safeft.config import DataConfig, TrainConfig
+from safeft.recipes.bench import machine_info
 from safeft.recipes.finetune import task_of
 from safeft.train import prepare_model, train
 
@@ -94,14 +97,15 @@ def measure(args) -> dict:
         "disk_bytes_kept": safeft.checkpoints.KEEP * max(sizes), "checkpoint_in_steps": save / step,
         "added_time_share": {str(k): v for k, v in added.items()},
         "suggested_save_every": next((k for k in EVERY if added[k] <= 0.01), None),
-        "machine": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "device": "cuda" if torch.cuda.is_available() else "cpu", **machine_info(),
+        "command": "python benchmarks/checkpoint_cost.py " + shlex.join(sys.argv[1:]),
     }
 
 
 def markdown(result: dict) -> str:
     lines = [f"# Checkpoint cost: {result['model']}" + (f", LoRA r={result['lora_r']}" if result["lora_r"] else ""),
-             "",
+             "", f"`{result.get('command', 'python benchmarks/checkpoint_cost.py')}` ({result.get('machine', '?')}, "
+             f"{result.get('threads', '?')} threads, torch {result.get('torch', '?')})", "",
              f"One checkpoint ({result['checkpoint_bytes'] / 2**20:.1f} MiB, {result['disk_bytes_kept'] / 2**20:.1f} "
              f"MiB on disk with {safeft.checkpoints.KEEP} kept) takes {result['checkpoint_seconds_median']:.3f} s "
              f"(manifest {result['manifest_seconds_median']:.3f} s), {result['checkpoint_in_steps']:.2f} training "

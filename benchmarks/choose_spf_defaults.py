@@ -17,9 +17,9 @@ from pathlib import Path
 from safeft.errors import UserError
 from safeft.io import write_json
 from safeft.recipes.bench import read_runs
-from safeft.recipes.rules import WIN_RULE
 from safeft.recipes.selection import FACTOR_RULE, choose_factor
 from safeft.report import verdict_markdown
+from safeft.rules import WIN_RULE
 
 
 def full(run: dict) -> bool:

@@ -52,7 +52,7 @@ def bench_data(name: str) -> dict:
     """Return a bench directory's ``aligned`` and ``runs`` records, pooled ``rows`` and ``verdicts`` per rule, all
     computed from its run files (``benchmarks/results/NAME/runs``)."""
     from safeft.recipes.bench import pooled, read_runs
-    from safeft.recipes.rules import RULES, decide
+    from safeft.rules import RULES, decide
 
     directory = RESULTS / name
     if not (directory / "runs").is_dir():
@@ -160,8 +160,8 @@ def block_bench_row(name: str, setting: str, label: str) -> str:
 
 def block_headline(name: str) -> str:
     """The front page's table: both rules in words, then per setting the winners and SPF's row."""
-    from safeft.recipes.rules import RULES
     from safeft.report import headline_lines
+    from safeft.rules import RULES
 
     data = bench_data(name)
     seeds = sorted({r["seed"] for r in data["runs"]})
@@ -339,6 +339,31 @@ def block_demo_time(style: str = "line") -> str:
             f"{first:.1f} min); {after}.\n")
 
 
+def block_eval_time() -> str:
+    """The evaluation's two loss passes in the order given and batched by length (eval_time/eval_time.json)."""
+    import eval_time
+
+    return _demote(eval_time.markdown(_json("eval_time/eval_time.json")))
+
+
+def block_checkpoint_cost(*names: str) -> str:
+    """The cost of one checkpoint (checkpoint_cost/<name>/checkpoint_cost.json), a table per name, then the
+    ``--save-every`` default beside what the first measurement suggests."""
+    import checkpoint_cost
+    from safeft.config import TrainConfig
+
+    records = [_json(f"checkpoint_cost/{name}/checkpoint_cost.json") for name in names]
+    parts = [_demote(checkpoint_cost.markdown(record)) for record in records]
+    first = records[0]
+    parts.append(f"The default `--save-every` is {TrainConfig().save_every}; on {first['model']} "
+                 f"({'LoRA r=' + str(first['lora_r']) if first['lora_r'] else 'full fine-tuning'}) it adds "
+                 f"{100 * first['checkpoint_in_steps'] / TrainConfig().save_every:.1f}% to a run's time, and a "
+                 f"crash loses at most {TrainConfig().save_every} steps (about "
+                 f"{TrainConfig().save_every * first['step_seconds_median'] / 60:.0f} min at "
+                 f"{first['step_seconds_median']:.1f} s per step).\n")
+    return "\n".join(parts)
+
+
 def block_module_map() -> str:
     """The src/safeft tree, one line per module: the first line of its docstring."""
     import ast
@@ -363,7 +388,8 @@ BLOCKS = {
     "bf16-check": block_bf16_check, "batched-check": block_batched_check,
     "selection": block_selection, "spf-choices": block_spf_choices, "findings": block_findings,
     "ablation": block_ablation, "ablation-runs": block_ablation_runs,
-    "module-map": block_module_map, "demo-time": block_demo_time,
+    "module-map": block_module_map, "demo-time": block_demo_time, "checkpoint-cost": block_checkpoint_cost,
+    "eval-time": block_eval_time,
 }
 
 

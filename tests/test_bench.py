@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 import safeft.recipes.bench as bench_module
 from safeft.config import AlignConfig, Setting, TrainConfig
@@ -298,7 +299,7 @@ ALIGNED = [{"aligned_model": "/m", "split": "eval", "metrics": {"over_refusal": 
 
 
 def test_a_winner_needs_a_per_seed_margin_and_rule_b_counts_over_refusal():
-    from safeft.recipes.rules import decide
+    from safeft.rules import decide
 
     runs = []
     for seed in range(3):
@@ -475,3 +476,167 @@ def test_a_bench_grid_killed_anywhere_ends_with_the_uninterrupted_grids_numbers(
         again = bench(config(tiny_dir, cache, out, methods=methods))
         assert _headlines(again) == _headlines(full), point
         assert all(json.loads(p.read_text())["format"] == RUN_FORMAT for p in (out / "runs").rglob("*.json"))
+
+
+# --- the grid killed or damaged anywhere: every kill point of a bench ---------------------------------------------
+# Runs execute in this process (the bench's own per-run process only isolates memory; the run file is written the
+# same way), so that each kill point costs the runs it repeats and no process start.
+
+GRID_RUNS = 4  # two methods x two seeds
+KILLS = ([f"before-run-{i}" for i in range(1, GRID_RUNS + 1)] + ["after-training-run-1", "after-training-run-3"]
+         + [f"inside-write-{i}" for i in range(1, GRID_RUNS + 1)] + [f"cut-after-{i}" for i in range(1, GRID_RUNS + 1)]
+         + ["inside-alignment"])
+DAMAGES = ["run-file-cut", "run-file-empty", "run-file-edited", "run-file-other-format", "aligned-file-cut",
+           "kept-model-truncated", "kept-model-missing", "aligned-model-truncated", "summary-cut", "stale-lock"]
+
+
+@pytest.fixture
+def small_evaluation(monkeypatch):
+    """Each run scored on 8 harmful and 8 benign requests, not the split's hundreds: these tests are about what
+    survives a kill, and the tiny model's byte-level prompts make every full evaluation take seconds."""
+    import safeft.evaluate
+
+    whole = safeft.evaluate.evaluate_model
+
+    def evaluate_model(model, tokenizer, *, harmful_prompts, benign_prompts, benign_kinds=None, safety_pairs=(),
+                       **kwargs):
+        return whole(model, tokenizer, harmful_prompts=harmful_prompts[:8], benign_prompts=benign_prompts[:8],
+                     benign_kinds=None if benign_kinds is None else benign_kinds[:8], safety_pairs=safety_pairs[:8],
+                     **kwargs)
+
+    monkeypatch.setattr(safeft.evaluate, "evaluate_model", evaluate_model)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny runs: more threads only make each one slower on a busy CPU
+    yield
+    torch.set_num_threads(threads)
+
+
+def grid(tiny_dir, cache, out) -> BenchConfig:
+    return replace(config(tiny_dir, cache, out, seeds=(0, 1)), keep_models=True)
+
+
+def interrupt_grid(tiny_dir, cache, out, point: str, monkeypatch) -> None:
+    """Run the grid into ``out`` until ``point`` interrupts it (a ``KeyboardInterrupt`` where a kill would land)."""
+    import safeft.recipes.align
+    import safeft.recipes.evaluate
+
+    kind, at = point.rsplit("-", 1)[0], int(point.rsplit("-", 1)[1]) if point[-1].isdigit() else 0
+    calls = []
+
+    def run(*args):
+        calls.append(args)
+        path = args[-1]
+        if kind == "before-run" and len(calls) == at:
+            raise KeyboardInterrupt
+        bench_module._run_and_write(*args)
+        if kind == "inside-write" and len(calls) == at:  # the rename never happened: only the temporary file
+            path.rename(path.with_name(f".{path.name}.1234.tmp"))
+            raise KeyboardInterrupt
+        if kind == "cut-after" and len(calls) == at:
+            path.write_text(path.read_text()[:200])
+            raise KeyboardInterrupt
+
+    evaluate, evaluations = safeft.recipes.evaluate.evaluate, []
+
+    def evaluate_until(*args, **kwargs):  # a run's evaluation, after its training (and its kept model's save)
+        evaluations.append(1)
+        if kind == "after-training-run" and len(evaluations) == at:
+            raise KeyboardInterrupt
+        return evaluate(*args, **kwargs)
+
+    def manifest_never(folder):
+        raise KeyboardInterrupt  # the aligned model and align.json are written, the manifest is not
+
+    with monkeypatch.context() as patch:
+        patch.setattr(bench_module, "run_in_subprocess", run)
+        patch.setattr(safeft.recipes.evaluate, "evaluate", evaluate_until)
+        if point == "inside-alignment":
+            patch.setattr(safeft.recipes.align, "write_manifest", manifest_never)
+        with pytest.raises(KeyboardInterrupt):
+            bench(grid(tiny_dir, cache, out))
+
+
+def damage_grid(out: Path, cache: Path, point: str) -> None:
+    """Damage a finished grid in ``out`` (or its aligned model in ``cache``) as ``point`` says."""
+    import subprocess
+    import sys
+
+    runs = sorted(p for p in (out / "runs").rglob("seed1.json") if "aligned" not in p.parts)
+    run_file, aligned_file = runs[0], next((out / "runs" / "aligned").glob("*.json"))
+    kept = sorted((out / "models").iterdir())[0] / "model"
+    text = run_file.read_text()
+    if point == "run-file-cut":
+        run_file.write_text(text[: len(text) // 2])
+    elif point == "run-file-empty":
+        run_file.write_text("")
+    elif point == "run-file-edited":  # by hand: valid JSON, a number turned into text
+        record = json.loads(text)
+        record["headline"]["harmful_score"] = "12%"
+        run_file.write_text(json.dumps(record))
+    elif point == "run-file-other-format":
+        run_file.write_text(text.replace('"format": "', '"format": "old-', 1))
+    elif point == "aligned-file-cut":
+        aligned_file.write_text(aligned_file.read_text()[:100])
+    elif point == "kept-model-truncated":
+        weights = kept / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif point == "kept-model-missing":
+        import shutil
+
+        shutil.rmtree(kept)
+    elif point == "aligned-model-truncated":  # and a run left to do, so that the bench needs the aligned model
+        weights = next(cache.glob("aligned-*")) / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+        run_file.unlink()
+    elif point == "summary-cut":
+        (out / "bench.json").write_text((out / "bench.json").read_text()[:50])
+    elif point == "stale-lock":  # a bench killed with SIGKILL leaves its lock, holding a pid that has ended
+        gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout.strip()
+        out.with_name(f".{out.name}.lock").write_text(gone)
+
+
+@pytest.mark.slow
+def test_a_bench_grid_killed_or_damaged_anywhere_ends_with_the_uninterrupted_grids_numbers(tiny_dir, tmp_path,
+                                                                                           monkeypatch, capsys,
+                                                                                           small_evaluation):
+    import shutil
+
+    from safeft.checkpoints import check_checkpoint
+    from safeft.recipes.bench import read_run_file
+
+    assert len(KILLS) + len(DAMAGES) >= 20
+    fresh = tmp_path / "cache"
+    with monkeypatch.context() as patch:
+        patch.setattr(bench_module, "run_in_subprocess", lambda *args: bench_module._run_and_write(*args))
+        full = bench(grid(tiny_dir, fresh, tmp_path / "full"))
+    assert len(full["runs"]) == GRID_RUNS
+    failed = {}
+    for point in KILLS + DAMAGES:
+        out, cache = tmp_path / point / "bench", tmp_path / point / "cache"
+        if point == "inside-alignment":
+            cache.mkdir(parents=True)  # nothing aligned yet: the kill lands in the alignment
+        else:
+            shutil.copytree(fresh, cache)
+        if point in DAMAGES:
+            shutil.copytree(tmp_path / "full", out)
+            damage_grid(out, cache, point)
+        else:
+            interrupt_grid(tiny_dir, cache, out, point, monkeypatch)
+        capsys.readouterr()
+        with monkeypatch.context() as patch:
+            patch.setattr(bench_module, "run_in_subprocess", lambda *args: bench_module._run_and_write(*args))
+            again = bench(grid(tiny_dir, cache, out))
+        said = capsys.readouterr().out
+        problems = []
+        if _headlines(again) != _headlines(full):
+            problems.append("other numbers")
+        if point in DAMAGES and point not in ("summary-cut", "stale-lock") and "damaged" not in said:
+            problems.append("the damage was not reported")
+        for path in (out / "runs").rglob("*.json"):
+            read_run_file(path)  # every file the summary counted validates
+        if any(check_checkpoint(p / "model") for p in (out / "models").iterdir()):
+            problems.append("a kept model is damaged")
+        if problems:
+            failed[point] = problems
+    assert not failed, failed

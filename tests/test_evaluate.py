@@ -58,3 +58,20 @@ def test_tradeoff_plot_takes_rates_at_the_ends_of_the_scale(tmp_path):
     edge = {"accuracy": rate(0, 300), "harmful_score": rate(80, 80)}
     edge["accuracy"]["ci"][0] = 1e-13  # a lower bound rounding just above the rate
     assert plot_tradeoff([{"metrics": edge}], [], tmp_path / "p.png").stat().st_size > 0
+
+
+def test_safety_loss_is_the_token_weighted_mean_whatever_the_order_and_batching(model, tokenizer):
+    from safeft.chat import collate, encode_response
+    from safeft.data.examples import SafetySample
+    from safeft.losses import response_loss_sum, safety_loss
+    from safeft.testing import SAFETY_PAIRS
+
+    pairs = [SafetySample(p, r + " Sorry." * i) for i, (p, r) in enumerate(SAFETY_PAIRS)]  # lengths differ
+    one_by_one = []
+    for pair in pairs:  # each sample alone, no padding at all
+        loss, n = response_loss_sum(model.eval(), collate([encode_response(tokenizer, pair.prompt, pair.refusal)],
+                                                          tokenizer.pad_token_id))
+        one_by_one.append((float(loss), n))
+    expected = sum(loss for loss, _ in one_by_one) / sum(n for _, n in one_by_one)
+    assert safety_loss(model, tokenizer, pairs) == pytest.approx(expected, rel=1e-5)
+    assert safety_loss(model, tokenizer, pairs[::-1], batch_size=3) == pytest.approx(expected, rel=1e-5)

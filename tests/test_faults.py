@@ -26,7 +26,7 @@ from safeft.checkpoints import MANIFEST, check_checkpoint, checkpoint_folders
 from safeft.config import TrainConfig
 from safeft.data.examples import ChatExample
 from safeft.errors import UserError
-from safeft.io import INCOMPLETE, writing
+from safeft.io import INCOMPLETE, writing, writing_together
 from safeft.spf import STATE_FILE, SafetySubspace, SPFCallback, SPFConfig
 from safeft.spf.projector import SPFProjector
 from safeft.testing import SAFETY_PAIRS, byte_tokenizer, tiny_llama
@@ -67,9 +67,10 @@ def build(scenario: str):
 
 
 def run(scenario: str, out: Path, *, resume: bool = False, extra=()) -> tuple[torch.nn.Module, dict]:
-    """Train ``scenario`` into ``out`` the way ``safeft finetune`` does (in ``<out>.partial``, renamed when done)."""
+    """Train ``scenario`` into ``out`` the way ``safeft finetune`` does (in ``<out>.partial``, renamed when done;
+    launched as several processes, every one of them trains and the main one writes the output)."""
     model, tokenizer, callbacks = build(scenario)
-    with writing(out, overwrite=True, keep_partial=resume, command="test") as partial:
+    with writing_together(out, overwrite=True, keep_partial=resume, command="test") as partial:
         log = train(model, tokenizer, EXAMPLES, config(scenario), output_dir=str(partial / "trainer"),
                     callbacks=[*callbacks, *extra], resume=resume)
     return model, log
@@ -212,6 +213,19 @@ def assert_same_run(model, log, reference) -> None:
                 assert got.get(key) == pytest.approx(want[key], rel=1e-5, abs=1e-6), (want["step"], key)
 
 
+def damage(path: Path, kind: str) -> None:
+    """Damage one file of a checkpoint: ``truncated`` (half of it), ``overwritten`` (16 bytes changed, the same
+    size: only the hash tells) or ``missing``."""
+    if kind == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif kind == "overwritten":
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2:len(data) // 2 + 16] = b"\x7f" * 16
+        path.write_bytes(bytes(data))
+    else:
+        path.unlink()
+
+
 def interrupt(scenario: str, out: Path, point: str, what) -> None:
     """Run ``scenario`` into ``out`` and interrupt it at the kill point ``point`` (damage included)."""
     trainer = out.with_name(out.name + ".partial") / "trainer"
@@ -235,15 +249,7 @@ def interrupt(scenario: str, out: Path, point: str, what) -> None:
     if kind in ("truncated", "overwritten", "spf"):
         newest = trainer / "checkpoint-4"
         path = newest / file_name(scenario, what)
-        if kind == "truncated":
-            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-        elif kind == "overwritten":  # same size, other bytes: only the hash tells
-            data = bytearray(path.read_bytes())
-            middle = len(data) // 2
-            data[middle:middle + 16] = b"\x7f" * 16
-            path.write_bytes(bytes(data))
-        else:
-            path.unlink()
+        damage(path, {"spf": "missing"}.get(kind, kind))
 
 
 def _after_manifest(step: int):
@@ -313,6 +319,27 @@ def test_checkpoint_writes_are_the_ones_the_kill_points_cover(tmp_path, scenario
     assert seen == CHECKPOINT_FILES[scenario]
     names = {p.name for p in (tmp_path / "out" / "trainer" / f"checkpoint-{STEPS}").iterdir()}
     assert {file_name(scenario, n) for n in DAMAGED} <= names
+
+
+@pytest.mark.parametrize("broken", ["one-checkpoint-kept", "no-manifest-check"])
+def test_the_harness_fails_when_the_fallback_is_broken(uninterrupted, tmp_path, monkeypatch, broken):
+    """The kill points can fail: with the fallback broken on purpose, a damaged newest checkpoint no longer ends as
+    the uninterrupted run (so the passing harness above says something)."""
+    from safetensors import SafetensorError
+
+    import safeft.train
+
+    if broken == "one-checkpoint-kept":
+        monkeypatch.setattr(safeft.train, "KEEP", 1)  # nothing left to fall back to
+    else:
+        monkeypatch.setattr(safeft.checkpoints, "check_checkpoint", lambda folder: [])  # every checkpoint "intact"
+    out = tmp_path / "out"
+    interrupt("sft", out, "truncated-weights", "weights")
+    with pytest.raises((UserError, AssertionError, SafetensorError)) as error:  # never a silent pass
+        model, log = resume_until_done("sft", out)
+        assert_same_run(model, log, uninterrupted["sft"])
+    if broken == "one-checkpoint-kept":
+        assert "no intact checkpoint" in str(error.value)
 
 
 def test_with_every_checkpoint_damaged_resume_names_the_files_and_the_choices(tmp_path):
@@ -462,8 +489,171 @@ def test_a_sigkilled_two_process_run_resumes_to_the_uninterrupted_weights(tiny_d
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
 
 
+# --- two processes: every kill point in one torchrun launch --------------------------------------------------------
+# Each process stops where a launch killed at that point leaves it: the process that writes the file named stops
+# there (before it, or with half of it written); the other stops when it reaches the same checkpoint's save, its own
+# files (its RNG state) written, as it would have gone on until the launcher killed it. Then both resume until done.
+
+DDP_SCENARIO = "spf"
+RNG = "rng_state.pth"  # written by every process as rng_state_<rank>.pth
+
+
+def ddp_kill_points() -> list[tuple[str, object]]:
+    points = [(f"after-step-{k}", k) for k in range(1, STEPS + 1)]
+    points += [(f"after-manifest-{k}", k) for k in (2, 6)]
+    points += [(f"before-{name}", name) for name in CHECKPOINT_FILES[DDP_SCENARIO]]
+    points += [(f"torn-{name}", name) for name in ("model.safetensors", RNG, STATE_FILE)]
+    points += [(f"truncated-{name}", name) for name in ("weights", "optimizer.pt", "scheduler.pt", "rng_state_0.pth",
+                                                         "rng_state_1.pth", "trainer_state.json", MANIFEST)]
+    points += [("overwritten-bytes-weights", "weights"), ("missing-rng_state_1.pth", "rng_state_1.pth")]
+    return points
+
+
+class StopAtSave(TrainerCallback):
+    """Interrupts in the save of the checkpoint of step ``at``, after the Trainer wrote this process's files and
+    before the manifest (the callbacks run ahead of :class:`~safeft.checkpoints.ManifestCallback`)."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.at:
+            raise KeyboardInterrupt
+
+
+@contextmanager
+def stop_after_manifest(step: int):
+    """Interrupt right after the manifest of checkpoint ``step`` (in every process: the others pass its barrier)."""
+    original = safeft.checkpoints.ManifestCallback.on_save
+
+    def on_save(self, args, state, control, **kwargs):
+        original(self, args, state, control, **kwargs)
+        if state.global_step == step:
+            raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(safeft.checkpoints.ManifestCallback, "on_save", on_save)
+        yield
+
+
+def ddp_interrupt(out: Path, point: str, what, rank: int) -> None:
+    """Interrupt this process of a two-process run of :data:`DDP_SCENARIO` at ``point`` (see the section's note)."""
+    import torch.distributed as dist
+
+    kind = point.split("-")[0]
+    with ExitStack() as stack:
+        extra = []
+        if point.startswith("after-step"):
+            extra = [KillAfterStep(what)]
+        elif kind == "after" or (kind in ("before", "torn") and what == MANIFEST):  # written after a barrier
+            step = what if kind == "after" else 4
+            if rank == 0:
+                stack.enter_context(writes(_after_manifest(step) if kind == "after" else kill_at("checkpoint-4",
+                                                                                                 MANIFEST)))
+            else:
+                stack.enter_context(stop_after_manifest(step))
+        elif kind in ("before", "torn") and what == RNG:
+            stack.enter_context(writes(kill_at("checkpoint-4", f"rng_state_{rank}.pth", torn=kind == "torn")))
+        elif kind in ("before", "torn"):  # a file only the main process writes
+            if rank == 0:
+                stack.enter_context(writes(kill_at("checkpoint-4", what, torn=kind == "torn")))
+            else:
+                extra = [StopAtSave(4)]
+        else:
+            extra = [KillAfterStep(5)]
+        failed = None
+        try:  # every process gets to both barriers below, whatever happened to it
+            with pytest.raises(KeyboardInterrupt):
+                run(DDP_SCENARIO, out, extra=extra)
+        except BaseException as error:  # noqa: BLE001 -- raised after the barriers
+            failed = error
+    dist.barrier()
+    if failed is None and rank == 0 and kind in ("truncated", "overwritten", "missing"):
+        try:
+            damage(out.with_name(out.name + ".partial") / "trainer" / "checkpoint-4" / file_name(DDP_SCENARIO, what),
+                   kind)
+        except BaseException as error:  # noqa: BLE001 -- raised after the barrier
+            failed = error
+    dist.barrier()
+    if failed is not None:
+        raise failed
+
+
+def _ddp_harness(workdir: str, result_file: str) -> None:
+    """In each process of a two-process torchrun launch: the uninterrupted run, then every kill point of
+    :func:`ddp_kill_points`, each resumed until done and compared with it; the main process writes
+    ``{point: "ok" or what went wrong, per process}`` to ``result_file``."""
+    import datetime
+    import json
+    import traceback
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    torch.set_num_threads(1)
+    rank, root = dist.get_rank(), Path(workdir)
+    model, log = run(DDP_SCENARIO, root / "full" / "out")
+    reference = ({k: v.detach().clone() for k, v in model.state_dict().items()}, log["log_history"])
+    outcome = {}
+    for point, what in ddp_kill_points():
+        folder = root / point
+        out = folder / "out"
+        if rank == 0:
+            folder.mkdir()
+            with writing(out, overwrite=False) as earlier:  # an earlier output that must not change until the end
+                (earlier / "model.safetensors").write_bytes(b"earlier run")
+            before = tree(folder, out.with_name("out.partial"))
+        dist.barrier()
+        try:
+            ddp_interrupt(out, point, what, rank)
+            partial = out.with_name("out.partial")
+            if rank == 0:
+                assert (partial / INCOMPLETE).exists(), "no partial output marked incomplete"
+                assert tree(folder, partial) == before, "a file outside <out>.partial changed"
+            model, log = resume_until_done(DDP_SCENARIO, out)
+            assert_same_run(model, log, reference)
+            if rank == 0:
+                assert not partial.exists() and not (out / "model.safetensors").exists()
+                kept = checkpoint_folders(out / "trainer")
+                assert [f.name for f in kept] == [f"checkpoint-{STEPS}", f"checkpoint-{STEPS - SAVE_EVERY}"], kept
+                assert not any(check_checkpoint(f) for f in kept)
+            outcome[point] = "ok"
+        except BaseException as error:  # noqa: BLE001 -- reported per kill point; the test fails on any
+            outcome[point] = "".join(traceback.format_exception_only(error)).strip()[-800:]
+        print(f"rank {rank} {point}: {outcome[point]}", file=sys.stderr, flush=True)
+        dist.barrier()
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, outcome)
+    if rank == 0:
+        Path(result_file).write_text(json.dumps({p: [o[p] for o in every] for p in outcome}, indent=1) + "\n")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_two_process_run_killed_anywhere_resumes_to_the_uninterrupted_weights(tmp_path):
+    import json
+    import shutil
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    env = {**os.environ, "TQDM_DISABLE": "1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(safeft.checkpoints.__file__).parents[1]),
+                                          os.environ.get("PYTHONPATH", "")])}
+    result = tmp_path / "result.json"
+    launch = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29561", __file__, "ddp",
+                             str(tmp_path), str(result)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert launch.returncode == 0 and result.exists(), launch.stderr[-4000:]
+    outcome = json.loads(result.read_text())
+    assert len(outcome) >= 20 and list(outcome) == [p for p, _ in ddp_kill_points()]
+    failed = {point: ranks for point, ranks in outcome.items() if ranks != ["ok", "ok"]}
+    assert not failed, failed
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "cli":
         _cli_child(*sys.argv[2:])
+    elif sys.argv[1] == "ddp":
+        _ddp_harness(*sys.argv[2:4])
     else:
         _child(*sys.argv[1:4])

@@ -18,7 +18,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from safeft.errors import UserError
-from safeft.io import write_json
+from safeft.io import INCOMPLETE, MARKER, write_json
 
 MANIFEST = "safeft-manifest.json"  # inside each checkpoint folder, written last
 FORMAT = "safeft.checkpoint/1"
@@ -47,12 +47,15 @@ def _sha256(path: Path) -> str:
 
 
 def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp"))
+    # safeft.io.writing's own markers come and go with the output around the folder: not part of what it saved
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST, INCOMPLETE, MARKER)
+                  and not p.name.endswith(".tmp"))
 
 
 def write_manifest(folder: str | Path) -> Path:
     """Record every file of the checkpoint ``folder`` (relative name, bytes, sha256) in its manifest, atomically;
-    call it once every file is written. Returns the manifest's path."""
+    call it once every file is written. Returns the manifest's path. Any saved folder can carry one (safeft also
+    writes it into aligned models and the models ``safeft bench --keep-models`` keeps)."""
     folder = Path(folder)
     files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in _files(folder)}
     write_json(folder / MANIFEST, {"format": FORMAT, "step": step_of(folder), "files": files})

@@ -66,11 +66,13 @@ def safety_loss(model: nn.Module, tokenizer, samples: Sequence[SafetySample], ba
     """Return the mean cross-entropy (nats per token) of the refusals given the prompts, in eval mode, no grad.
 
     With ``onset_tokens``, only each refusal's first that many tokens count (what an onset estimate guards).
+    Samples are batched by length (less padding, and logits kept from a later position; the mean does not depend on
+    the order).
     """
     encoded = [encode_response(tokenizer, s.prompt, s.refusal, onset_tokens) for s in as_safety_samples(samples)]
     total, count = 0.0, 0
     with eval_without_param_grads(model), torch.no_grad():
-        for batch in batches(encoded, batch_size, tokenizer):
+        for batch in batches(sorted(encoded, key=lambda e: len(e.input_ids)), batch_size, tokenizer):
             loss, n = response_loss_sum(model, batch)
             total, count = total + float(loss), count + n
     return total / max(count, 1)

@@ -188,8 +188,8 @@ def format_difference(entry: dict | None) -> str:
 def verdict_markdown(verdicts: dict[str, list[dict]]) -> list[str]:
     """Return markdown lines: per rule, each setting's winner, its margin over the runner-up and every method's
     status (``W`` wins, ``T`` ties, ``L`` loses, ``x`` excluded by a gate); ``verdicts`` maps a rule to
-    :func:`safeft.recipes.rules.decide`'s result."""
-    from safeft.recipes.rules import RULES, WIN_RULE
+    :func:`safeft.rules.decide`'s result."""
+    from safeft.rules import RULES, WIN_RULE
 
     lines = ["", "## Who wins each setting", ""]
     lines += [f"- Rule {rule}: {text}." for rule, text in RULES.items()]
@@ -271,7 +271,7 @@ def plot_tradeoff(aligned: list[dict], rows: list[dict], path: str | Path) -> Pa
 
 def headline_lines(verdicts: dict[str, list[dict]], method: str = "spf") -> list[str]:
     """Return the one-table summary of a bench under both rules: per setting, the rule-B and rule-A winners
-    (:func:`safeft.recipes.rules.decide`, ``verdicts`` maps a rule to its result), ``method``'s mean harmful
+    (:func:`safeft.rules.decide`, ``verdicts`` maps a rule to its result), ``method``'s mean harmful
     score, accuracy and over-refusal over seeds with its status under each rule (wins, ties, loses or excluded and
     why), and SFT's and the aligned model's harmful score."""
     lines = [f"| setting | rule B winner | rule A winner | `{method}`: harmful % / accuracy % / over-refusal % | "

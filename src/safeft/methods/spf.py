@@ -141,9 +141,9 @@ def _settings_conflict(subspace: str, conflicts: list[str]) -> UserError:
 
 def _holds_in_order(rows: list, samples: list[dict]) -> bool:
     """Return True if the stored ``samples`` are ``rows`` with some left out (those in the fine-tuning data)."""
-    from safeft.spf.subspace import _sample_dict
+    from safeft.spf.files import sample_dict
 
-    wanted, it = [dict(s) for s in samples], iter(_sample_dict(r) for r in rows)
+    wanted, it = [dict(s) for s in samples], iter(sample_dict(r) for r in rows)
     return bool(wanted) and all(any(w == r for r in it) for w in wanted)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from safeft.answers import cached_answers, model_key
+from safeft.checkpoints import MANIFEST, check_checkpoint, write_manifest
 from safeft.config import AlignConfig, TrainConfig
 from safeft.data import builtin
 from safeft.data.examples import ChatExample
@@ -105,6 +106,7 @@ def align(model_name: str, out: Path, config: AlignConfig, cache: Path, method=N
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / "align.json", report)
+        write_manifest(tmp)  # last: a damaged cached model is told apart and aligned again (ensure_aligned)
     return report
 
 
@@ -125,5 +127,20 @@ def ensure_aligned(model_name: str, config: AlignConfig, cache: Path, method=Non
     (``chat_template``: a template file for a tokenizer without one; the aligned model's tokenizer keeps it)."""
     target = aligned_model_dir(model_name, config, cache, method)
     if (target / "align.json").exists():
-        return target, json.loads((target / "align.json").read_text()), True
-    return target, align(model_name, target, config, cache, method, chat_template=chat_template), False
+        problems = aligned_problems(target)
+        if not problems:
+            return target, json.loads((target / "align.json").read_text()), True
+        print(f"safeft: the cached aligned model {target} is damaged ({'; '.join(problems)}); aligning again",
+              flush=True)
+    return target, align(model_name, target, config, cache, method, chat_template=chat_template,
+                         overwrite=target.exists()), False
+
+
+def aligned_problems(folder: Path) -> list[str]:
+    """Return what is wrong with a cached aligned model: ``align.json`` unreadable, or a file that differs from its
+    manifest (none to check in a cache written before aligned models had one); empty if it is intact."""
+    try:
+        json.loads((folder / "align.json").read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        return [f"align.json is not valid JSON: {error}"]
+    return check_checkpoint(folder) if (folder / MANIFEST).exists() else []

@@ -132,7 +132,7 @@ def bench(config: BenchConfig, *, command: str | None = None) -> dict:
     from safeft.io import check_not_input, locked
     from safeft.models import cache_dir
     from safeft.progress import progress
-    from safeft.recipes.align import ensure_aligned
+    from safeft.recipes.align import aligned_model_dir, ensure_aligned
 
     out = Path(config.out)
     check_not_input(out, [config.model, config.chat_template, config.jailbreaks,
@@ -154,6 +154,13 @@ def bench(config: BenchConfig, *, command: str | None = None) -> dict:
             tqdm.write(f"{setting.name} seed {seed} | {label}: harmful score {h['harmful_score']:.1f}%, accuracy "
                        f"{'n/a' if h['accuracy'] is None else format(h['accuracy'], '.1f') + '%'}, safety loss "
                        f"{h['safety_loss']:.3f}")
+        for setting, method in {(s.name, json.dumps(m.alignment_key(), sort_keys=True)): (s, m)
+                                for s, _, _, m in plan}.values():  # the aligned rows the summary reads
+            row = aligned_row_path(config, aligned_model_dir(config.model, config.align, cache, method), setting, out)
+            if not _valid_row(row):  # missing or damaged, with no run left to make it again
+                aligned_dir, report, _ = ensure_aligned(config.model, config.align, cache, method,
+                                                        chat_template=config.chat_template)
+                _evaluate_aligned(config, aligned_dir, report, setting, out)
     return summarize(out, config.title, command)
 
 
@@ -191,6 +198,14 @@ def _finished(config: BenchConfig, out: Path, setting: Setting, seed: int, label
     except DamagedRunFile as error:
         print(f"bench: {error.path} is damaged ({error.problems}); running it again")
         return False
+    if config.keep_models:
+        from safeft.checkpoints import check_checkpoint
+
+        model = kept_dir(out, setting, label, seed) / "model"
+        problems = check_checkpoint(model) if model.is_dir() else ["it is missing"]
+        if problems:
+            print(f"bench: the kept model {model} is damaged ({'; '.join(problems)}); running it again")
+            return False
     expected = run_identity(config, setting, seed, method)
     fill_defaults(record, expected, {"setting": Setting(), "train": TrainConfig(), "method_options": method.Config()})
     differ = sorted(k for k, v in expected.items() if json.loads(json.dumps(v)) != record.get(k))
@@ -264,6 +279,11 @@ def read_run_file(path: str | Path) -> dict:
     return record
 
 
+def kept_dir(out: Path, setting: Setting, label: str, seed: int) -> Path:
+    """Return the folder where a run works and, with ``keep_models``, keeps its model (``model/``) and artefacts."""
+    return out / "models" / f"{slug(setting.name)}--{slug(label)}--seed{seed}"
+
+
 def run_in_subprocess(config: BenchConfig, setting: Setting, seed: int, label: str, method, aligned_dir: Path,
                       cache: Path, command: str | None, path: Path) -> None:
     """Run one (setting, seed, method) in a fresh process that writes its run file ``path`` when it ends.
@@ -331,18 +351,9 @@ def _evaluate_aligned(config: BenchConfig, aligned_dir: Path, report: dict | Non
     from safeft.recipes.evaluate import evaluate_dir, headline
     from safeft.recipes.finetune import task_of
 
-    data = (setting.task_train, setting.task_test, setting.max_train, setting.max_test)  # these pick the test set
-    task = slug(setting.task) if data == (None,) * 4 else f"{slug(setting.task)}-{_short_hash(data)}"
-    task = f"val-{task}" if setting.validation else task
-    if config.jailbreaks:
-        task += f"-jailbreaks-{_short_hash([config.jailbreaks, config.jailbreak_requests])}"
-    path = out / "runs" / "aligned" / f"{task}-{slug(aligned_dir.name)}.json"
-    if path.exists():
-        try:
-            read_run_file(path)
-            return
-        except DamagedRunFile as error:
-            print(f"bench: {error.path} is damaged ({error.problems}); evaluating the aligned model again")
+    path = aligned_row_path(config, aligned_dir, setting, out)
+    if _valid_row(path, say=True):
+        return
     metrics = evaluate_dir(aligned_dir, task_of(setting), max_new_tokens=config.max_new_tokens,
                            judge=load_judge(config.judge), split=split_of(setting),
                            **_jailbreak_options(config))
@@ -350,6 +361,30 @@ def _evaluate_aligned(config: BenchConfig, aligned_dir: Path, report: dict | Non
                       "model": config.model,
                       "aligned_model": str(aligned_dir), "alignment": report, "metrics": metrics,
                       "headline": headline(metrics)})
+
+
+def aligned_row_path(config: BenchConfig, aligned_dir: Path, setting: Setting, out: Path) -> Path:
+    """Return the run file of the aligned model's row for ``setting`` (one per task, test data and jailbreaks)."""
+    data = (setting.task_train, setting.task_test, setting.max_train, setting.max_test)  # these pick the test set
+    task = slug(setting.task) if data == (None,) * 4 else f"{slug(setting.task)}-{_short_hash(data)}"
+    task = f"val-{task}" if setting.validation else task
+    if config.jailbreaks:
+        task += f"-jailbreaks-{_short_hash([config.jailbreaks, config.jailbreak_requests])}"
+    return out / "runs" / "aligned" / f"{task}-{slug(aligned_dir.name)}.json"
+
+
+def _valid_row(path: Path, say: bool = False) -> bool:
+    """Return True if the aligned model's row ``path`` exists and validates; a damaged one is reported (with
+    ``say``) and counts as missing."""
+    if not path.exists():
+        return False
+    try:
+        read_run_file(path)
+        return True
+    except DamagedRunFile as error:
+        if say:
+            print(f"bench: {error.path} is damaged ({error.problems}); evaluating the aligned model again")
+        return False
 
 
 def split_of(setting: Setting) -> str:
@@ -370,7 +405,7 @@ def run_one(config: BenchConfig, setting: Setting, seed: int, label: str, method
 
     train_config = config.run_train_config(setting, seed)
     data = replace(setting.data(), base_model=setting.base_model or config.model)
-    scratch = Path(config.out) / "models" / f"{slug(setting.name)}--{slug(label)}--seed{seed}"
+    scratch = kept_dir(Path(config.out), setting, label, seed)
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     start = time.perf_counter()
@@ -507,8 +542,8 @@ def summarize(out: str | Path, title: str = "safeft bench", command: str | None 
     """Build ``bench.json`` (with a ``runs`` list), ``bench.md`` and ``bench.png`` in ``out`` from its run files
     alone, and return the summary."""
     from safeft.io import write_json
-    from safeft.recipes.rules import RULES, decide
     from safeft.report import aligned_labels, bench_markdown, plot_tradeoff
+    from safeft.rules import RULES, decide
 
     out = Path(out)
     aligned, runs = read_runs(out)

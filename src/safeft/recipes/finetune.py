@@ -116,8 +116,11 @@ def finetune(model_dir: str | Path, data: DataConfig, method: Method, train_conf
     log["method_facts"] = method.facts(model)
     if main:
         if save_model:
+            from safeft.checkpoints import write_manifest
+
             model.save_pretrained(out / "model")
             tokenizer.save_pretrained(out / "model")
+            write_manifest(out / "model")  # last: a reader can tell a damaged model (safeft bench --keep-models)
         write_json(out / "config.json", {**record, "examples": len(examples)})
         write_json(out / "train_log.json", log)
     return model, tokenizer, log

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from safeft.errors import UserError
 from safeft.recipes.bench import pooled, read_runs
-from safeft.recipes.rules import ACCURACY_GATE, decide
+from safeft.rules import ACCURACY_GATE, decide
 
 OPTIONS_RULE = ("Among a method's candidates (the runs of that registry name), keep those whose validation accuracy "
                 "is within 1 point of sft's in the same setting (or above it), and take the lowest validation harmful "

@@ -4,10 +4,13 @@
     config                SPFConfig and its vocabulary
     targets               the matrices SPF guards, in plain, LoRA and wrapped models
     estimate              safety gradients by hooks, factored; rank selection and allocation
-    subspace, card        the artifact: bases + metadata, save / load / check, Hub card
+    files, card           the artifact's files (names, manifest, checks); its Hub card and Hub errors
+    subspace              the artifact: bases + metadata, save / load / check, Hub save / load / push
     guards, monitor       per-target state; the monitor's running sums
-    batched, sharded      equal-shape batching (CUDA); FSDP2 row shards
-    projector             SPFProjector: the two calls around every optimizer step
+    whole, batched,       projecting targets held whole; equal-shape batches (CUDA); FSDP2 row shards
+      sharded
+    stats                 what a projector guards, holds and has spent (SPFProjector.stats())
+    projector             SPFProjector: the two calls around every optimizer step, refresh and state
     hooks                 attach_spf (plain loops) and SPFCallback (Trainer / SFTTrainer)
 """
 
@@ -20,7 +23,7 @@ _EXPORTS = {
     "freeze_unguarded": "safeft.spf.guards",
     "unguarded_parameters": "safeft.spf.guards",
     "SPFProjector": "safeft.spf.projector",
-    "ProjectorStats": "safeft.spf.projector",
+    "ProjectorStats": "safeft.spf.stats",
     "STATE_FILE": "safeft.spf.projector",
     "METRIC_PREFIX": "safeft.spf.monitor",
     "SPFHandle": "safeft.spf.hooks",

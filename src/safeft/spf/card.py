@@ -1,4 +1,5 @@
-"""The model card (README.md) of a saved safety subspace, a standard Hub model card.
+"""The Hub side of a saved safety subspace: its model card (README.md, a standard Hub model card), Hub repo ids,
+and Hub failures said in a few words.
 
 Its YAML front matter comes from ``huggingface_hub.ModelCardData``; its text says what the subspace was estimated
 on and from, and for what settings.
@@ -90,3 +91,19 @@ trainer = SFTTrainer(model=model, train_dataset=..., callbacks=[SPFCallback(subs
 or from the command line: `safeft finetune --method spf --subspace DIR ...` with the subspace downloaded to `DIR`.
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def is_hub_error(error: Exception) -> bool:
+    """Return True for a failure of the Hub or of the network under it (not a bug of safeft's)."""
+    module = type(error).__module__.split(".")[0]
+    return isinstance(error, OSError) or module.startswith(("huggingface_hub", "httpx", "requests", "urllib3"))
+
+
+def hub_problem(error: Exception) -> str:
+    """Return a Hub failure in a few words for a message (offline mode named as such)."""
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return "offline mode is on: HF_HUB_OFFLINE=1"
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else 'no message'}"

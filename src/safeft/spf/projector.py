@@ -21,30 +21,29 @@ import json
 import logging
 import time
 import warnings
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from safeft.distributed import Collectives
 from safeft.errors import UserError
 from safeft.losses import safety_loss
-from safeft.spf import projection as P
-from safeft.spf import sharded
+from safeft.spf import sharded, whole
 from safeft.spf.batched import DEFAULT_BATCH_BYTES, DEFAULT_DEVICES, Batch, batch_guards
 from safeft.spf.config import SPFConfig
 from safeft.spf.guards import (
     Guard,
     build_guards,
     effective_cores,
-    non_finite_message,
     sketches,
     start_lora_side,
     unguarded_parameters,
     unwrap,
 )
 from safeft.spf.monitor import METRIC_PREFIX, Monitor
+from safeft.spf.stats import ProjectorStats, TargetStats
 from safeft.spf.subspace import SafetySubspace
 
 STATE_FILE = "spf_state.json"  # SPF's part of a Trainer checkpoint
@@ -83,34 +82,6 @@ def resolve_config(subspace: SafetySubspace, config: SPFConfig | None) -> SPFCon
     if len(policy) > 1:  # the subspace's own policy stands; the default rank only filled a gap
         values.update({k: getattr(recorded, k) for k in ("rank", "energy", "budget")})
     return SPFConfig(**values)
-
-
-@dataclass(frozen=True)
-class TargetStats:
-    """One guarded target as the projector holds it."""
-
-    name: str
-    shape: tuple[int, int]  # (m, n) of the base weight
-    rank: int
-    holds_U: bool  # False where the rule needs only V (right, always, update, full fine-tuning)
-    batched: bool  # corrected in an equal-shape batch
-    sharded: bool  # this process holds some of its rows (FSDP2)
-
-
-@dataclass(frozen=True)
-class ProjectorStats:
-    """What a projector holds and has spent, for benchmarks and tests (:meth:`SPFProjector.stats`)."""
-
-    side: str  # the side in force
-    step: int  # optimizer steps projected so far
-    targets: tuple[TargetStats, ...]  # the guarded targets
-    batches: tuple[int, ...]  # targets per equal-shape batch
-    state_bytes: int  # bases, singular values and remembered sketches, all guards
-    hook_seconds: tuple[float, ...]  # wall time of before_step + after_step, per optimizer step (refreshes included)
-    refreshes: tuple[int, ...]  # the steps after which the subspace was re-estimated
-    refresh_seconds: float  # wall time of those re-estimates
-    collective_calls: int  # SPF's own all-reduces since the counter's last reset (FSDP2)
-    collective_elements: tuple[int, ...]  # numbers summed per call
 
 
 class SPFProjector:
@@ -209,11 +180,11 @@ class SPFProjector:
         # the gradient norm costs a pass over every gradient: measure it only on the step the monitor reports
         measure = bool(self.config.monitor_every) and (self.step + 1) % self.config.monitor_every == 0
         if self.config.project == "grad":
-            whole = [g for g in self.guards if not g.sharded]
             if self.sharded:
                 sharded.project_gradients([g for g in self.guards if g.sharded], self.config, self.collectives,
                                           self.monitor, measure)
-            self._check_finite([self._project_gradient(g, measure) for g in whole])
+            whole.project_gradients([g for g in self.guards if not g.sharded], self.config, self.monitor,
+                                    measure)
         else:
             for batch in self.batches:
                 batch.remember_before()
@@ -235,7 +206,8 @@ class SPFProjector:
             if self.sharded:
                 sharded.project_updates([g for g in self.guards if g.sharded], self.config, self.collectives,
                                         self.monitor)
-            self._project_updates([g for g in self.guards if not g.sharded and not g.batched], self.batches)
+            whole.project_updates([g for g in self.guards if not g.sharded and not g.batched], self.batches,
+                                  self.config, self.monitor)
             for guard in self.guards:
                 guard.before = ()
             for batch in self.batches:
@@ -266,106 +238,6 @@ class SPFProjector:
                                onset_tokens=self.subspace.config.onset_tokens)
             self._measured = (self.step, loss)
         return self._measured[1]
-
-    def _check_finite(self, inner_products: list[tuple[str, Tensor] | None]) -> None:
-        """Raise a clear error if any target's conflict inner product (non-finite whenever its gradient is) is not
-        finite: one host sync for all targets."""
-        named = [x for x in inner_products if x is not None]
-        if named and not torch.isfinite(torch.stack([inner.to(named[0][1].device) for _, inner in named]).sum()):
-            raise FloatingPointError(non_finite_message(next(
-                (name for name, inner in named if not torch.isfinite(inner)), "(one of them)")))
-
-    def _project_gradient(self, guard: Guard, measure: bool) -> tuple[str, Tensor] | None:
-        """Project one guard's gradient in place; return its name and conflict inner product for the caller's
-        finiteness test (None when it has no gradient)."""
-        t, cfg = guard.target, self.config
-        grads = guard.grads()
-        if any(g is None for g in grads):
-            return None
-        grad_sq = sum(torch.linalg.vector_norm(g, dtype=torch.float32) ** 2 for g in grads) if measure else None
-        try:
-            if t.is_lora:
-                stats = P.project_lora_(*grads, t.lora_B, t.lora_A, guard.U, guard.S, guard.V, side=cfg.side,
-                                        mode=cfg.mode, check=False)
-            else:
-                stats = P.project_(grads[0], guard.U, guard.S, guard.V, side=cfg.side, mode=cfg.mode, check=False)
-        except FloatingPointError:
-            raise FloatingPointError(non_finite_message(t.name)) from None
-        self.monitor.count(stats.fired, stats.removed_sq, grad_sq)
-        return t.name, stats.inner_before
-
-    def _project_updates(self, guards: list[Guard], batches: list[Batch]) -> None:
-        """Correct the weight change of every (unsharded) guard and batch from its sketches before and after the step.
-
-        Two passes with one host sync between them, not one per target: the first sketches every change (and
-        tests for conflicts), one fused norm over all of them tests finiteness before any weight is touched, the
-        second removes; on an accelerator the per-target work is then a few kernel launches, and a batch's a few
-        for all its targets."""
-        if not guards and not batches:
-            return
-        afters = [sketches(g, self.config.side) for g in guards]
-        flat = list(torch._foreach_sub([a for after in afters for a in after], [b for g in guards for b in g.before]))
-        deltas, i = [], 0  # the sketches of the weight change the optimizer made, per guard
-        for after in afters:
-            deltas.append(flat[i:i + len(after)])
-            i += len(after)
-        batch_deltas = [b.sketches() - b.before for b in batches]
-        delta_norm = torch.nn.utils.get_total_norm(flat + batch_deltas)
-        if not torch.isfinite(delta_norm):
-            named = [(g.target.name, d) for g, d in zip(guards, deltas)]
-            named += [(g.target.name, [d[j]]) for b, d in zip(batches, batch_deltas) for j, g in enumerate(b.guards)]
-            bad = (name for name, d in named if not all(torch.isfinite(x).all() for x in d))
-            raise FloatingPointError(non_finite_message(next(bad, "(one of them)")))
-        removed = []
-        for guard, after, delta in zip(guards, afters, deltas):
-            removed += self._remove_update(guard, after, delta, *self._removal_mask(guard, after, delta))
-        for batch, delta in zip(batches, batch_deltas):  # "always": each change is removed whole
-            batch.remove(delta)
-        removed += batch_deltas
-        whole = flat + batch_deltas
-        if len(removed) == len(whole) and all(r is d for r, d in zip(removed, whole)):
-            removed_sq = delta_norm ** 2  # every change removed whole (mode "always", every factor projected)
-        else:
-            removed_sq = torch.nn.utils.get_total_norm(removed) ** 2 if removed else torch.zeros(())
-        corrected = len(guards) + len({id(g) for b in batches for g in b.guards})
-        self.monitor.checked += corrected
-        self.monitor.add("removed_sq", removed_sq)
-        if self.config.mode == "always":
-            self.monitor.add("fired", float(corrected))
-
-    def _removal_mask(self, guard: Guard, after: tuple[Tensor, ...], deltas: list[Tensor]
-                      ) -> tuple[Tensor | None, Tensor | None]:
-        """Return the mask of the directions to remove from one guard's change (None: every direction, mode
-        "always") and whether any is removed (a 0-d tensor; None under "always", counted by the caller)."""
-        t, cfg = guard.target, self.config
-        if cfg.mode == "always":  # every direction goes: no conflict test to make, no mask to apply
-            return None, None
-        if t.is_lora:
-            (ub_old, av_old), (ub_new, av_new) = guard.before, after  # diag(U^T dW V):
-            diag = t.scaling * (P.factor_core_diagonal(ub_new, av_new) - P.factor_core_diagonal(ub_old, av_old))
-        else:
-            diag = P.core_diagonal(deltas[0], guard.U, guard.V, cfg.side)
-        mask = P.removal_mask(-diag, guard.S, cfg.mode)  # a weight change dW acts like a step along -dW
-        return mask, (mask.sum() > 0).float()
-
-    def _remove_update(self, guard: Guard, after: tuple[Tensor, ...], deltas: list[Tensor], mask: Tensor | None,
-                       fired: Tensor | None) -> list[Tensor]:
-        """Remove the masked part of one guard's (finite) weight change from its weights; remember the corrected
-        sketches for the next step; count it. Return the removed parts' sketches (projected factors only)."""
-        t, cfg = guard.target, self.config
-        sides, projected = (("left", "right"), P.lora_projected_factors(cfg.side)) if t.is_lora else (
-            (cfg.side,), (True,))  # under LoRA B is sketched left, A right
-        removed = [P.masked_sketch(d, mask, side) if on else None for d, side, on in zip(deltas, sides, projected)]
-        for weight, delta, side, on in zip(guard.weights(), deltas, sides, projected):
-            if on:
-                P.subtract_(weight.data, delta, guard.U, guard.V, mask, side)  # .data: no version bump, no autograd
-        # the sketches now; a projected factor's whole change is removed under "always", so it is back where it was
-        guard.corrected = tuple(a if r is None else b if mask is None else a - r
-                                for a, b, r in zip(after, guard.before, removed))
-        guard.versions = tuple(w._version for w in guard.weights())
-        if fired is not None:
-            self.monitor.add("fired", fired)  # per guard: on the guard's own device, no sync
-        return [r for r in removed if r is not None]
 
     # --- refresh, monitor and state ----------------------------------------------------------------------------
 

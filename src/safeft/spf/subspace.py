@@ -3,41 +3,25 @@ where they came from, checked on load against the files and against the model; H
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 from huggingface_hub import ModelCard, ModelHubMixin
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from torch import nn
 
 from safeft.data.examples import SafetySample, as_safety_samples
 from safeft.errors import UserError
+from safeft.spf import files
+from safeft.spf.card import hub_problem, is_hub_error
 from safeft.spf.config import SPFConfig
 from safeft.spf.estimate import Basis, estimate_bases
-from safeft.spf.targets import Target, find_targets, matches, weights_fingerprint
-
-FORMAT = "safeft.subspace/1"
-TENSORS_FILE = "subspace.safetensors"
-METADATA_FILE = "subspace.json"
-MANIFEST_FILE = "manifest.json"  # what was saved: targets, shapes, ranks, counts, sha256 of the two files above
-MANIFEST_FORMAT = "safeft.subspace.manifest/1"
-FIX = "re-estimate it (safeft subspace estimate)"
-_REQUIRED_KEYS = ("model", "rank_policy", "ranks", "num_samples", "samples_sha256", "samples")
-
-
-def _sample_dict(sample: SafetySample) -> dict:
-    return {k: v for k, v in asdict(sample).items() if v is not None}
-
-
-def samples_sha256(samples: Sequence[SafetySample]) -> str:
-    """Return a stable hash of the safety samples (order-sensitive)."""
-    payload = json.dumps([_sample_dict(s) for s in samples], ensure_ascii=False, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
+from safeft.spf.files import FIX, FORMAT, MANIFEST_FILE, METADATA_FILE, TENSORS_FILE, sample_dict, samples_sha256
+from safeft.spf.targets import Target, find_targets, weights_fingerprint
 
 
 class SafetySubspace(ModelHubMixin, library_name="safeft", tags=["safeft", "safety-subspace"],
@@ -120,7 +104,7 @@ class SafetySubspace(ModelHubMixin, library_name="safeft", tags=["safeft", "safe
             "ranks": {name: b.rank for name, b in bases.items()},
             "num_samples": len(samples),
             "samples_sha256": samples_sha256(samples),
-            "samples": [_sample_dict(s) for s in samples],
+            "samples": [sample_dict(s) for s in samples],
         }
         return cls(bases, metadata)
 
@@ -221,9 +205,9 @@ class SafetySubspace(ModelHubMixin, library_name="safeft", tags=["safeft", "safe
                                       force_download=force_download, local_files_only=local_files_only,
                                       allow_patterns=[TENSORS_FILE, METADATA_FILE, MANIFEST_FILE, "README.md"])
         except Exception as error:  # noqa: BLE001 -- every Hub/transport failure is the user's setting or network
-            if not _is_hub_error(error):
+            if not is_hub_error(error):
                 raise
-            raise UserError(f"cannot fetch subspace {name!r} from the Hub ({_hub_problem(error)}); if it is a local "
+            raise UserError(f"cannot fetch subspace {name!r} from the Hub ({hub_problem(error)}); if it is a local "
                             "directory, check the path") from None
         return cls.load(local, model=model)
 
@@ -247,9 +231,9 @@ class SafetySubspace(ModelHubMixin, library_name="safeft", tags=["safeft", "safe
             return super().push_to_hub(repo_id, private=private, token=token, commit_message=commit_message,
                                        model_card_kwargs=card, **kwargs)
         except Exception as error:  # noqa: BLE001 -- every Hub/transport failure is the user's setting or network
-            if not _is_hub_error(error):
+            if not is_hub_error(error):
                 raise
-            raise UserError(f"cannot push to {repo_id!r} ({_hub_problem(error)}); check the network and your token "
+            raise UserError(f"cannot push to {repo_id!r} ({hub_problem(error)}); check the network and your token "
                             "(hf auth login)") from None
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
@@ -269,14 +253,7 @@ class SafetySubspace(ModelHubMixin, library_name="safeft", tags=["safeft", "safe
         save_file(tensors, str(path / TENSORS_FILE), metadata={"format": FORMAT})
         metadata = {**self.metadata, "integrity": MANIFEST_FILE}  # a file with this key is refused without it
         (path / METADATA_FILE).write_text(json.dumps(metadata, indent=2, ensure_ascii=False) + "\n")
-        manifest = {"format": MANIFEST_FORMAT,
-                    "files": {name: {"sha256": _file_sha256(path / name), "bytes": (path / name).stat().st_size}
-                              for name in (TENSORS_FILE, METADATA_FILE)},
-                    "targets": {name: {"shape": list(metadata["model"]["targets"][name]), "rank": b.rank}
-                                for name, b in self.bases.items()},
-                    "num_targets": len(self.bases), "num_samples": metadata.get("num_samples"),
-                    "samples_sha256": metadata.get("samples_sha256")}
-        (path / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")  # last: it vouches for the rest
+        files.write_manifest(path, metadata, {name: b.rank for name, b in self.bases.items()})
         return path
 
     @classmethod
@@ -287,12 +264,12 @@ class SafetySubspace(ModelHubMixin, library_name="safeft", tags=["safeft", "safe
         Raises ``UserError`` naming the file and "re-estimate" for anything edited, damaged or missing.
         """
         path = Path(path)
-        metadata = _read_json(path / METADATA_FILE, path)
-        manifest = _read_manifest(path, metadata)
-        _check_metadata(path, metadata)
+        metadata = files.read_json(path / METADATA_FILE, path)
+        manifest = files.read_manifest(path, metadata)
+        files.check_metadata(path, metadata)
         if manifest is not None:
-            _check_file_hash(path, METADATA_FILE, manifest)
-            _check_against_manifest(path, metadata, manifest)
+            files.check_file_hash(path, METADATA_FILE, manifest)
+            files.check_against_manifest(path, metadata, manifest)
         return metadata
 
     @classmethod
@@ -311,15 +288,15 @@ class SafetySubspace(ModelHubMixin, library_name="safeft", tags=["safeft", "safe
                                     f"{TENSORS_FILE} and {METADATA_FILE})")
         if not (path / TENSORS_FILE).exists() or not (path / METADATA_FILE).exists():
             raise FileNotFoundError(f"{path} is not a saved subspace: expected {TENSORS_FILE} and {METADATA_FILE}")
-        metadata = _read_json(path / METADATA_FILE, path)
+        metadata = files.read_json(path / METADATA_FILE, path)
         try:
             tensors = load_file(str(path / TENSORS_FILE))
         except (SafetensorError, OSError) as error:
             raise UserError(f"{path / TENSORS_FILE}: cannot read the subspace ({type(error).__name__}: "
                             f"{str(error).splitlines()[0] if str(error) else ''}); the file is truncated or "
                             f"corrupt: {FIX}") from None
-        manifest = _read_manifest(path, metadata)
-        _check_metadata(path, metadata)
+        manifest = files.read_manifest(path, metadata)
+        files.check_metadata(path, metadata)
         bases = {}
         for name, (m, n) in metadata["model"]["targets"].items():
             U, S, V = (tensors.get(f"{name}.{k}") for k in "USV")
@@ -327,7 +304,7 @@ class SafetySubspace(ModelHubMixin, library_name="safeft", tags=["safeft", "safe
             if U is None or S is None or V is None or U.shape != (m, r) or S.shape != (r,) or V.shape != (n, r):
                 raise UserError(f"{path}: tensors of target {name!r} are missing or do not match its metadata "
                                 f"({m}x{n}, rank {r}); the file is corrupt or was edited: {FIX}")
-            problem = _basis_problem(U, S, V)
+            problem = files.basis_problem(U, S, V)
             if problem:
                 raise UserError(f"{path}: the basis of {name!r} {problem}; the file is corrupt or was edited: {FIX}")
             bases[name] = Basis(U, S, V)
@@ -337,9 +314,9 @@ class SafetySubspace(ModelHubMixin, library_name="safeft", tags=["safeft", "safe
                             f"not in the metadata ({', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}); it was "
                             f"edited: {FIX}")
         if manifest is not None:
-            _check_against_manifest(path, metadata, manifest)
+            files.check_against_manifest(path, metadata, manifest)
             for name in (METADATA_FILE, TENSORS_FILE):
-                _check_file_hash(path, name, manifest)
+                files.check_file_hash(path, name, manifest)
         subspace = cls(bases, {k: v for k, v in metadata.items() if k != "integrity"})
         if model is not None:
             subspace.check_model(model, warn_other_weights=True)
@@ -379,150 +356,3 @@ class SafetySubspace(ModelHubMixin, library_name="safeft", tags=["safeft", "safe
                           "safety gradient: estimate a subspace on this model unless that is what you mean.",
                           stacklevel=3)
         return targets
-
-
-def _is_hub_error(error: Exception) -> bool:
-    """Return True for a failure of the Hub or of the network under it (not a bug of safeft's)."""
-    module = type(error).__module__.split(".")[0]
-    return isinstance(error, OSError) or module.startswith(("huggingface_hub", "httpx", "requests", "urllib3"))
-
-
-def _hub_problem(error: Exception) -> str:
-    from huggingface_hub import constants
-
-    if constants.is_offline_mode():
-        return "offline mode is on: HF_HUB_OFFLINE=1"
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else 'no message'}"
-
-
-def _file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _read_json(file: Path, path: Path) -> dict:
-    """Return the JSON object in ``file`` (part of the subspace in ``path``); ``UserError`` naming it otherwise."""
-    try:
-        value = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} is not a saved subspace: expected {TENSORS_FILE} and {METADATA_FILE}"
-                                ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as error:
-        raise UserError(f"{file}: cannot read the subspace ({type(error).__name__}: "
-                        f"{str(error).splitlines()[0] if str(error) else ''}); the file is truncated or corrupt: "
-                        f"{FIX}") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{file}: cannot read the subspace (not a JSON object); the file is corrupt: {FIX}")
-    return value
-
-
-def _read_manifest(path: Path, metadata: dict) -> dict | None:
-    """Return the manifest of the subspace in ``path``, or None (with a warning) for one saved before manifests."""
-    file = path / MANIFEST_FILE
-    if not file.exists():
-        if metadata.get("integrity"):
-            raise UserError(f"{file} is missing: the subspace was saved with a manifest, so the directory is "
-                            f"incomplete (an interrupted save or a partial copy): {FIX}")
-        import warnings
-
-        warnings.warn(f"{path} has no {MANIFEST_FILE} (saved by safeft {metadata.get('safeft_version')}, before "
-                      "subspaces carried one): it is checked for consistency only, not against edits. Save it again "
-                      "(SafetySubspace.load(path).save(path, overwrite=True)) to add one, or re-estimate it.",
-                      stacklevel=3)
-        return None
-    manifest = _read_json(file, path)
-    if manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("files"), dict) or \
-            not isinstance(manifest.get("targets"), dict):
-        raise UserError(f"{file}: not a subspace manifest of format {MANIFEST_FORMAT!r}; it was edited or damaged: "
-                        f"{FIX}")
-    return manifest
-
-
-def _check_metadata(path: Path, metadata: dict) -> None:
-    """Raise ``UserError`` naming ``subspace.json`` if its fields are missing or disagree with each other."""
-    file = path / METADATA_FILE
-
-    def refuse(problem: str) -> None:
-        raise UserError(f"{file}: {problem}; the file was edited or damaged: {FIX}")
-
-    if metadata.get("format") != FORMAT:
-        raise UserError(f"{file}: unknown subspace format {metadata.get('format')!r}, expected {FORMAT!r}")
-    missing = [key for key in _REQUIRED_KEYS if key not in metadata]
-    if missing:
-        refuse(f"missing key(s) {', '.join(missing)}")
-    model, ranks, samples = metadata["model"], metadata["ranks"], metadata["samples"]
-    if not isinstance(model, dict) or not isinstance(model.get("targets"), dict) or "fingerprint" not in model:
-        refuse("'model' must hold 'targets' (name -> shape) and 'fingerprint'")
-    targets = model["targets"]
-    if not targets:
-        refuse("the target list is empty (a subspace guards at least one matrix)")
-    if not isinstance(ranks, dict) or set(ranks) != set(targets):
-        diff = sorted(set(targets) ^ set(ranks if isinstance(ranks, dict) else {}))
-        refuse(f"'ranks' and 'model.targets' name different targets ({', '.join(diff[:5])})")
-    for name, shape in targets.items():
-        if not (isinstance(shape, list) and len(shape) == 2 and all(type(d) is int and d > 0 for d in shape)):
-            refuse(f"target {name!r} has shape {shape!r}, not [rows, columns]")
-        if type(ranks[name]) is not int or not 0 <= ranks[name] <= min(shape):
-            refuse(f"target {name!r} has rank {ranks[name]!r}, not an integer in [0, {min(shape)}]")
-    if not isinstance(samples, list) or type(metadata["num_samples"]) is not int or \
-            metadata["num_samples"] != len(samples):
-        refuse(f"num_samples is {metadata['num_samples']!r} but {len(samples) if isinstance(samples, list) else 0} "
-               "sample(s) are stored")
-    try:
-        sample_objects = [SafetySample(**x) for x in samples]
-    except TypeError:
-        refuse("the stored samples are not {prompt, refusal[, compliance]} objects")
-    if samples_sha256(sample_objects) != metadata["samples_sha256"]:
-        raise UserError(f"{file}: the safety samples do not match their recorded hash (edited after estimation?); "
-                        f"{FIX}")
-    policy = metadata["rank_policy"]
-    if not isinstance(policy, dict):
-        refuse("'rank_policy' is not a mapping")
-    patterns = policy.get("target_modules")
-    if patterns is not None and (not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns)):
-        refuse(f"rank_policy.target_modules is {patterns!r}, not a list of names or patterns")
-    stray = [name for name in targets if not matches(name, patterns)]
-    if stray:
-        refuse(f"{len(stray)} target(s) are not matched by rank_policy.target_modules {patterns!r} "
-               f"({', '.join(stray[:3])}{' ...' if len(stray) > 3 else ''})")
-    recorded = metadata.get("spf_config")
-    if isinstance(recorded, dict):
-        differ = [key for key, value in policy.items() if key in recorded and recorded[key] != value]
-        if differ:
-            refuse(f"rank_policy and spf_config disagree on {', '.join(differ)}")
-
-
-def _check_file_hash(path: Path, name: str, manifest: dict) -> None:
-    entry = manifest["files"].get(name)
-    if not isinstance(entry, dict) or _file_sha256(path / name) != entry.get("sha256"):
-        raise UserError(f"{path / name} differs from what was saved (its sha256 does not match {MANIFEST_FILE}): "
-                        f"it was edited or damaged after saving; {FIX}")
-
-
-def _check_against_manifest(path: Path, metadata: dict, manifest: dict) -> None:
-    """Raise ``UserError`` if the metadata's targets, shapes, ranks or counts are not the manifest's."""
-    saved = {name: (tuple(t.get("shape", ())), t.get("rank")) for name, t in manifest["targets"].items()}
-    now = {name: (tuple(shape), metadata["ranks"][name]) for name, shape in metadata["model"]["targets"].items()}
-    if saved != now or manifest.get("num_targets") != len(now):
-        diff = sorted(set(saved) ^ set(now)) or sorted(n for n in now if saved.get(n) != now[n])
-        raise UserError(f"{path / METADATA_FILE}: its targets are not the {len(saved)} saved in {MANIFEST_FILE} "
-                        f"(they differ at {', '.join(diff[:5])}{' ...' if len(diff) > 5 else ''}); it was edited "
-                        f"after saving: {FIX}")
-    for key in ("num_samples", "samples_sha256"):
-        if manifest.get(key) != metadata.get(key):
-            raise UserError(f"{path / METADATA_FILE}: {key} is {metadata.get(key)!r}, {MANIFEST_FILE} recorded "
-                            f"{manifest.get(key)!r} at saving; it was edited after saving: {FIX}")
-
-
-def _basis_problem(U: Tensor, S: Tensor, V: Tensor, tol: float = 1e-3) -> str | None:
-    """Return what is wrong with a stored basis (non-finite, negative S, columns not orthonormal), or None."""
-    if not all(torch.isfinite(t).all() for t in (U, S, V)):
-        return "holds NaN or inf"
-    if (S < 0).any():
-        return "has negative singular values"
-    for label, X in (("U", U), ("V", V)):
-        gram = X.float().T @ X.float()
-        if gram.numel() and (gram - torch.eye(gram.shape[0])).abs().max() > tol:
-            return f"has {label} columns that are not orthonormal"
-    return None
