@@ -13,7 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 from safeft.chat import collate, encode_chat
-from safeft.testing import SAFETY_PAIRS, byte_tokenizer, tiny_llama
+from safeft.testing import SAFETY_PAIRS, byte_tokenizer, save_tiny_model, tiny_llama
 
 BENIGN_PAIRS = [
     ("Summarise: the cat sat on the mat.", "A cat sat on a mat."),
@@ -71,8 +71,7 @@ def model():
 def tiny_dir(tmp_path_factory):
     """A tiny random Llama and its byte tokenizer saved as a model directory (what the CLI and recipes load)."""
     path = tmp_path_factory.mktemp("tiny")
-    tiny_llama(seed=0).save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
+    save_tiny_model(path, seed=0)
     return path
 
 
@@ -80,8 +79,7 @@ def tiny_dir(tmp_path_factory):
 def base_dir(tmp_path_factory):
     """Another tiny random Llama of the same shapes: the "unaligned" model ``tiny_dir`` stands for the alignment of."""
     path = tmp_path_factory.mktemp("tiny_base")
-    tiny_llama(seed=1).save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
+    save_tiny_model(path, seed=1)
     return path
 
 

@@ -450,12 +450,11 @@ def _tiny_model_dir(cache: str | None) -> Path:
 
 def _write_tiny_model(path: Path) -> None:
     """Write safeft.testing's tiny random Llama (byte tokenizer, ChatML template) to ``path`` unless it is there."""
-    from safeft.testing import byte_tokenizer, tiny_llama
+    from safeft.testing import save_tiny_model
 
     if not path.is_dir():
         partial = path.with_name(f"{path.name}.partial-{os.getpid()}")  # renamed when whole: a kill leaves no half
-        tiny_llama(seed=0).save_pretrained(partial)
-        byte_tokenizer().save_pretrained(partial)
+        save_tiny_model(partial)
         os.replace(partial, path)
 
 

@@ -44,3 +44,10 @@ def tiny_llama(seed: int = 0, hidden: int = 32, layers: int = 2, vocab: int = 26
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          tie_word_embeddings=False, pad_token_id=258, eos_token_id=257, bos_token_id=None)
     return LlamaForCausalLM(config)
+
+
+def save_tiny_model(path, seed: int = 0) -> None:
+    """Write :func:`tiny_llama` (``seed``) and :func:`byte_tokenizer` to the directory ``path``: a model directory
+    the CLI and the recipes load like any other."""
+    tiny_llama(seed=seed).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)

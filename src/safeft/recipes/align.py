@@ -127,20 +127,15 @@ def ensure_aligned(model_name: str, config: AlignConfig, cache: Path, method=Non
     (``chat_template``: a template file for a tokenizer without one; the aligned model's tokenizer keeps it)."""
     target = aligned_model_dir(model_name, config, cache, method)
     if (target / "align.json").exists():
-        problems = aligned_problems(target)
+        try:
+            report = json.loads((target / "align.json").read_text())
+        except (ValueError, UnicodeDecodeError) as error:
+            problems = [f"align.json is not valid JSON: {error}"]
+        else:  # a cache written before aligned models had a manifest has nothing more to check
+            problems = check_checkpoint(target) if (target / MANIFEST).exists() else []
         if not problems:
-            return target, json.loads((target / "align.json").read_text()), True
+            return target, report, True
         print(f"safeft: the cached aligned model {target} is damaged ({'; '.join(problems)}); aligning again",
               flush=True)
     return target, align(model_name, target, config, cache, method, chat_template=chat_template,
                          overwrite=target.exists()), False
-
-
-def aligned_problems(folder: Path) -> list[str]:
-    """Return what is wrong with a cached aligned model: ``align.json`` unreadable, or a file that differs from its
-    manifest (none to check in a cache written before aligned models had one); empty if it is intact."""
-    try:
-        json.loads((folder / "align.json").read_text())
-    except (ValueError, UnicodeDecodeError) as error:
-        return [f"align.json is not valid JSON: {error}"]
-    return check_checkpoint(folder) if (folder / MANIFEST).exists() else []

@@ -144,23 +144,22 @@ def bench(config: BenchConfig, *, command: str | None = None) -> dict:
     todo = [p for p in plan if not _finished(config, out, *p)]
     print(f"bench: {len(plan)} runs, {len(plan) - len(todo)} already finished, {len(todo)} to run -> {out}")
     with locked(out):  # a second bench on the same directory would run the same grid twice
+        for setting, method in {(s.name, json.dumps(m.alignment_key(), sort_keys=True)): (s, m)
+                                for s, _, _, m in plan}.values():  # the aligned rows the summary reads
+            row = aligned_row_path(config, aligned_model_dir(config.model, config.align, cache, method), setting, out)
+            if not _valid_row(row):  # missing, or damaged (said so): evaluated (again)
+                aligned_dir, report, _ = ensure_aligned(config.model, config.align, cache, method,
+                                                        chat_template=config.chat_template)
+                _evaluate_aligned(config, aligned_dir, report, setting, row)
         for setting, seed, label, method in progress(todo, desc="bench runs"):
-            aligned_dir, report, _ = ensure_aligned(config.model, config.align, cache, method,
-                                                    chat_template=config.chat_template)  # cached after the first
-            _evaluate_aligned(config, aligned_dir, report, setting, out)
+            aligned_dir, _, _ = ensure_aligned(config.model, config.align, cache, method,
+                                               chat_template=config.chat_template)  # cached after the first
             path = run_path(out, setting, label, seed)
             run_in_subprocess(config, setting, seed, label, method, aligned_dir, cache, command, path)
             h = json.loads(path.read_text())["headline"]
             tqdm.write(f"{setting.name} seed {seed} | {label}: harmful score {h['harmful_score']:.1f}%, accuracy "
                        f"{'n/a' if h['accuracy'] is None else format(h['accuracy'], '.1f') + '%'}, safety loss "
                        f"{h['safety_loss']:.3f}")
-        for setting, method in {(s.name, json.dumps(m.alignment_key(), sort_keys=True)): (s, m)
-                                for s, _, _, m in plan}.values():  # the aligned rows the summary reads
-            row = aligned_row_path(config, aligned_model_dir(config.model, config.align, cache, method), setting, out)
-            if not _valid_row(row):  # missing or damaged, with no run left to make it again
-                aligned_dir, report, _ = ensure_aligned(config.model, config.align, cache, method,
-                                                        chat_template=config.chat_template)
-                _evaluate_aligned(config, aligned_dir, report, setting, out)
     return summarize(out, config.title, command)
 
 
@@ -344,16 +343,13 @@ def _run_and_write(config, setting, seed, label, method, aligned_dir, cache, com
 
 
 def _evaluate_aligned(config: BenchConfig, aligned_dir: Path, report: dict | None, setting: Setting,
-                      out: Path) -> None:
-    """Evaluate the aligned model on the setting's task once (the reference row); skip if its file exists."""
+                      path: Path) -> None:
+    """Evaluate the aligned model on the setting's task (the reference row) and write it to ``path``."""
     from safeft.evaluate.judges import load_judge
     from safeft.io import write_json
     from safeft.recipes.evaluate import evaluate_dir, headline
     from safeft.recipes.finetune import task_of
 
-    path = aligned_row_path(config, aligned_dir, setting, out)
-    if _valid_row(path, say=True):
-        return
     metrics = evaluate_dir(aligned_dir, task_of(setting), max_new_tokens=config.max_new_tokens,
                            judge=load_judge(config.judge), split=split_of(setting),
                            **_jailbreak_options(config))
@@ -373,17 +369,16 @@ def aligned_row_path(config: BenchConfig, aligned_dir: Path, setting: Setting, o
     return out / "runs" / "aligned" / f"{task}-{slug(aligned_dir.name)}.json"
 
 
-def _valid_row(path: Path, say: bool = False) -> bool:
-    """Return True if the aligned model's row ``path`` exists and validates; a damaged one is reported (with
-    ``say``) and counts as missing."""
+def _valid_row(path: Path) -> bool:
+    """Return True if the aligned model's row ``path`` exists and validates; a damaged one is reported and counts
+    as missing."""
     if not path.exists():
         return False
     try:
         read_run_file(path)
         return True
     except DamagedRunFile as error:
-        if say:
-            print(f"bench: {error.path} is damaged ({error.problems}); evaluating the aligned model again")
+        print(f"bench: {error.path} is damaged ({error.problems}); evaluating the aligned model again")
         return False
 
 
