@@ -346,6 +346,13 @@ def block_eval_time() -> str:
     return _demote(eval_time.markdown(_json("eval_time/eval_time.json")))
 
 
+def block_task_pass_time() -> str:
+    """The task's replies and loss in two passes and in one (task_pass_time/task_pass_time.json)."""
+    import task_pass_time
+
+    return _demote(task_pass_time.markdown(_json("task_pass_time/task_pass_time.json")))
+
+
 def block_checkpoint_cost(*names: str) -> str:
     """The cost of one checkpoint (checkpoint_cost/<name>/checkpoint_cost.json), a table per name, then the
     ``--save-every`` default beside what the first measurement suggests."""
@@ -389,7 +396,7 @@ BLOCKS = {
     "selection": block_selection, "spf-choices": block_spf_choices, "findings": block_findings,
     "ablation": block_ablation, "ablation-runs": block_ablation_runs,
     "module-map": block_module_map, "demo-time": block_demo_time, "checkpoint-cost": block_checkpoint_cost,
-    "eval-time": block_eval_time,
+    "eval-time": block_eval_time, "task-pass-time": block_task_pass_time,
 }
 
 

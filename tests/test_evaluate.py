@@ -75,3 +75,29 @@ def test_safety_loss_is_the_token_weighted_mean_whatever_the_order_and_batching(
     expected = sum(loss for loss, _ in one_by_one) / sum(n for _, n in one_by_one)
     assert safety_loss(model, tokenizer, pairs) == pytest.approx(expected, rel=1e-5)
     assert safety_loss(model, tokenizer, pairs[::-1], batch_size=3) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_task_replies_and_loss_from_one_pass_are_those_of_separate_passes(model, tokenizer, batch_size):
+    import torch
+
+    from safeft.data.examples import ChatExample, SafetySample
+    from safeft.evaluate import generate
+    from safeft.evaluate.generation import answer_and_loss
+    from safeft.losses import safety_loss
+
+    with torch.no_grad():  # sharp attention: a reply then depends on where each cached token sits
+        for name, p in model.named_parameters():
+            if "q_proj" in name or "k_proj" in name:
+                p.mul_(10)
+    pairs = [ChatExample.from_pair(f"Question {i} " * (1 + 5 * i % 7), "Answer, " * (1 + i % 4)) for i in range(7)]
+    chat = ChatExample(({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                        {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Name a colour."},
+                        {"role": "assistant", "content": "Blue."}))
+    examples = [*pairs, chat]
+    expected = generate(model, tokenizer, [e.prompt_messages() for e in examples], max_new_tokens=6, batch_size=16)
+    replies, _ = answer_and_loss(model, tokenizer, examples, max_new_tokens=6, batch_size=batch_size)
+    assert replies == expected and len(set(replies)) > 2  # the replies differ by prompt
+    _, loss = answer_and_loss(model, tokenizer, pairs, max_new_tokens=6, batch_size=batch_size)
+    separate = safety_loss(model, tokenizer, [SafetySample(e.prompt, e.response) for e in pairs], batch_size=1)
+    assert loss == pytest.approx(separate, rel=1e-5)

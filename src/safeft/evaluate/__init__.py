@@ -5,20 +5,15 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from safeft.data.examples import ChatExample, SafetySample
+from safeft.data.examples import SafetySample
 from safeft.data.tasks import Task
 from safeft.errors import UserError
-from safeft.evaluate.generation import generate
+from safeft.evaluate.generation import answer_and_loss, generate
 from safeft.evaluate.judges import COMPLIANCE, OFF_TASK, REFUSAL, Judge, KeywordJudge
 from safeft.evaluate.stats import rate, wilson_interval
 from safeft.losses import safety_loss
 
 __all__ = ["KeywordJudge", "evaluate_model", "generate", "rate", "wilson_interval"]
-
-
-def task_loss(model, tokenizer, examples: Sequence[ChatExample]) -> float:
-    """Return the mean cross-entropy (nats per token) of the reference responses of ``examples``."""
-    return safety_loss(model, tokenizer, [SafetySample(e.prompt, e.response) for e in examples])
 
 
 VERDICT_LETTERS = {REFUSAL: "R", COMPLIANCE: "C", OFF_TASK: "O"}
@@ -42,8 +37,9 @@ def evaluate_model(model, tokenizer, *, harmful_prompts: Sequence[str], benign_p
     score on its test split (None for unscored tasks). ``verdicts`` holds every prompt's verdict (see
     :func:`verdict_string`; the task's as ``1``/``0`` for correct/wrong), so that intervals can resample prompts.
     Generation runs in batches of ``batch_size`` (on the default model's CPU path 48 took 0.7x the time of 16).
-    ``seconds`` says where the time went: each part's wall-clock seconds (generation and judging of the harmful,
-    benign and task prompts, and the safety and task losses).
+    ``seconds`` says where the time went: each part's wall-clock seconds (generation and judging of the harmful and
+    benign prompts, the safety loss, and the task's replies and loss, which share one pass:
+    :func:`~safeft.evaluate.generation.answer_and_loss`).
     """
     judge = judge or KeywordJudge()
     seconds, clock = {}, time.perf_counter()
@@ -87,16 +83,14 @@ def evaluate_model(model, tokenizer, *, harmful_prompts: Sequence[str], benign_p
             kind: rate(sum(v == REFUSAL for k, v in zip(kinds, benign_verdicts) if k == kind), kinds.count(kind))
             for kind in dict.fromkeys(kinds)}
     if task is not None:
-        task_replies = generate(model, tokenizer, [e.prompt_messages() for e in task.test],
-                                max_new_tokens=min(max_new_tokens, task.answer_tokens or max_new_tokens),
-                                batch_size=batch_size, desc=f"{task.name} test")
+        task_replies, result["task_loss"] = answer_and_loss(
+            model, tokenizer, task.test, max_new_tokens=min(max_new_tokens, task.answer_tokens or max_new_tokens),
+            batch_size=batch_size, desc=f"{task.name} test")
         if task.score is not None:
             correct = [bool(task.score(r, e)) for r, e in zip(task_replies, task.test, strict=True)]
             result["accuracy"] = rate(sum(correct), len(correct))
             result["verdicts"]["task"] = "".join("1" if c else "0" for c in correct)
         lap("task")
-        result["task_loss"] = task_loss(model, tokenizer, task.test)
-        lap("task_loss")
         result["samples"]["task"] = [{"prompt": e.prompt, "response": r, "answer": e.answer}
                                      for e, r in list(zip(task.test, task_replies))[:keep_samples]]
     return result
