@@ -43,14 +43,16 @@ def loss_in_given_order(model, tokenizer, samples, batch_size: int = 8) -> float
     return total / max(count, 1)
 
 
-def timed(function, *args) -> tuple[float, float]:
+def timed(function, *args):
+    """Return the wall-clock seconds of ``function(*args)`` and its value."""
     start = time.perf_counter()
     value = function(*args)
     return time.perf_counter() - start, value
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def task_timing_parser(description: str) -> argparse.ArgumentParser:
+    """Return the arguments an evaluation timing takes: the model, the task's data, repeats and where to write."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", default="default")
     parser.add_argument("--task", default="agnews")
     parser.add_argument("--task-train")
@@ -58,13 +60,31 @@ def main() -> None:
     parser.add_argument("--max-test", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", required=True)
-    args = parser.parse_args()
+    return parser
 
+
+def model_and_task(args):
+    """Return the loaded model, its tokenizer and the task that ``args`` (from :func:`task_timing_parser`) name."""
     from safeft.models import load_model
 
     model, tokenizer = load_model(args.model)
     task = task_of(DataConfig(task=args.task, task_train=args.task_train, task_test=args.task_test,
                               max_test=args.max_test))
+    return model, tokenizer, task
+
+
+def write_result(out: str, stem: str, result: dict, markdown) -> None:
+    """Write ``result`` as ``OUT/STEM.json`` and its ``markdown(result)`` as ``OUT/STEM.md``, and print the table."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (folder / f"{stem}.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+def main() -> None:
+    args = task_timing_parser(__doc__.splitlines()[0]).parse_args()
+    model, tokenizer, task = model_and_task(args)
     parts = {"safety_loss": [SafetySample(p, builtin.refusal_for(p)) for _, p in builtin.harmful_requests("eval")],
              "task_loss": [SafetySample(e.prompt, e.response) for e in task.test]}
     result = {"command": "python benchmarks/eval_time.py " + shlex.join(sys.argv[1:]), "model": args.model,
@@ -82,11 +102,7 @@ def main() -> None:
                                  "after_seconds": statistics.median(after),
                                  "ratio": statistics.median(a / b for a, b in zip(after, before)),
                                  "same_loss": losses == {True}}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval_time.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "eval_time.md").write_text(markdown(result))
-    print(markdown(result))
+    write_result(args.out, "eval_time", result, markdown)
 
 
 def markdown(result: dict) -> str:

@@ -13,20 +13,15 @@ same loss. Writes ``task_pass_time.json`` and ``task_pass_time.md`` under ``--ou
 
 from __future__ import annotations
 
-import argparse
-import json
 import shlex
 import statistics
 import sys
-import time
-from pathlib import Path
 
-from safeft.config import DataConfig
+from eval_time import model_and_task, task_timing_parser, timed, write_result
 from safeft.data.examples import SafetySample
 from safeft.evaluate.generation import answer_and_loss, generate
 from safeft.losses import safety_loss
 from safeft.recipes.bench import machine_info
-from safeft.recipes.finetune import task_of
 
 BATCH_SIZE = 48  # evaluate_model's
 
@@ -43,31 +38,17 @@ def one_pass(model, tokenizer, task, max_new_tokens: int) -> tuple[list[str], fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="default")
-    parser.add_argument("--task", default="agnews")
-    parser.add_argument("--task-train")
-    parser.add_argument("--task-test")
-    parser.add_argument("--max-test", type=int, default=300)
+    parser = task_timing_parser(__doc__.splitlines()[0])
     parser.add_argument("--max-new-tokens", type=int, default=64, help="the evaluation's (a task may cap it)")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--out", required=True)
     args = parser.parse_args()
-
-    from safeft.models import load_model
-
-    model, tokenizer = load_model(args.model)
-    task = task_of(DataConfig(task=args.task, task_train=args.task_train, task_test=args.task_test,
-                              max_test=args.max_test))
+    model, tokenizer, task = model_and_task(args)
     tokens = min(args.max_new_tokens, task.answer_tokens or args.max_new_tokens)
     before, after, checks = [], [], []
     for _ in range(args.repeats):  # alternating, so that a busy moment of the machine hits both
-        start = time.perf_counter()
-        replies, loss = separate_passes(model, tokenizer, task, tokens)
-        before.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        replies_now, loss_now = one_pass(model, tokenizer, task, tokens)
-        after.append(time.perf_counter() - start)
+        seconds, (replies, loss) = timed(separate_passes, model, tokenizer, task, tokens)
+        before.append(seconds)
+        seconds, (replies_now, loss_now) = timed(one_pass, model, tokenizer, task, tokens)
+        after.append(seconds)
         checks.append({"replies_differing": sum(a != b for a, b in zip(replies, replies_now, strict=True)),
                        "loss_before": loss, "loss_after": loss_now})
         print(f"two passes {before[-1]:.1f} s, one pass {after[-1]:.1f} s, {checks[-1]}", flush=True)
@@ -76,11 +57,7 @@ def main() -> None:
               **machine_info(), "before_seconds": statistics.median(before),
               "after_seconds": statistics.median(after),
               "ratio": statistics.median(a / b for a, b in zip(after, before)), "checks": checks}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "task_pass_time.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "task_pass_time.md").write_text(markdown(result))
-    print(markdown(result))
+    write_result(args.out, "task_pass_time", result, markdown)
 
 
 def markdown(result: dict) -> str:
