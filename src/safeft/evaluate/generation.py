@@ -9,6 +9,7 @@ import torch
 from safeft.chat import IGNORE_INDEX, encode_messages, pad_id, require_chat_template, response_token_loss_sum
 from safeft.data.examples import ChatExample
 from safeft.errors import UserError
+from safeft.losses import eval_without_param_grads
 from safeft.progress import progress
 
 
@@ -16,10 +17,15 @@ def generate(model, tokenizer, conversations: Sequence[list[dict]], *, max_new_t
              batch_size: int = 16, desc: str = "generating") -> list[str]:
     """Return the model's greedy reply to each conversation (a list of messages ending in a user turn)."""
     require_chat_template(tokenizer)
-    encoded = [list(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=True)["input_ids"]) for c in conversations]
+    encoded = [prompt_ids(tokenizer, c) for c in conversations]
     return generate_from_ids(model, tokenizer, encoded, max_new_tokens=max_new_tokens, batch_size=batch_size,
                              desc=desc)
+
+
+def prompt_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
+    """Return the token ids of ``messages`` under the chat template, ending in the generation prompt."""
+    return list(tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True,
+                                              return_dict=True)["input_ids"])
 
 
 @torch.no_grad()
@@ -68,21 +74,18 @@ def answer_and_loss(model, tokenizer, examples: Sequence[ChatExample], *, max_ne
     pad = pad_id(tokenizer)
     prompts, replies_ids = [], []
     for example in examples:
-        prompt = list(tokenizer.apply_chat_template(example.prompt_messages(), add_generation_prompt=True,
-                                                    tokenize=True, return_dict=True)["input_ids"])
+        prompt = prompt_ids(tokenizer, example.prompt_messages())
         whole = encode_messages(tokenizer, list(example.messages))
         if whole.input_ids[:len(prompt)] != prompt:
             raise UserError("the chat template does not render the prompt as a prefix of the exchange, so the "
                              "reference reply cannot be scored after it; use a ChatML-style --chat-template")
         prompts.append(prompt)
         replies_ids.append(whole.input_ids[len(prompt):])
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     order = sorted(range(len(examples)), key=lambda i: -len(prompts[i]))
     replies: list[str] = [""] * len(examples)
     total, count = 0.0, 0
-    try:
+    with eval_without_param_grads(model):
         for start in progress(range(0, len(order), batch_size), desc=desc, leave=False):
             index = order[start:start + batch_size]
             length = max(len(prompts[i]) for i in index)  # L: every prompt ends at position L - 1
@@ -109,6 +112,4 @@ def answer_and_loss(model, tokenizer, examples: Sequence[ChatExample], *, max_ne
                                        pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
             for row, i in enumerate(index):
                 replies[i] = tokenizer.decode(generated[row, length:], skip_special_tokens=True).strip()
-    finally:
-        model.train(was_training)
     return replies, total / max(count, 1)
