@@ -17,7 +17,7 @@ from pathlib import Path
 from safeft.errors import UserError
 from safeft.io import write_json
 from safeft.recipes.bench import read_runs
-from safeft.recipes.selection import FACTOR_RULE, choose_factor
+from safeft.recipes.selection import FACTOR_RULE, LEARNING_RATE_RULE, choose_factor, pool_learning_rates
 from safeft.report import verdict_markdown
 from safeft.rules import WIN_RULE
 
@@ -37,18 +37,22 @@ FACTORS = {
                     lambda r: bool(r["setting"].get("lora_r"))),
     "deep fine-tuning": ("spf", ["spf refresh=50", "spf refresh=50 accumulate", "spf rise=0.02",
                                  "spf rise=0.02 accumulate", "spf+mix 0.05", "spf refresh=25",
-                                 "spf+mix 0.05 refresh=25"],
+                                 "spf+mix 0.05 refresh=25", "spf margin", "spf margin refresh=50",
+                                 "spf samples=64"],
                          lambda r: r["setting"].get("deep", 1.0) > 1.0),
     "task overlap": ("spf", ["spf task=0.5", "spf task=0.2", "spf mode=directional", "spf mode=conflict",
                              "spf+mix 0.05"], full),
     "refusal replay": ("spf", ["spf+mix 0.05", "spf+mix 0.1"], full),
+    "learning rate": ("spf", ["spf lr=0.0001", "spf lr=0.0002"], full),  # settings pooled (LEARNING_RATE_RULE)
 }
 
 
 def markdown(result: dict) -> str:
     """Return the choices as markdown: the rule, one line per factor, then each factor's rule-B tables."""
+    sft_rates = ", ".join(f"{name}: {rate or 'the bench rate'}" for name, rate in result["sft_rates"].items())
     lines = ["# SPF's defaults chosen on validation data", "", f"Command: `{result['command']}`", "",
              f"Rule: {FACTOR_RULE}", "", f"Rule B's winner: {WIN_RULE}", "",
+             f"Learning rate: {LEARNING_RATE_RULE} SFT's chosen rate: {sft_rates or 'none yet'}.", "",
              "| factor | today's default | choice | why | candidates not run yet |", "|---|---|---|---|---|"]
     for name, f in result["factors"].items():
         lines.append(f"| {name} | {f['default']} | {f['choice'] or 'pending'} | {f['why']} | "
@@ -70,10 +74,13 @@ def main() -> None:
     if off:
         raise UserError(f"{args.bench}: settings {', '.join(off)} are not on validation data; SPF's defaults are "
                         "chosen on validation settings only")
-    result = {"command": "python " + " ".join(sys.argv), "rule": FACTOR_RULE, "factors": {}}
+    by_rate, sft_rates = pool_learning_rates(runs)
+    result = {"command": "python " + " ".join(sys.argv), "rule": FACTOR_RULE, "learning_rate_rule": LEARNING_RATE_RULE,
+              "sft_rates": sft_rates, "factors": {}}
     for name, (default, options, keep) in FACTORS.items():
-        chosen = choose_factor([r for r in runs if keep(r)], aligned, default, options)
-        not_run = [o for o in options if not any(r["label"] == o and keep(r) for r in runs)]
+        factor_runs = by_rate if name == "learning rate" else runs
+        chosen = choose_factor([r for r in factor_runs if keep(r)], aligned, default, options)
+        not_run = [o for o in options if not any(r["label"] == o and keep(r) for r in factor_runs)]
         result["factors"][name] = {"default": default, "candidates": options, "not_run": not_run, **chosen}
         print(f"{name}: {chosen['choice'] or 'pending'} - {chosen['why']}" + (f" ({len(not_run)} of "
               f"{len(options)} candidates not run yet)" if not_run else ""))

@@ -102,11 +102,12 @@ def _run_value(run: dict, metric: str) -> float:
 
 def block_bench_seeds(name: str, metric: str = "harmful_score", setting: str = "", labels: str = "") -> str:
     """A list, per (setting, method) that ran several seeds, of ``metric`` on each seed (seed order), from the run
-    files; ``setting`` keeps one setting only, ``labels`` (comma-separated) those methods only."""
+    files; ``setting`` and ``labels`` (each comma-separated) keep those settings and methods only."""
     keep = set(labels.split(",")) if labels else None
+    settings = set(setting.split(",")) if setting else None
     groups: dict[tuple[str, str], dict[int, float]] = {}
     for run in bench_data(name)["runs"]:
-        if (not setting or run["setting"]["name"] == setting) and (keep is None or run["label"] in keep):
+        if (settings is None or run["setting"]["name"] in settings) and (keep is None or run["label"] in keep):
             groups.setdefault((run["setting"]["name"], run["label"]), {})[run["seed"]] = _run_value(run, metric)
     lines = [f"- `{s}` `{label}`, seeds {','.join(str(k) for k in sorted(v))}: "
              + " / ".join(f"{v[k]:.{3 if 'loss' in metric else 1}f}" for k in sorted(v))

@@ -187,6 +187,26 @@ def test_bench_config_is_validated():
     assert BenchConfig().run_train_config(Setting(deep=0.001), seed=0).steps == 1  # never 0 (= epochs mode)
 
 
+def test_a_method_entry_may_bring_its_own_learning_rate_where_the_setting_fixes_none():
+    from safeft.recipes.bench import run_identity
+
+    grid = BenchConfig(methods=["sft", "spf learning_rate=2e-4", {"method": "spf", "learning_rate": 1e-4},
+                                {"method": "spf", "label": "spf fast", "learning_rate": "3e-4", "rank": 8}])
+    labels = [label for label, _ in grid.method_entries()]
+    assert labels == ["sft", "spf learning_rate=2e-4", "spf lr=0.0001", "spf fast"]
+    assert grid.method_entries()[3][1].config.rank == 8  # the other keys stay the method's options
+    plain, lora = Setting(harmful_ratio=0.1), Setting(lora_r=8, learning_rate=5e-4)
+    rates = [grid.run_train_config(plain, 0, label).learning_rate for label in labels]
+    assert rates == [grid.train.learning_rate, 2e-4, 1e-4, 3e-4]
+    assert {grid.run_train_config(lora, 0, label).learning_rate for label in labels} == {5e-4}  # the setting's
+    label, method = grid.method_entries()[1]
+    assert run_identity(grid, plain, 0, method, label)["train"]["learning_rate"] == 2e-4
+    assert "learning_rate" not in run_identity(grid, plain, 0, method, label)["method_options"]
+    for bad in ("0", "-1e-4", "fast", "inf"):
+        with pytest.raises(ValueError, match="learning_rate must be a finite number > 0"):
+            BenchConfig(methods=[{"method": "spf", "learning_rate": bad}])
+
+
 SLEEPY_BENCH = """
 import sys, time
 from transformers import TrainerCallback
@@ -406,6 +426,34 @@ def test_a_default_is_replaced_only_by_a_candidate_that_wins_somewhere_and_loses
     chosen = choose_factor(gated, ALIGNED, "spf", ["spf w", "spf x"])  # the default refuses too much; x, w tie
     assert chosen["choice"] == "spf x" and "excluded everywhere" in chosen["why"]
     assert choose_factor(runs, ALIGNED, "spf", ["spf z"])["choice"] is None  # nothing to compare with yet
+
+
+def test_learning_rates_pool_into_one_setting_gated_against_sft_at_its_most_accurate_rate():
+    from safeft.recipes.selection import choose_factor, pool_learning_rates
+
+    def at(rate, label, seed, harmful, accuracy):
+        run = _run("p" + (f"-lr{rate:g}" if rate else ""), label, seed, harmful, accuracy)
+        return {**run, "setting": {**run["setting"], "learning_rate": rate}}
+
+    runs = [r for seed in range(2) for r in (
+        at(None, "sft", seed, 60, 70), at(None, "spf", seed, 5, 60),
+        at(1e-4, "sft", seed, 60, 80 + seed), at(1e-4, "spf", seed, 5, 80),  # SFT's best rate; spf keeps up
+        at(2e-4, "sft", seed, 60, 75), at(2e-4, "spf", seed, 40, 81))]
+    runs.append(at(None, "sft", 2, 60, 95))  # a seed the other rates lack does not choose SFT's rate
+    runs += [at(3e-4, "spf", s, 1, 90) for s in range(2)]  # no SFT at this rate: still a candidate
+    runs.append({**_run("q-lr0.0002", "sft", 0, 60, 70), "setting": {"name": "q-lr0.0002", "learning_rate": 2e-4}})
+    pooled_runs, sft_rates = pool_learning_rates(runs)
+    assert sft_rates == {"p": 1e-4}  # q ran one rate only: left as it is
+    assert {r["setting"]["name"] for r in pooled_runs} == {"p", "q-lr0.0002"}
+    labels = {(r["label"], r["seed"]) for r in pooled_runs if r["setting"]["name"] == "p"}
+    assert {label for label, _ in labels} == {"sft", "spf", "spf lr=0.0001", "spf lr=0.0002", "spf lr=0.0003"}
+    sft = [r for r in pooled_runs if r["setting"]["name"] == "p" and r["label"] == "sft"]
+    assert sorted(r["metrics"]["accuracy"]["rate"] for r in sft) == [80.0, 81.0]
+    chosen = choose_factor(pooled_runs, ALIGNED, "spf", ["spf lr=0.0001", "spf lr=0.0002", "spf lr=0.0003"])
+    assert chosen["choice"] == "spf lr=0.0003"  # at 1e-4 within the gate but less safe; 2e-4 harms; default gated
+    assert chosen["settings"][0]["methods"]["spf"]["status"] == "excluded"
+    with pytest.raises(ValueError, match="no seed that every SFT learning rate ran"):
+        pool_learning_rates([at(None, "sft", 0, 60, 70), at(1e-4, "sft", 1, 60, 70)])
 
 
 @pytest.mark.parametrize("damage", ["cut", "edited", "kind", "empty"])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 import re
@@ -42,7 +43,9 @@ class BenchConfig:
     Args:
         out: the bench directory (run files and summary).
         model: the unaligned base model; it is aligned first (cached), and every run fine-tunes the aligned model.
-        methods: registry names, ``"name key=value ..."`` strings or mappings ``{method, label, <options>}``.
+        methods: registry names, ``"name key=value ..."`` strings or mappings ``{method, label, <options>}``. The
+            key ``learning_rate`` gives that entry its own rate (chosen on validation: a method whose update is
+            projected may need a larger one), used in every setting that does not fix its own.
         settings: threat settings (task, harmful ratio and answers, deep multiplier, LoRA rank).
         seeds: training seeds (data order, harmful mix, LoRA initialisation); every method runs every seed.
         train: the step budget and optimizer settings of every run (a setting's ``deep`` multiplies the steps;
@@ -91,17 +94,49 @@ class BenchConfig:
             raise UserError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
 
     def method_entries(self) -> list:
-        """Return ``[(label, Method)]`` for the configured methods (validated)."""
-        from safeft.methods import method_entry
+        """Return ``[(label, Method)]`` for the configured methods (validated); an entry's own ``learning_rate`` is
+        in its default label and in :meth:`method_rate`, not in the method's options."""
+        return [_entry_and_rate(entry)[0] for entry in self.methods]
 
-        return [method_entry(entry) for entry in self.methods]
+    def method_rate(self, label: str) -> float | None:
+        """Return the learning rate the method entry labelled ``label`` asks for; None: the setting's or bench's."""
+        return next((rate for (found, _), rate in map(_entry_and_rate, self.methods) if found == label), None)
 
-    def run_train_config(self, setting: Setting, seed: int) -> TrainConfig:
-        """Return the training settings of one run: the budget times ``setting.deep``, its LoRA rank and learning
-        rate, the seed."""
+    def run_train_config(self, setting: Setting, seed: int, label: str | None = None) -> TrainConfig:
+        """Return the training settings of one run: the budget times ``setting.deep``, its LoRA rank, the seed, and
+        the learning rate of the setting, else of the method entry ``label``, else the bench's."""
         steps = max(1, round(self.train.steps * setting.deep)) if self.train.steps else 0
+        rate = setting.learning_rate or (self.method_rate(label) if label else None) or self.train.learning_rate
         return replace(self.train, steps=steps, epochs=self.train.epochs * setting.deep, lora_r=setting.lora_r,
-                       seed=seed, learning_rate=setting.learning_rate or self.train.learning_rate)
+                       seed=seed, learning_rate=rate)
+
+
+def _entry_and_rate(entry: str | dict) -> tuple[tuple, float | None]:
+    """Return ``((label, Method), learning_rate or None)`` for one bench method entry (see ``BenchConfig.methods``)."""
+    from safeft.config import parse_pairs
+    from safeft.methods import method_entry
+
+    if isinstance(entry, str):
+        name, _, rest = entry.strip().partition(" ")
+        options = parse_pairs(rest, f"method {name!r}")
+        rate = options.pop("learning_rate", None)
+        if rate is None:
+            return method_entry(entry), None
+        entry = {"method": name, "label": entry.strip(), **options}
+    else:
+        entry = dict(entry)
+        rate = entry.pop("learning_rate", None)
+        if rate is None:
+            return method_entry(entry), None
+    try:
+        rate = float(rate)
+    except (TypeError, ValueError):
+        rate = math.nan
+    if not (rate > 0 and math.isfinite(rate)):
+        raise UserError(f"method entry {entry.get('label') or entry.get('method')!r}: learning_rate must be a finite "
+                        f"number > 0, got {rate}")
+    label, method = method_entry(entry)
+    return (label if "label" in entry else f"{label} lr={rate:g}", method), rate
 
 
 def slug(text: str) -> str:
@@ -163,9 +198,10 @@ def bench(config: BenchConfig, *, command: str | None = None) -> dict:
     return summarize(out, config.title, command)
 
 
-def run_identity(config: BenchConfig, setting: Setting, seed: int, method) -> dict:
-    """Return what decides a run's numbers, as recorded in its run file (a finished run is reused only if equal)."""
-    train_config = config.run_train_config(setting, seed)
+def run_identity(config: BenchConfig, setting: Setting, seed: int, method, label: str | None = None) -> dict:
+    """Return what decides a run's numbers, as recorded in its run file (a finished run is reused only if equal);
+    ``label`` is the method entry's (its own learning rate, if it has one)."""
+    train_config = config.run_train_config(setting, seed, label)
     train = {k: v for k, v in train_config.to_dict().items() if k != "save_every"}
     identity = {"setting": asdict(setting), "method": method.name, "method_options": method.options(train_config),
                 "seed": seed, "model": config.model, "train": train, "judge": config.judge,
@@ -205,7 +241,7 @@ def _finished(config: BenchConfig, out: Path, setting: Setting, seed: int, label
         if problems:
             print(f"bench: the kept model {model} is damaged ({'; '.join(problems)}); running it again")
             return False
-    expected = run_identity(config, setting, seed, method)
+    expected = run_identity(config, setting, seed, method, label)
     fill_defaults(record, expected, {"setting": Setting(), "train": TrainConfig(), "method_options": method.Config()})
     differ = sorted(k for k, v in expected.items() if json.loads(json.dumps(v)) != record.get(k))
     if differ:
@@ -398,7 +434,7 @@ def run_one(config: BenchConfig, setting: Setting, seed: int, label: str, method
     from safeft.recipes.evaluate import evaluate, headline
     from safeft.recipes.finetune import finetune, task_of
 
-    train_config = config.run_train_config(setting, seed)
+    train_config = config.run_train_config(setting, seed, label)
     data = replace(setting.data(), base_model=setting.base_model or config.model)
     scratch = kept_dir(Path(config.out), setting, label, seed)
     shutil.rmtree(scratch, ignore_errors=True)
@@ -415,7 +451,7 @@ def run_one(config: BenchConfig, setting: Setting, seed: int, label: str, method
             scratch.parent.rmdir()  # the models folder, once no run keeps anything there
     monitor = [e for e in log["log_history"] if any(k.startswith("spf/") for k in e)]
     return {
-        "format": RUN_FORMAT, "kind": "run", "label": label, **run_identity(config, setting, seed, method),
+        "format": RUN_FORMAT, "kind": "run", "label": label, **run_identity(config, setting, seed, method, label),
         "aligned_model": str(aligned_dir), "headline": headline(metrics), "metrics": metrics,
         "cost": {"train_seconds": log["seconds"], "prepare_seconds": log["prepare_seconds"], "steps": log["steps"],
                  "step_seconds_median": log["step_seconds_median"], "peak_memory_mb": log["peak_memory_mb"],

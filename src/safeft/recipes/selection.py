@@ -121,6 +121,56 @@ def choose_smallest_subspace(result: dict, reference: str = "spf", tolerance: fl
             "verdicts": verdicts}
 
 
+LEARNING_RATE_RULE = ("Settings that differ only in their learning rate are pooled into one: each run is labelled "
+                      "with its rate (`spf lr=0.0002`; at the bench's own rate the plain label). SFT's rate is the "
+                      "one with the highest mean validation accuracy on the seeds every SFT rate ran (SFT has no "
+                      "safety aim; ties go to the bench's rate), and that SFT is the accuracy reference every "
+                      "defence, at any rate, is gated against.")
+
+
+def pool_learning_rates(runs: list[dict]) -> tuple[list[dict], dict[str, float | None]]:
+    """Return ``(runs, sft_rates)`` by :data:`LEARNING_RATE_RULE`: run records (:func:`read_runs`) with every setting
+    named ``<base>-lr<rate>`` merged into ``<base>`` (where runs at two or more rates share that base), each of its
+    runs labelled ``<label> lr=<rate>``, the SFT runs of other rates than SFT's chosen one dropped and the chosen one
+    labelled ``sft``; ``sft_rates`` maps each pooled base setting to SFT's chosen rate (None: the bench's). A setting
+    named by hand without that suffix is left as it is."""
+    def base(run: dict) -> str:
+        rate = run["setting"].get("learning_rate")
+        return run["setting"]["name"].removesuffix(f"-lr{rate:g}") if rate else run["setting"]["name"]
+
+    rates: dict[str, set] = {}
+    for run in runs:
+        rates.setdefault(base(run), set()).add(run["setting"].get("learning_rate"))
+    pooled_bases = {name for name, found in rates.items() if len(found) > 1}
+    merged = []
+    for run in runs:
+        if base(run) not in pooled_bases:
+            merged.append(run)
+            continue
+        rate = run["setting"].get("learning_rate")
+        label = f"{run['label']} lr={rate:g}" if rate and base(run) != run["setting"]["name"] else run["label"]
+        merged.append({**run, "label": label, "setting": {**run["setting"], "name": base(run)}})
+    sft_rates: dict[str, float | None] = {}
+    for name in sorted(pooled_bases):
+        sft = {}
+        for run in merged:
+            if run["setting"]["name"] == name and run["method"] == "sft":
+                sft.setdefault(run["label"], {})[run["seed"]] = run
+        if not sft:
+            continue
+        seeds = set.intersection(*(set(by_seed) for by_seed in sft.values()))
+        if not seeds:
+            raise UserError(f"{name}: no seed that every SFT learning rate ran; run one to choose SFT's rate")
+
+        accuracy = {label: statistics.mean(by_seed[s]["metrics"]["accuracy"]["rate"] for s in seeds)
+                    for label, by_seed in sft.items()}
+        best = max(sft, key=lambda label: (accuracy[label], label == "sft"))
+        sft_rates[name] = next(iter(sft[best].values()))["setting"].get("learning_rate") if best != "sft" else None
+        merged = [{**r, "label": "sft"} if r["label"] == best and r["setting"]["name"] == name else r
+                  for r in merged if not (r["setting"]["name"] == name and r["label"] in set(sft) - {best})]
+    return merged, sft_rates
+
+
 FACTOR_RULE = ("One factor at a time around today's default: in every validation setting where the default and a "
                "candidate both ran, decide the setting among sft, the default and the factor's candidates by rule B "
                "(decide). A candidate replaces the default only if it wins at least one setting and, in every "
