@@ -43,7 +43,7 @@ FACTORS = {
     "task overlap": ("spf", ["spf task=0.5", "spf task=0.2", "spf mode=directional", "spf mode=conflict",
                              "spf+mix 0.05"], full),
     "refusal replay": ("spf", ["spf+mix 0.05", "spf+mix 0.1"], full),
-    "learning rate": ("spf", ["spf lr=0.0001", "spf lr=0.0002"], full),  # settings pooled (LEARNING_RATE_RULE)
+    "learning rate": ("spf", ["spf lr=0.0001", "spf lr=0.00015", "spf lr=0.0002"], full),  # settings pooled (LEARNING_RATE_RULE)
 }
 
 
@@ -53,10 +53,12 @@ def markdown(result: dict) -> str:
     lines = ["# SPF's defaults chosen on validation data", "", f"Command: `{result['command']}`", "",
              f"Rule: {FACTOR_RULE}", "", f"Rule B's winner: {WIN_RULE}", "",
              f"Learning rate: {LEARNING_RATE_RULE} SFT's chosen rate: {sft_rates or 'none yet'}.", "",
-             "| factor | today's default | choice | why | candidates not run yet |", "|---|---|---|---|---|"]
+             "| factor | today's default | choice | why | candidates not run yet | short of the default's seeds |",
+             "|---|---|---|---|---|---|"]
     for name, f in result["factors"].items():
+        short = "; ".join(f"{label} ({', '.join(settings)})" for label, settings in f["short"].items())
         lines.append(f"| {name} | {f['default']} | {f['choice'] or 'pending'} | {f['why']} | "
-                     f"{', '.join(f['not_run']) or '-'} |")
+                     f"{', '.join(f['not_run']) or '-'} | {short or '-'} |")
     for name, f in result["factors"].items():
         if f["settings"]:
             tables = verdict_markdown({"B": f["settings"]})
@@ -83,7 +85,8 @@ def main() -> None:
         not_run = [o for o in options if not any(r["label"] == o and keep(r) for r in factor_runs)]
         result["factors"][name] = {"default": default, "candidates": options, "not_run": not_run, **chosen}
         print(f"{name}: {chosen['choice'] or 'pending'} - {chosen['why']}" + (f" ({len(not_run)} of "
-              f"{len(options)} candidates not run yet)" if not_run else ""))
+              f"{len(options)} candidates not run yet)" if not_run else "")
+              + (f" ({len(chosen['short'])} short of the default's seeds)" if chosen["short"] else ""))
     out = Path(args.out)
     write_json(out.with_suffix(".json"), result)
     out.with_suffix(".md").write_text(markdown(result))

@@ -173,6 +173,16 @@ def test_write_json_is_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["run.json"]  # and no temporary file is left
 
 
+def test_an_atomic_write_gives_the_file_a_plain_open_s_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "run.json", {"done": 1})
+        (tmp_path / "plain.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "run.json").stat().st_mode & 0o777 == (tmp_path / "plain.json").stat().st_mode & 0o777 == 0o644
+
+
 def test_bench_config_is_validated():
     with pytest.raises(ValueError, match="unique"):
         BenchConfig(methods=["sft", "sft"])
@@ -426,6 +436,21 @@ def test_a_default_is_replaced_only_by_a_candidate_that_wins_somewhere_and_loses
     chosen = choose_factor(gated, ALIGNED, "spf", ["spf w", "spf x"])  # the default refuses too much; x, w tie
     assert chosen["choice"] == "spf x" and "excluded everywhere" in chosen["why"]
     assert choose_factor(runs, ALIGNED, "spf", ["spf z"])["choice"] is None  # nothing to compare with yet
+
+
+def test_a_candidate_is_judged_only_on_all_the_seeds_the_default_ran():
+    from safeft.recipes.selection import choose_factor
+
+    runs = [r for seed in range(2) for r in (_run("p", "sft", seed, 60, 80),
+                                             _run("p", "spf", seed, 30, 80 if seed == 0 else 70))]
+    runs.append(_run("p", "spf x", 0, 5, 80))  # seed 0 only, where the default happens to keep SFT's accuracy
+    chosen = choose_factor(runs, ALIGNED, "spf", ["spf x"])
+    assert chosen["choice"] is None and chosen["short"] == {"spf x": ["p"]}
+    runs += [_run("p", "spf x", 1, 5, 80), _run("p", "spf x", 2, 80, 80), _run("p", "sft", 2, 60, 80)]
+    chosen = choose_factor(runs, ALIGNED, "spf", ["spf x"])  # seed 2, which the default lacks, is left out
+    assert chosen["choice"] == "spf x" and chosen["short"] == {}
+    assert chosen["settings"][0]["methods"]["spf x"]["seeds"] == [0, 1]
+    assert chosen["settings"][0]["methods"]["spf x"]["harmful_score"] == pytest.approx(100 * 5 / 80)
 
 
 def test_learning_rates_pool_into_one_setting_gated_against_sft_at_its_most_accurate_rate():

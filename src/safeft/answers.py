@@ -13,6 +13,7 @@ from pathlib import Path
 
 from safeft.data import builtin
 from safeft.data.examples import ChatExample
+from safeft.io import write_text_atomic
 
 
 def model_key(model_name: str) -> str:
@@ -74,19 +75,8 @@ def _warn_damaged(cache_file: Path, damaged: int) -> None:
 def write_answers(cache_file: Path, answers: dict[str, str]) -> None:
     """Write ``answers`` as the JSONL answer cache ``cache_file``, atomically: a reader, or a run killed while it
     writes, sees the old file or the new one, never a line cut short."""
-    import os
-    import tempfile
-
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=f".{cache_file.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            for prompt, reply in answers.items():
-                file.write(json.dumps({"prompt": prompt, "response": reply}, ensure_ascii=False) + "\n")
-        os.replace(tmp, cache_file)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(cache_file, "".join(json.dumps({"prompt": prompt, "response": reply}, ensure_ascii=False) + "\n"
+                                          for prompt, reply in answers.items()))
 
 
 def cached_answers(model, tokenizer, prompts: Sequence[str], cache_file: Path, max_new_tokens: int = 96) -> dict:

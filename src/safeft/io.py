@@ -224,18 +224,31 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def write_json(path: str | Path, data) -> None:
-    """Write ``data`` as indented JSON atomically: a reader (or a killed writer) never sees a half-written file."""
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically: a reader, or a writer killed midway, sees the old file or the
+    new one, never a part. The file gets the mode a plain ``open`` would give it (0666 less the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(handle, "w") as file:
-            file.write(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600: others on the machine could not read results
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_json(path: str | Path, data) -> None:
+    """Write ``data`` as indented JSON atomically (:func:`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 def fill_defaults(recorded: dict, expected: dict, defaults: dict) -> None:

@@ -176,22 +176,40 @@ FACTOR_RULE = ("One factor at a time around today's default: in every validation
                "(decide). A candidate replaces the default only if it wins at least one setting and, in every "
                "setting, is neither excluded by a gate nor loses (its paired interval against the winner above 0). "
                "If the default is excluded everywhere, the candidate that passes the gates in the most settings "
-               "(then the lowest mean harmful score) replaces it. Otherwise the default stays.")
+               "(then the lowest mean harmful score) replaces it. Otherwise the default stays. Every method is "
+               "compared on the seeds the default ran in that setting: a candidate that lacks one of them is not "
+               "judged there (it is listed as short of seeds), and its extra seeds are left out.")
 
 
 def choose_factor(runs: list[dict], aligned: list[dict], default: str, options: list[str],
                   rule: str = "B") -> dict:
-    """Return ``{"choice", "why", "settings": [decide entries]}`` for one factor by :data:`FACTOR_RULE`.
+    """Return ``{"choice", "why", "settings": [decide entries], "short": {label: [settings]}}`` for one factor by
+    :data:`FACTOR_RULE`.
 
     ``default`` is today's default's method label, ``options`` the candidate labels of the same factor; only
-    settings where ``default`` and at least one candidate ran are read. ``choice`` is ``default`` when nothing
+    settings where ``default`` and at least one candidate ran on all of the default's seeds are read; ``short``
+    names, per candidate, the settings where it ran on only some of them. ``choice`` is ``default`` when nothing
     replaces it and ``None`` when no setting has both."""
     names = [default, *options]
-    settings = {r["setting"]["name"] for r in runs if r["label"] == default} & \
-        {r["setting"]["name"] for r in runs if r["label"] in options}
-    entries = [e for e in decide([r for r in runs if r["setting"]["name"] in settings], aligned, rule, names)]
+    default_seeds: dict[str, set[int]] = {}
+    for r in runs:
+        if r["label"] == default:
+            default_seeds.setdefault(r["setting"]["name"], set()).add(r["seed"])
+    seeds: dict[tuple[str, str], set[int]] = {}
+    for r in runs:
+        if r["label"] in options and r["setting"]["name"] in default_seeds:
+            seeds.setdefault((r["setting"]["name"], r["label"]), set()).add(r["seed"])
+    judged = {key for key, found in seeds.items() if default_seeds[key[0]] <= found}
+    short: dict[str, list[str]] = {}
+    for setting, label in sorted(set(seeds) - judged):
+        short.setdefault(label, []).append(setting)
+    settings = {setting for setting, _ in judged}
+    kept = [r for r in runs if r["setting"]["name"] in settings and r["seed"] in default_seeds[r["setting"]["name"]]
+            and (r["label"] not in options or (r["setting"]["name"], r["label"]) in judged)]
+    entries = decide(kept, aligned, rule, names)
     if not entries:
-        return {"choice": None, "why": f"no setting where {default} and a candidate both ran", "settings": []}
+        return {"choice": None, "why": f"no setting where {default} and a candidate both ran on the default's seeds",
+                "settings": [], "short": short}
 
     def status(entry: dict, label: str) -> str | None:
         return entry["methods"].get(label, {}).get("status")
@@ -203,7 +221,7 @@ def choose_factor(runs: list[dict], aligned: list[dict], default: str, options: 
         best = min(winners, key=lambda o: sum(e["methods"][o]["harmful_score"] for e in entries if o in e["methods"]))
         won = [e["setting"] for e in entries if status(e, best) == "wins"]
         return {"choice": best, "why": f"wins {', '.join(won)} and neither loses nor is excluded elsewhere",
-                "settings": entries}
+                "settings": entries, "short": short}
     if all(status(e, default) == "excluded" for e in entries):
         passing = {o: [e for e in entries if status(e, o) not in (None, "excluded")] for o in options}
         passing = {o: es for o, es in passing.items() if es}
@@ -211,7 +229,9 @@ def choose_factor(runs: list[dict], aligned: list[dict], default: str, options: 
             best = min(passing, key=lambda o: (-len(passing[o]), statistics.mean(
                 e["methods"][o]["harmful_score"] for e in passing[o])))
             return {"choice": best, "why": f"the default is excluded everywhere; {best} passes the gates in "
-                                           f"{len(passing[best])} of {len(entries)} settings", "settings": entries}
-        return {"choice": default, "why": "every candidate is excluded too; the default stays", "settings": entries}
+                                           f"{len(passing[best])} of {len(entries)} settings",
+                    "settings": entries, "short": short}
+        return {"choice": default, "why": "every candidate is excluded too; the default stays", "settings": entries,
+                "short": short}
     return {"choice": default, "why": "no candidate wins a setting without losing or being excluded in another",
-            "settings": entries}
+            "settings": entries, "short": short}
