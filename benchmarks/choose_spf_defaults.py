@@ -38,12 +38,13 @@ FACTORS = {
     "deep fine-tuning": ("spf", ["spf refresh=50", "spf refresh=50 accumulate", "spf rise=0.02",
                                  "spf rise=0.02 accumulate", "spf+mix 0.05", "spf refresh=25",
                                  "spf+mix 0.05 refresh=25", "spf margin", "spf margin refresh=50",
-                                 "spf samples=64"],
+                                 "spf samples=64", "spf margin samples=64"],
                          lambda r: r["setting"].get("deep", 1.0) > 1.0),
     "task overlap": ("spf", ["spf task=0.5", "spf task=0.2", "spf mode=directional", "spf mode=conflict",
                              "spf+mix 0.05"], full),
     "refusal replay": ("spf", ["spf+mix 0.05", "spf+mix 0.1"], full),
-    "learning rate": ("spf", ["spf lr=0.0001", "spf lr=0.00015", "spf lr=0.0002"], full),  # settings pooled (LEARNING_RATE_RULE)
+    # settings that differ only in their rate are pooled first (LEARNING_RATE_RULE)
+    "learning rate": ("spf", ["spf lr=0.0001", "spf lr=0.00015", "spf lr=0.0002"], full),
 }
 
 

@@ -84,7 +84,11 @@ class BenchConfig:
             raise UserError("a bench needs at least one method, one setting and one seed")
         if self.train.lora_r or self.train.seed:
             raise UserError("set LoRA per setting (settings: lora_r) and seeds with `seeds`, not lora_r / seed")
-        labels = [label for label, _ in self.method_entries()]
+        resolved = [_entry_and_rate(entry) for entry in self.methods]
+        labels = [label for (label, _), _ in resolved]
+        # resolved here, in the process that built the config: a run's process may lack a method registered at run
+        # time (a plug-in, a test's), and it only needs the rate
+        self._method_rates = {label: rate for (label, _), rate in resolved}
         names = [s.name for s in self.settings]
         for kind, values in (("method label", labels), ("setting name", names)):
             repeated = sorted({v for v in values if [slug(w) for w in values].count(slug(v)) > 1})
@@ -100,7 +104,7 @@ class BenchConfig:
 
     def method_rate(self, label: str) -> float | None:
         """Return the learning rate the method entry labelled ``label`` asks for; None: the setting's or bench's."""
-        return next((rate for (found, _), rate in map(_entry_and_rate, self.methods) if found == label), None)
+        return self._method_rates.get(label)
 
     def run_train_config(self, setting: Setting, seed: int, label: str | None = None) -> TrainConfig:
         """Return the training settings of one run: the budget times ``setting.deep``, its LoRA rank, the seed, and
