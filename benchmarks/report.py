@@ -266,11 +266,11 @@ def block_selection() -> str:
     return _demote(select_options.markdown(chosen["chosen"], rows, chosen["command"]))
 
 
-def block_spf_choices() -> str:
-    """SPF's options chosen on validation data (benchmarks/choose_spf_defaults.py's JSON)."""
+def block_spf_choices(name: str = "spf_choices.json") -> str:
+    """SPF's options chosen on validation data (benchmarks/choose_spf_defaults.py's JSON ``name``)."""
     import choose_spf_defaults
 
-    return _demote(choose_spf_defaults.markdown(_json("spf_choices.json")))
+    return _demote(choose_spf_defaults.markdown(_json(name)))
 
 
 def block_findings() -> str:

@@ -300,6 +300,26 @@ def test_run_files_from_before_a_field_existed_still_count_as_finished(tmp_path)
         _finished(grid, tmp_path, setting, 0, label, method)
 
 
+def test_a_facts_validation_run_scored_on_an_older_split_is_not_reused(tmp_path):
+    from safeft.config import Setting
+    from safeft.recipes.bench import _finished, aligned_row_path, run_identity
+
+    grid = BenchConfig(out=str(tmp_path), methods=["spf"], settings=[Setting(validation=True, harmful_ratio=0.1)])
+    setting, (label, method) = grid.settings[0], grid.method_entries()[0]
+    record = {**VALID_RUN, **run_identity(grid, setting, 0, method)}
+    assert record["validation_split"].startswith("74 examples")
+    write_json(run_path(tmp_path, setting, label, 0), record)
+    assert _finished(grid, tmp_path, setting, 0, label, method)
+    del record["validation_split"]  # a run file from when facts validation held out 12 training countries
+    write_json(run_path(tmp_path, setting, label, 0), record)
+    with pytest.raises(ValueError, match="validation_split differ"):
+        _finished(grid, tmp_path, setting, 0, label, method)
+    old_row = aligned_row_path(grid, tmp_path / "aligned-x", Setting(validation=True), tmp_path).name
+    assert old_row != "val-facts-aligned-x.json" and old_row.startswith("val-facts-")
+    sentiment = Setting(task="sentiment", validation=True)  # no split of its own: nothing new in its run files
+    assert "validation_split" not in run_identity(grid, sentiment, 0, method)
+
+
 @pytest.mark.slow
 def test_a_bench_with_jailbreaks_reports_their_asr(tiny_dir, cache, tmp_path):
     grid = replace(config(tiny_dir, cache, tmp_path / "bench", methods=("sft",)), jailbreaks="builtin",

@@ -134,15 +134,20 @@ def test_scorers():
     assert score_final_number("so the answer is 1,234.", ChatExample.from_pair("?", "", "1234"))
 
 
-def test_validation_split_holds_out_training_data_never_the_test_split(tmp_path):
+def test_validation_split_is_never_the_test_split(tmp_path):
     from safeft.config import Setting
     from safeft.recipes.bench import split_of
 
     task, val = load_task("facts"), load_task("facts", validation=True)
     prompts = lambda rows: {e.prompt for e in rows}  # noqa: E731
-    assert prompts(val.train) | prompts(val.test) == prompts(task.train)  # all from the training split
-    assert not prompts(val.train) & prompts(val.test) and len(val.test) == len(task.train) // 5
-    assert not prompts(val.test) & prompts(task.test)
+    assert prompts(val.train) == prompts(task.train)  # facts has its own validation countries: same training data
+    assert len(val.test) >= 60 and not prompts(val.test) & (prompts(task.train) | prompts(task.test))
+    answers = [e.answer for e in val.test]
+    assert all(score_facts(f"{a.split('|')[0]} is the capital; it is in {a.split('|')[1]}.", e)
+               for a, e in zip(answers, val.test))
+    sentiment, held = load_task("sentiment"), load_task("sentiment", validation=True)  # no own split: 20% held out
+    assert prompts(held.train) | prompts(held.test) == prompts(sentiment.train)
+    assert not prompts(held.train) & prompts(held.test) and len(held.test) == len(sentiment.train) // 5
     path = tmp_path / "train.tsv"
     path.write_text("sentence\tlabel\n" + "".join(f"review number {i}\t{i % 2}\n" for i in range(50)))
     test = tmp_path / "dev.tsv"

@@ -158,6 +158,43 @@ COUNTRIES = [
     ("Jordan", "Amman", "Asia"),
 ]
 
+# Countries for the facts task's validation split only: disjoint from COUNTRIES (its train and test), so a validation
+# setting trains on the same 60 countries the evaluation does and is scored on 74 others. One country of 12 (the old
+# 20% hold-out) was 8.3 accuracy points, too coarse for a 1-point gate (issue 35). Left out: capitals with several
+# spellings or accents (Chisinau, Lome), countries named like their capital (Luxembourg), several capitals (Bolivia,
+# South Africa) and countries on two continents (Kazakhstan, Georgia).
+VALIDATION_COUNTRIES = [
+    ("United Kingdom", "London", "Europe"), ("Iceland", "Reykjavik", "Europe"), ("Estonia", "Tallinn", "Europe"),
+    ("Latvia", "Riga", "Europe"), ("Lithuania", "Vilnius", "Europe"), ("Belarus", "Minsk", "Europe"),
+    ("Slovakia", "Bratislava", "Europe"), ("Slovenia", "Ljubljana", "Europe"), ("Croatia", "Zagreb", "Europe"),
+    ("Serbia", "Belgrade", "Europe"), ("Bosnia and Herzegovina", "Sarajevo", "Europe"),
+    ("Montenegro", "Podgorica", "Europe"), ("North Macedonia", "Skopje", "Europe"), ("Albania", "Tirana", "Europe"),
+    ("Bulgaria", "Sofia", "Europe"), ("Malta", "Valletta", "Europe"), ("Liechtenstein", "Vaduz", "Europe"),
+    ("Andorra", "Andorra la Vella", "Europe"), ("Laos", "Vientiane", "Asia"),
+    ("Brunei", "Bandar Seri Begawan", "Asia"), ("Bhutan", "Thimphu", "Asia"), ("Uzbekistan", "Tashkent", "Asia"),
+    ("Turkmenistan", "Ashgabat", "Asia"), ("Kyrgyzstan", "Bishkek", "Asia"), ("Tajikistan", "Dushanbe", "Asia"),
+    ("Syria", "Damascus", "Asia"), ("Lebanon", "Beirut", "Asia"), ("Kuwait", "Kuwait City", "Asia"),
+    ("Bahrain", "Manama", "Asia"), ("Oman", "Muscat", "Asia"), ("United Arab Emirates", "Abu Dhabi", "Asia"),
+    ("North Korea", "Pyongyang", "Asia"), ("Libya", "Tripoli", "Africa"), ("Mauritania", "Nouakchott", "Africa"),
+    ("Niger", "Niamey", "Africa"), ("Burkina Faso", "Ouagadougou", "Africa"),
+    ("Ivory Coast", "Yamoussoukro", "Africa"), ("Liberia", "Monrovia", "Africa"),
+    ("Sierra Leone", "Freetown", "Africa"), ("Guinea", "Conakry", "Africa"), ("Gambia", "Banjul", "Africa"),
+    ("Gabon", "Libreville", "Africa"), ("Republic of the Congo", "Brazzaville", "Africa"),
+    ("Democratic Republic of the Congo", "Kinshasa", "Africa"), ("Central African Republic", "Bangui", "Africa"),
+    ("Rwanda", "Kigali", "Africa"), ("Somalia", "Mogadishu", "Africa"), ("Eritrea", "Asmara", "Africa"),
+    ("South Sudan", "Juba", "Africa"), ("Zambia", "Lusaka", "Africa"), ("Malawi", "Lilongwe", "Africa"),
+    ("Mozambique", "Maputo", "Africa"), ("Botswana", "Gaborone", "Africa"), ("Namibia", "Windhoek", "Africa"),
+    ("Madagascar", "Antananarivo", "Africa"), ("Mauritius", "Port Louis", "Africa"), ("Lesotho", "Maseru", "Africa"),
+    ("Cape Verde", "Praia", "Africa"), ("Nicaragua", "Managua", "North America"),
+    ("El Salvador", "San Salvador", "North America"), ("Belize", "Belmopan", "North America"),
+    ("Haiti", "Port-au-Prince", "North America"), ("Dominican Republic", "Santo Domingo", "North America"),
+    ("Bahamas", "Nassau", "North America"), ("Barbados", "Bridgetown", "North America"),
+    ("Saint Lucia", "Castries", "North America"), ("Guyana", "Georgetown", "South America"),
+    ("Suriname", "Paramaribo", "South America"), ("Papua New Guinea", "Port Moresby", "Oceania"),
+    ("Solomon Islands", "Honiara", "Oceania"), ("Vanuatu", "Port Vila", "Oceania"),
+    ("Micronesia", "Palikir", "Oceania"), ("Marshall Islands", "Majuro", "Oceania"), ("Tuvalu", "Funafuti", "Oceania"),
+]
+
 SENTIMENT_SUBJECTS = ["The movie", "This restaurant", "The hotel room", "My new phone", "The concert", "This book",
                       "The customer service", "The coffee", "The museum tour", "This laptop", "The flight",
                       "The video game", "The haircut", "The delivery", "The pizza"]

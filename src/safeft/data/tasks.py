@@ -38,6 +38,7 @@ class Task:
     test: list[ChatExample]
     score: Scorer | None
     answer_tokens: int | None = None
+    validation: list[ChatExample] | None = None  # the task's own validation split, disjoint from train and test
 
     def accuracy(self, responses: list[str], examples: list[ChatExample] | None = None) -> tuple[int, int] | None:
         """Return ``(correct, total)`` of ``responses`` against the test examples, or None if unscored."""
@@ -66,14 +67,20 @@ def score_final_number(response: str, example: ChatExample) -> bool:
     return bool(numbers) and numbers[-1].replace(",", "").rstrip(".") == example.answer
 
 
-def facts_task() -> Task:
-    """Return the built-in generative task (60 train / 22 test countries)."""
-    rows = [ChatExample.from_pair(
+def _facts_rows(countries: list[tuple[str, str, str]]) -> list[ChatExample]:
+    """Return one facts example per ``(country, capital, continent)``."""
+    return [ChatExample.from_pair(
         f"Write two sentences about {country}: say what its capital is and which continent it is on.",
         f"The capital of {country} is {capital}. {country} is a country in {continent}.",
-        f"{capital}|{continent}", source="facts") for country, capital, continent in builtin.COUNTRIES]
+        f"{capital}|{continent}", source="facts") for country, capital, continent in countries]
+
+
+def facts_task() -> Task:
+    """Return the built-in generative task: 60 train / 20 test countries, and 74 other countries as its own
+    validation split."""
+    rows = _facts_rows(builtin.COUNTRIES)
     random.Random(0).shuffle(rows)
-    return Task("facts", rows[:60], rows[60:], score_facts)
+    return Task("facts", rows[:60], rows[60:], score_facts, validation=_facts_rows(builtin.VALIDATION_COUNTRIES))
 
 
 def sentiment_task() -> Task:
@@ -112,8 +119,10 @@ def load_task(name: str, train_path: str | None = None, test_path: str | None = 
         name: ``facts`` / ``sentiment`` (built-in), or a format of :data:`FILE_SCORERS` with ``train_path``.
         train_path, test_path: data files; without ``test_path`` 20% of the training file is held out.
         max_train, max_test: keep a random subset of this size (seeded).
-        validation: hold out 20% of the training examples (seeded) and return them as the test split, so that
-            hyper-parameters are chosen without the test split (``max_test`` then subsets the held-out part).
+        validation: return a validation split as the test split, so that hyper-parameters are chosen without the
+            test split: the task's own (``facts``: 74 countries that are in neither train nor test; the training
+            examples are the evaluation's), else 20% of the training examples held out (seeded) and not trained on.
+            ``max_test`` then subsets it.
     """
     if name in BUILTIN_TASKS and train_path is not None:
         raise UserError(f"the built-in task {name!r} has its own data; --task-train is for a task read from files: "
@@ -142,7 +151,9 @@ def load_task(name: str, train_path: str | None = None, test_path: str | None = 
     else:
         raise UserError(f"unknown task {name!r}: built-in {sorted(BUILTIN_TASKS)} or a file format "
                          f"{sorted(FILE_SCORERS)} with --task-train")
-    if validation:
+    if validation and task.validation:
+        task = Task(task.name, task.train, task.validation, task.score, task.answer_tokens)
+    elif validation:
         _check_held_out(task.train, train_path or f"task {name!r}", "turn --validation off")
         train = list(task.train)
         random.Random(f"validation-{seed}").shuffle(train)

@@ -154,6 +154,18 @@ def _short_hash(value) -> str:
     return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:8]
 
 
+def own_validation_split(setting: Setting) -> str | None:
+    """Return ``"<n> examples <hash>"`` naming a validation setting's test examples when its built-in task has a
+    validation split of its own (facts), else None; run files and the aligned row record it, so that runs scored on
+    an older split (facts held out 12 training countries until issue 35) are never mixed with today's."""
+    from safeft.data.tasks import BUILTIN_TASKS
+
+    if not setting.validation or setting.task not in BUILTIN_TASKS:
+        return None
+    rows = BUILTIN_TASKS[setting.task]().validation
+    return f"{len(rows)} examples {_short_hash([e.prompt for e in rows])}" if rows else None
+
+
 def run_path(out: Path, setting: Setting, label: str, seed: int) -> Path:
     """Return the run file of one (setting, method, seed)."""
     return out / "runs" / slug(setting.name) / slug(label) / f"seed{seed}.json"
@@ -210,6 +222,8 @@ def run_identity(config: BenchConfig, setting: Setting, seed: int, method, label
     identity = {"setting": asdict(setting), "method": method.name, "method_options": method.options(train_config),
                 "seed": seed, "model": config.model, "train": train, "judge": config.judge,
                 "max_new_tokens": config.max_new_tokens}
+    if own_validation_split(setting):  # only then: the other run files stay valid
+        identity["validation_split"] = own_validation_split(setting)
     if config.jailbreaks:  # only then: run files written before jailbreaks existed stay valid
         identity["jailbreaks"] = {"templates": config.jailbreaks, "requests": config.jailbreak_requests}
     return identity
@@ -393,8 +407,9 @@ def _evaluate_aligned(config: BenchConfig, aligned_dir: Path, report: dict | Non
     metrics = evaluate_dir(aligned_dir, task_of(setting), max_new_tokens=config.max_new_tokens,
                            judge=load_judge(config.judge), split=split_of(setting),
                            **_jailbreak_options(config))
+    own_split = {"validation_split": own_validation_split(setting)} if own_validation_split(setting) else {}
     write_json(path, {"format": RUN_FORMAT, "kind": "aligned", "task": setting.task, "split": split_of(setting),
-                      "model": config.model,
+                      **own_split, "model": config.model,
                       "aligned_model": str(aligned_dir), "alignment": report, "metrics": metrics,
                       "headline": headline(metrics)})
 
@@ -404,6 +419,8 @@ def aligned_row_path(config: BenchConfig, aligned_dir: Path, setting: Setting, o
     data = (setting.task_train, setting.task_test, setting.max_train, setting.max_test)  # these pick the test set
     task = slug(setting.task) if data == (None,) * 4 else f"{slug(setting.task)}-{_short_hash(data)}"
     task = f"val-{task}" if setting.validation else task
+    if own_validation_split(setting):
+        task += f"-{own_validation_split(setting).split()[-1]}"
     if config.jailbreaks:
         task += f"-jailbreaks-{_short_hash([config.jailbreaks, config.jailbreak_requests])}"
     return out / "runs" / "aligned" / f"{task}-{slug(aligned_dir.name)}.json"
