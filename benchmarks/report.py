@@ -113,7 +113,19 @@ def block_bench_seeds(name: str, metric: str = "harmful_score", setting: str = "
              + " / ".join(f"{v[k]:.{3 if 'loss' in metric else 1}f}" for k in sorted(v))
              for (s, label), v in sorted(groups.items()) if len(v) > 1]
     unit = "" if "loss" in metric else " %"
-    return f"{metric.replace('_', ' ').capitalize()}{unit} per seed:\n\n" + "\n".join(lines) + "\n"
+    return f"{metric.replace('_', ' ').capitalize()}{unit} per seed:\n\n" + ("\n".join(lines) or "- none yet") + "\n"
+
+
+def block_bench_cost_steps(name: str, setting: str = "") -> str:
+    """A list, per SPF-family run (of the comma-separated settings ``setting``, or all), of its estimation and
+    re-estimates in SFT-step units and its training cost against SFT's with them included."""
+    from safeft.report import cost_in_sft_steps_lines
+
+    settings = set(setting.split(",")) if setting else None
+    runs = [r for r in bench_data(name)["runs"] if settings is None or r["setting"]["name"] in settings]
+    lines = cost_in_sft_steps_lines(runs)
+    return ("Cost in SFT steps (seconds / SFT's median step in the same setting and seed, on the same machine; runs "
+            "without such an SFT run are left out):\n\n" + ("\n".join(lines) if lines else "- none yet") + "\n")
 
 
 def block_bench_vs_sft(name: str, setting: str = "") -> str:
@@ -387,7 +399,8 @@ def block_module_map() -> str:
 
 BLOCKS = {
     "bench-setup": block_bench_setup, "bench-table": block_bench_table, "bench-setting": block_bench_setting,
-    "bench-verdicts": block_bench_verdicts, "bench-seeds": block_bench_seeds, "bench-vs-sft": block_bench_vs_sft,
+    "bench-verdicts": block_bench_verdicts, "bench-seeds": block_bench_seeds,
+    "bench-cost-steps": block_bench_cost_steps, "bench-vs-sft": block_bench_vs_sft,
     "bench-monitor": block_bench_monitor, "bench-row": block_bench_row,
     "headline": block_headline, "limits": block_limits,
     "jailbreaks": block_jailbreaks,

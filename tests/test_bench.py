@@ -733,3 +733,23 @@ def test_a_bench_grid_killed_or_damaged_anywhere_ends_with_the_uninterrupted_gri
         if problems:
             failed[point] = problems
     assert not failed, failed
+
+
+def test_spf_cost_in_sft_steps_counts_estimation_and_re_estimates():
+    from safeft.report import cost_in_sft_steps_lines
+
+    machine = {"machine": "cpu x2", "torch": "2.13.0", "threads": 2}
+
+    def run(method, label, step, prepare=0.0, facts=None, seed=0, **other):
+        return {"method": method, "label": label, "seed": seed, "setting": {"name": "deep"}, "method_facts": facts,
+                "cost": {"step_seconds_median": step, "prepare_seconds": prepare, "steps": 100,
+                         **machine, **other}}
+
+    runs = [run("sft", "sft", 2.0), run("spf", "spf refresh=50", 2.2, prepare=4.0,
+                                        facts={"refreshes": [50, 100], "refresh_seconds": 8.0}),
+            run("spf", "spf", 2.2, seed=1), run("lisa", "lisa", 2.0),
+            run("spf", "spf elsewhere", 2.2, machine="another cpu")]
+    lines = cost_in_sft_steps_lines(runs)
+    # 4 s and 8 s at SFT's 2 s a step: 2 and 4 SFT steps; (100 x 1.1 + 6) / 100 = 1.16
+    assert lines == ["- `deep` `spf refresh=50` seed 0: estimation 2.0 SFT steps; 2 re-estimates, 4.0 SFT steps; "
+                     "step 1.10x SFT; over 100 steps, all included, 1.16x"]  # no SFT for seed 1, other machine

@@ -136,6 +136,29 @@ def per_seed_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def cost_in_sft_steps_lines(runs: list[dict]) -> list[str]:
+    """Return one line per SPF-family run (registry name ``spf``, ``spf+...``) with an SFT run in the same setting
+    and seed on the same machine: its subspace estimation and re-estimates (refreshes) in SFT-step units (seconds /
+    SFT's median step), its median step against SFT's, and the whole training against SFT's with those included
+    (``(steps x step ratio + estimation and re-estimates in SFT steps) / steps``). Empty when no run qualifies."""
+    from safeft.recipes.bench import run_ratio_to_sft
+
+    lines = []
+    for r in sorted(runs, key=lambda r: (r["setting"]["name"], r["label"], r["seed"])):
+        ratio = run_ratio_to_sft(runs, r, "step_seconds_median") if r["method"].split("+")[0] == "spf" else None
+        if ratio is None:
+            continue
+        cost, facts = r["cost"], r.get("method_facts") or {}
+        sft_step = cost["step_seconds_median"] / ratio
+        estimate, refresh = cost["prepare_seconds"] / sft_step, facts.get("refresh_seconds", 0.0) / sft_step
+        whole = (cost["steps"] * ratio + estimate + refresh) / cost["steps"]
+        refreshes = len(facts.get("refreshes", []))
+        lines.append(f"- `{r['setting']['name']}` `{r['label']}` seed {r['seed']}: estimation {estimate:.1f} SFT "
+                     f"steps; {refreshes} re-estimate{'s' * (refreshes != 1)}, {refresh:.1f} SFT steps; step "
+                     f"{ratio:.2f}x SFT; over {cost['steps']} steps, all included, {whole:.2f}x")
+    return lines
+
+
 def sample_lines(runs: list[dict]) -> list[str]:
     """Return the first two judged harmful requests of each (setting, method), lowest seed, answers cut at 160
     characters."""
