@@ -49,9 +49,11 @@ FACTORS = {
 
 
 def markdown(result: dict) -> str:
-    """Return the choices as markdown: the rule, one line per factor, then each factor's rule-B tables."""
+    """Return the choices as markdown: the title (the result's ``title``, else SPF's defaults), the rule, one line
+    per factor, then each factor's rule-B tables."""
     sft_rates = ", ".join(f"{name}: {rate or 'the bench rate'}" for name, rate in result["sft_rates"].items())
-    lines = ["# SPF's defaults chosen on validation data", "", f"Command: `{result['command']}`", "",
+    title = result.get("title", "SPF's defaults chosen on validation data")
+    lines = [f"# {title}", "", f"Command: `{result['command']}`", "",
              f"Rule: {FACTOR_RULE}", "", f"Rule B's winner: {WIN_RULE}", "",
              f"Learning rate: {LEARNING_RATE_RULE} SFT's chosen rate: {sft_rates or 'none yet'}.", "",
              "| factor | today's default | choice | why | candidates not run yet | short of the default's seeds |",

@@ -278,8 +278,9 @@ def block_selection() -> str:
     return _demote(select_options.markdown(chosen["chosen"], rows, chosen["command"]))
 
 
-def block_spf_choices(name: str = "spf_choices.json") -> str:
-    """SPF's options chosen on validation data (benchmarks/choose_spf_defaults.py's JSON ``name``)."""
+def block_choices(name: str = "spf_choices.json") -> str:
+    """Options chosen on validation data by the factor rule: the JSON ``name`` that benchmarks/choose_spf_defaults.py
+    (SPF's defaults) or benchmarks/choose_learning_rates.py (every method's rate) wrote."""
     import choose_spf_defaults
 
     return _demote(choose_spf_defaults.markdown(_json(name)))
@@ -407,7 +408,7 @@ BLOCKS = {
     "overhead": block_overhead, "distributed": block_distributed, "cost-curve": block_cost_curve,
     "estimation-sums": block_estimation_sums, "estimation-accuracy": block_estimation_accuracy,
     "bf16-check": block_bf16_check, "batched-check": block_batched_check,
-    "selection": block_selection, "spf-choices": block_spf_choices, "findings": block_findings,
+    "selection": block_selection, "choices": block_choices, "findings": block_findings,
     "ablation": block_ablation, "ablation-runs": block_ablation_runs,
     "module-map": block_module_map, "demo-time": block_demo_time, "checkpoint-cost": block_checkpoint_cost,
     "eval-time": block_eval_time, "task-pass-time": block_task_pass_time,

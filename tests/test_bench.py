@@ -501,6 +501,25 @@ def test_learning_rates_pool_into_one_setting_gated_against_sft_at_its_most_accu
         pool_learning_rates([at(None, "sft", 0, 60, 70), at(1e-4, "sft", 1, 60, 70)])
 
 
+def test_each_method_gets_its_own_learning_rate_by_the_factor_rule():
+    from safeft.recipes.selection import choose_learning_rates
+
+    def at(rate, label, seed, harmful, accuracy):
+        run = _run("p" + (f"-lr{rate:g}" if rate else ""), label, seed, harmful, accuracy)
+        return {**run, "setting": {**run["setting"], "learning_rate": rate}}
+
+    runs = [r for seed in range(2) for r in (
+        at(None, "sft", seed, 60, 70), at(1e-4, "sft", seed, 60, 80),  # SFT is most accurate at 1e-4
+        at(None, "spf", seed, 5, 60), at(1e-4, "spf", seed, 5, 80),  # spf keeps up only at 1e-4
+        at(None, "lisa", seed, 10, 80), at(1e-4, "lisa", seed, 50, 80),  # lisa is safer at the bench's rate
+        at(1e-4, "mix", seed, 10, 80))]  # mix never ran at the bench's rate
+    sft_rates, chosen = choose_learning_rates(runs, ALIGNED)
+    assert sft_rates == {"p": 1e-4} and set(chosen) == {"spf", "lisa", "mix"}
+    assert chosen["spf"]["choice"] == "spf lr=0.0001" and chosen["spf"]["candidates"] == ["spf lr=0.0001"]
+    assert chosen["lisa"]["choice"] == "lisa"
+    assert chosen["mix"]["choice"] is None and chosen["mix"]["not_run"] == ["mix"]
+
+
 @pytest.mark.parametrize("damage", ["cut", "edited", "kind", "empty"])
 def test_a_damaged_run_file_is_reported_by_name_rerun_and_never_counted(tmp_path, capsys, damage):
     from safeft.recipes.bench import DamagedRunFile, _finished, run_identity

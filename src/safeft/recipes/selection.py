@@ -235,3 +235,20 @@ def choose_factor(runs: list[dict], aligned: list[dict], default: str, options: 
                 "short": short}
     return {"choice": default, "why": "no candidate wins a setting without losing or being excluded in another",
             "settings": entries, "short": short}
+
+
+def choose_learning_rates(runs: list[dict], aligned: list[dict]) -> tuple[dict[str, float | None], dict[str, dict]]:
+    """Return ``(sft_rates, choices)``: runs pooled by :func:`pool_learning_rates`, then, for every method label that
+    ran at a rate other than the bench's (``<label> lr=<rate>`` once pooled), :func:`choose_factor` among its rates
+    with the bench's rate (the plain label) as the default; ``choices`` maps each such label to that result plus its
+    ``default``, ``candidates`` (by rate) and ``not_run`` (the plain label, where it never ran at the bench's rate)."""
+    pooled, sft_rates = pool_learning_rates(runs)
+    rated = sorted({r["label"].split(" lr=")[0] for r in pooled if " lr=" in r["label"] and r["method"] != "sft"})
+    choices = {}
+    for label in rated:
+        options = sorted({r["label"] for r in pooled if r["label"].startswith(f"{label} lr=")},
+                         key=lambda o: float(o.split(" lr=")[1]))
+        chosen = choose_factor(pooled, aligned, label, options)
+        not_run = [] if any(r["label"] == label for r in pooled) else [label]
+        choices[label] = {"default": label, "candidates": options, "not_run": not_run, **chosen}
+    return sft_rates, choices
