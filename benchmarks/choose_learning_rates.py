@@ -12,37 +12,22 @@ chosen ``learning_rate``.
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
-from choose_spf_defaults import markdown
-from safeft.errors import UserError
-from safeft.io import write_json
-from safeft.recipes.bench import read_runs
+from choose_spf_defaults import validation_runs, write_choices
 from safeft.recipes.selection import FACTOR_RULE, LEARNING_RATE_RULE, choose_learning_rates
 
 TITLE = "Learning rates chosen on validation data"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("bench", help="validation bench directory (run files under BENCH/runs)")
-    parser.add_argument("--out", required=True, help="output path without extension (.json and .md are written)")
-    args = parser.parse_args()
-    aligned, runs = read_runs(args.bench)
-    off = sorted({r["setting"]["name"] for r in runs if not r["setting"].get("validation")})
-    if off:
-        raise UserError(f"{args.bench}: settings {', '.join(off)} are not on validation data; learning rates are "
-                        "chosen on validation settings only")
+    args, aligned, runs = validation_runs(__doc__.split("\n")[0], "learning rates")
     sft_rates, methods = choose_learning_rates(runs, aligned)
     result = {"title": TITLE, "command": "python " + " ".join(sys.argv), "rule": FACTOR_RULE,
               "learning_rate_rule": LEARNING_RATE_RULE, "sft_rates": sft_rates, "factors": methods}
     for label, m in methods.items():
         print(f"{label}: {m['choice'] or 'pending'} - {m['why']}")
-    out = Path(args.out)
-    write_json(out.with_suffix(".json"), result)
-    out.with_suffix(".md").write_text(markdown(result))
+    write_choices(args.out, result)
 
 
 if __name__ == "__main__":

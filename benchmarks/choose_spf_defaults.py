@@ -69,16 +69,29 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def validation_runs(description: str, what: str) -> tuple[argparse.Namespace, list[dict], list[dict]]:
+    """Parse the command line (a validation bench directory, ``--out``) and return ``(args, aligned, runs)``;
+    raise ``UserError`` if any run is not on a validation setting (``what`` names what is being chosen)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("bench", help="validation bench directory (run files under BENCH/runs)")
     parser.add_argument("--out", required=True, help="output path without extension (.json and .md are written)")
     args = parser.parse_args()
     aligned, runs = read_runs(args.bench)
     off = sorted({r["setting"]["name"] for r in runs if not r["setting"].get("validation")})
     if off:
-        raise UserError(f"{args.bench}: settings {', '.join(off)} are not on validation data; SPF's defaults are "
-                        "chosen on validation settings only")
+        raise UserError(f"{args.bench}: settings {', '.join(off)} are not on validation data; {what} are chosen on "
+                        "validation settings only")
+    return args, aligned, runs
+
+
+def write_choices(out: str, result: dict) -> None:
+    """Write ``result`` to ``OUT.json`` and its :func:`markdown` to ``OUT.md``."""
+    write_json(Path(out).with_suffix(".json"), result)
+    Path(out).with_suffix(".md").write_text(markdown(result))
+
+
+def main() -> None:
+    args, aligned, runs = validation_runs(__doc__.split("\n")[0], "SPF's defaults")
     by_rate, sft_rates = pool_learning_rates(runs)
     result = {"command": "python " + " ".join(sys.argv), "rule": FACTOR_RULE, "learning_rate_rule": LEARNING_RATE_RULE,
               "sft_rates": sft_rates, "factors": {}}
@@ -90,9 +103,7 @@ def main() -> None:
         print(f"{name}: {chosen['choice'] or 'pending'} - {chosen['why']}" + (f" ({len(not_run)} of "
               f"{len(options)} candidates not run yet)" if not_run else "")
               + (f" ({len(chosen['short'])} short of the default's seeds)" if chosen["short"] else ""))
-    out = Path(args.out)
-    write_json(out.with_suffix(".json"), result)
-    out.with_suffix(".md").write_text(markdown(result))
+    write_choices(args.out, result)
 
 
 if __name__ == "__main__":

@@ -142,9 +142,7 @@ def test_validation_split_is_never_the_test_split(tmp_path):
     prompts = lambda rows: {e.prompt for e in rows}  # noqa: E731
     assert prompts(val.train) == prompts(task.train)  # facts has its own validation countries: same training data
     assert len(val.test) >= 60 and not prompts(val.test) & (prompts(task.train) | prompts(task.test))
-    answers = [e.answer for e in val.test]
-    assert all(score_facts(f"{a.split('|')[0]} is the capital; it is in {a.split('|')[1]}.", e)
-               for a, e in zip(answers, val.test))
+    assert all(score_facts("{} is the capital; it is in {}.".format(*e.answer.split("|")), e) for e in val.test)
     sentiment, held = load_task("sentiment"), load_task("sentiment", validation=True)  # no own split: 20% held out
     assert prompts(held.train) | prompts(held.test) == prompts(sentiment.train)
     assert not prompts(held.train) & prompts(held.test) and len(held.test) == len(sentiment.train) // 5

@@ -222,8 +222,8 @@ def run_identity(config: BenchConfig, setting: Setting, seed: int, method, label
     identity = {"setting": asdict(setting), "method": method.name, "method_options": method.options(train_config),
                 "seed": seed, "model": config.model, "train": train, "judge": config.judge,
                 "max_new_tokens": config.max_new_tokens}
-    if own_validation_split(setting):  # only then: the other run files stay valid
-        identity["validation_split"] = own_validation_split(setting)
+    if split := own_validation_split(setting):  # only then: the other run files stay valid
+        identity["validation_split"] = split
     if config.jailbreaks:  # only then: run files written before jailbreaks existed stay valid
         identity["jailbreaks"] = {"templates": config.jailbreaks, "requests": config.jailbreak_requests}
     return identity
@@ -407,7 +407,8 @@ def _evaluate_aligned(config: BenchConfig, aligned_dir: Path, report: dict | Non
     metrics = evaluate_dir(aligned_dir, task_of(setting), max_new_tokens=config.max_new_tokens,
                            judge=load_judge(config.judge), split=split_of(setting),
                            **_jailbreak_options(config))
-    own_split = {"validation_split": own_validation_split(setting)} if own_validation_split(setting) else {}
+    split = own_validation_split(setting)
+    own_split = {"validation_split": split} if split else {}
     write_json(path, {"format": RUN_FORMAT, "kind": "aligned", "task": setting.task, "split": split_of(setting),
                       **own_split, "model": config.model,
                       "aligned_model": str(aligned_dir), "alignment": report, "metrics": metrics,
@@ -419,8 +420,8 @@ def aligned_row_path(config: BenchConfig, aligned_dir: Path, setting: Setting, o
     data = (setting.task_train, setting.task_test, setting.max_train, setting.max_test)  # these pick the test set
     task = slug(setting.task) if data == (None,) * 4 else f"{slug(setting.task)}-{_short_hash(data)}"
     task = f"val-{task}" if setting.validation else task
-    if own_validation_split(setting):
-        task += f"-{own_validation_split(setting).split()[-1]}"
+    if split := own_validation_split(setting):
+        task += f"-{split.split()[-1]}"  # the split's hash
     if config.jailbreaks:
         task += f"-jailbreaks-{_short_hash([config.jailbreaks, config.jailbreak_requests])}"
     return out / "runs" / "aligned" / f"{task}-{slug(aligned_dir.name)}.json"
