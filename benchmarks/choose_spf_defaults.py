@@ -35,11 +35,13 @@ FACTORS = {
     "side (full fine-tuning)": ("spf", ["spf side=left", "spf side=two_sided"], full),
     "side (LoRA)": ("spf side=two_sided", ["spf side=left", "spf side=right"],
                     lambda r: bool(r["setting"].get("lora_r"))),
+    # judged at every full fine-tuning budget: a candidate for deep fine-tuning must also hold at 1x to replace the
+    # default (a refresh every 50 steps never fires in a 40-step run, so only a changed subspace is judged there)
     "deep fine-tuning": ("spf", ["spf refresh=50", "spf refresh=50 accumulate", "spf rise=0.02",
                                  "spf rise=0.02 accumulate", "spf+mix 0.05", "spf refresh=25",
                                  "spf+mix 0.05 refresh=25", "spf margin", "spf margin refresh=50",
-                                 "spf samples=64", "spf margin samples=64"],
-                         lambda r: r["setting"].get("deep", 1.0) > 1.0),
+                                 "spf samples=64", "spf margin samples=64", "spf rank=128"],
+                         lambda r: not r["setting"].get("lora_r")),
     "task overlap": ("spf", ["spf task=0.5", "spf task=0.2", "spf mode=directional", "spf mode=conflict",
                              "spf+mix 0.05"], full),
     "refusal replay": ("spf", ["spf+mix 0.05", "spf+mix 0.1"], full),
@@ -64,8 +66,11 @@ def markdown(result: dict) -> str:
                      f"{', '.join(f['not_run']) or '-'} | {short or '-'} |")
     for name, f in result["factors"].items():
         if f["settings"]:
-            tables = verdict_markdown({"B": f["settings"]})
-            lines += ["", f"## {name}", "", *tables[tables.index("Rule B:") + 2:]]
+            rule = f.get("rule", "B")
+            tables = verdict_markdown({rule: f["settings"]})
+            by = [] if rule == "B" else [f"Decided by rule {rule}: rule B excluded the default and every candidate.",
+                                         ""]
+            lines += ["", f"## {name}", "", *by, *tables[tables.index(f"Rule {rule}:") + 2:]]
     return "\n".join(lines) + "\n"
 
 

@@ -458,6 +458,21 @@ def test_a_default_is_replaced_only_by_a_candidate_that_wins_somewhere_and_loses
     assert choose_factor(runs, ALIGNED, "spf", ["spf z"])["choice"] is None  # nothing to compare with yet
 
 
+def test_a_factor_that_rule_b_excludes_entirely_is_decided_by_rule_a():
+    from safeft.recipes.selection import choose_factor
+
+    runs = [r for seed in range(2) for r in (
+        _run("p", "sft", seed, 60, 80), _run("p", "spf", seed, 5, 60),  # the default loses accuracy
+        _run("p", "spf x", seed, 5, 80, over_refusal=10),  # keeps accuracy, refuses 25% > aligned 10% + 5
+        _run("p", "spf y", seed, 5, 70, over_refusal=10))]  # loses both
+    chosen = choose_factor(runs, ALIGNED, "spf", ["spf x", "spf y"])
+    assert chosen["choice"] == "spf x" and chosen["rule"] == "A" and "by rule A" in chosen["why"]
+    assert chosen["settings"][0]["methods"]["spf y"]["status"] == "excluded"
+    gated_by_b_only = [r for r in runs if r["label"] != "spf y"] + [_run("p", "spf y", s, 5, 80) for s in range(2)]
+    chosen = choose_factor(gated_by_b_only, ALIGNED, "spf", ["spf x", "spf y"])  # y passes B: no fallback
+    assert chosen["choice"] == "spf y" and chosen["rule"] == "B"
+
+
 def test_a_candidate_is_judged_only_on_all_the_seeds_the_default_ran():
     from safeft.recipes.selection import choose_factor
 

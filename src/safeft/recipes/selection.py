@@ -176,15 +176,17 @@ FACTOR_RULE = ("One factor at a time around today's default: in every validation
                "(decide). A candidate replaces the default only if it wins at least one setting and, in every "
                "setting, is neither excluded by a gate nor loses (its paired interval against the winner above 0). "
                "If the default is excluded everywhere, the candidate that passes the gates in the most settings "
-               "(then the lowest mean harmful score) replaces it. Otherwise the default stays. Every method is "
+               "(then the lowest mean harmful score) replaces it; if every candidate is excluded everywhere too, "
+               "the factor is decided the same way by rule A (the accuracy gate alone), so the choice is at least "
+               "one that keeps SFT's accuracy. Otherwise the default stays. Every method is "
                "compared on the seeds the default ran in that setting: a candidate that lacks one of them is not "
                "judged there (it is listed as short of seeds), and its extra seeds are left out.")
 
 
 def choose_factor(runs: list[dict], aligned: list[dict], default: str, options: list[str],
                   rule: str = "B") -> dict:
-    """Return ``{"choice", "why", "settings": [decide entries], "short": {label: [settings]}}`` for one factor by
-    :data:`FACTOR_RULE`.
+    """Return ``{"choice", "why", "settings": [decide entries], "short": {label: [settings]}, "rule"}`` for one factor
+    by :data:`FACTOR_RULE`; ``rule`` is the rule the choice was made by (``"A"`` where rule B excluded everyone).
 
     ``default`` is today's default's method label, ``options`` the candidate labels of the same factor; only
     settings where ``default`` and at least one candidate ran on all of the default's seeds are read; ``short``
@@ -209,7 +211,7 @@ def choose_factor(runs: list[dict], aligned: list[dict], default: str, options: 
     entries = decide(kept, aligned, rule, names)
     if not entries:
         return {"choice": None, "why": f"no setting where {default} and a candidate both ran on the default's seeds",
-                "settings": [], "short": short}
+                "settings": [], "short": short, "rule": rule}
 
     def status(entry: dict, label: str) -> str | None:
         return entry["methods"].get(label, {}).get("status")
@@ -221,7 +223,7 @@ def choose_factor(runs: list[dict], aligned: list[dict], default: str, options: 
         best = min(winners, key=lambda o: sum(e["methods"][o]["harmful_score"] for e in entries if o in e["methods"]))
         won = [e["setting"] for e in entries if status(e, best) == "wins"]
         return {"choice": best, "why": f"wins {', '.join(won)} and neither loses nor is excluded elsewhere",
-                "settings": entries, "short": short}
+                "settings": entries, "short": short, "rule": rule}
     if all(status(e, default) == "excluded" for e in entries):
         passing = {o: [e for e in entries if status(e, o) not in (None, "excluded")] for o in options}
         passing = {o: es for o, es in passing.items() if es}
@@ -230,11 +232,14 @@ def choose_factor(runs: list[dict], aligned: list[dict], default: str, options: 
                 e["methods"][o]["harmful_score"] for e in passing[o])))
             return {"choice": best, "why": f"the default is excluded everywhere; {best} passes the gates in "
                                            f"{len(passing[best])} of {len(entries)} settings",
-                    "settings": entries, "short": short}
+                    "settings": entries, "short": short, "rule": rule}
+        if rule == "B":
+            by_a = choose_factor(runs, aligned, default, options, rule="A")
+            return {**by_a, "why": f"every candidate is excluded by rule B too; by rule A: {by_a['why']}"}
         return {"choice": default, "why": "every candidate is excluded too; the default stays", "settings": entries,
-                "short": short}
+                "short": short, "rule": rule}
     return {"choice": default, "why": "no candidate wins a setting without losing or being excluded in another",
-            "settings": entries, "short": short}
+            "settings": entries, "short": short, "rule": rule}
 
 
 def choose_learning_rates(runs: list[dict], aligned: list[dict]) -> tuple[dict[str, float | None], dict[str, dict]]:
