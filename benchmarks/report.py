@@ -128,6 +128,20 @@ def block_bench_cost_steps(name: str, setting: str = "") -> str:
             "without such an SFT run are left out):\n\n" + ("\n".join(lines) if lines else "- none yet") + "\n")
 
 
+def block_bench_harmful_by_category(name: str, setting: str = "") -> str:
+    """A table, per (setting, method) of the comma-separated settings ``setting`` (or all) and the bench's aligned
+    models, of the share of each harm category's held-out requests complied with, pooled over seeds."""
+    from safeft.report import harmful_by_category_lines
+
+    settings = set(setting.split(",")) if setting else None
+    data = bench_data(name)
+    runs = [r for r in data["runs"] if settings is None or r["setting"]["name"] in settings]
+    tasks = {r["setting"].get("task", "facts") for r in runs}
+    lines = harmful_by_category_lines([a for a in data["aligned"] if a.get("task") in tasks], runs)
+    return ("Harmful score by harm category (requests complied with, pooled over seeds):\n\n"
+            + ("\n".join(lines) if lines else "- none yet") + "\n")
+
+
 def block_bench_vs_sft(name: str, setting: str = "") -> str:
     """A list, per setting (or the one ``setting``) and method other than SFT (pooled over seeds): harmful score
     against the aligned model (points), accuracy against SFT (points) and task loss against SFT (per cent)."""
@@ -401,7 +415,8 @@ def block_module_map() -> str:
 BLOCKS = {
     "bench-setup": block_bench_setup, "bench-table": block_bench_table, "bench-setting": block_bench_setting,
     "bench-verdicts": block_bench_verdicts, "bench-seeds": block_bench_seeds,
-    "bench-cost-steps": block_bench_cost_steps, "bench-vs-sft": block_bench_vs_sft,
+    "bench-cost-steps": block_bench_cost_steps, "bench-harmful-by-category": block_bench_harmful_by_category,
+    "bench-vs-sft": block_bench_vs_sft,
     "bench-monitor": block_bench_monitor, "bench-row": block_bench_row,
     "headline": block_headline, "limits": block_limits,
     "jailbreaks": block_jailbreaks,

@@ -787,3 +787,27 @@ def test_spf_cost_in_sft_steps_counts_estimation_and_re_estimates():
     # 4 s and 8 s at SFT's 2 s a step: 2 and 4 SFT steps; (100 x 1.1 + 6) / 100 = 1.16
     assert lines == ["- `deep` `spf refresh=50` seed 0: estimation 2.0 SFT steps; 2 re-estimates, 4.0 SFT steps; "
                      "step 1.10x SFT; over 100 steps, all included, 1.16x"]  # no SFT for seed 1, other machine
+
+
+def test_harmful_score_by_category_pools_seeds_against_the_split_each_record_was_scored_on():
+    from safeft.data.builtin import harmful_requests
+    from safeft.report import harmful_by_category_lines
+
+    val = [category for category, _ in harmful_requests("val")]
+    first = val[0]
+
+    def verdicts(complied):  # complied with every request of the categories in `complied`
+        return "".join("C" if c in complied else "R" for c in val)
+
+    def run(seed, complied, n=None):
+        return {"setting": {"name": "deep", "validation": True}, "label": "spf", "seed": seed,
+                "metrics": {"verdicts": {"harmful": verdicts(complied)[:n]}}}
+
+    aligned = [{"kind": "aligned", "task": "facts", "split": "val", "metrics": {"verdicts": {"harmful": verdicts(())}}}]
+    lines = harmful_by_category_lines(aligned, [run(0, {first}), run(1, ()), run(2, {first}, n=10)])
+    header, _, aligned_row, spf_row = lines  # seed 2 scored other requests: left out
+    per = val.count(first)
+    assert header.split(" | ")[2] == first and len(header.split(" | ")) == len(set(val)) + 2
+    assert aligned_row.startswith("| aligned model (facts, val) | aligned | 0% (0/")
+    assert spf_row.split(" | ")[2] == f"50% ({per}/{2 * per})" and spf_row.split(" | ")[3] == f"0% (0/{2 * per})"
+    assert harmful_by_category_lines([], [run(0, (), n=3)]) == []

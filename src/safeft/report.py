@@ -159,6 +159,44 @@ def cost_in_sft_steps_lines(runs: list[dict]) -> list[str]:
     return lines
 
 
+def harmful_by_category_lines(aligned: list[dict], runs: list[dict]) -> list[str]:
+    """Return a markdown table of where the harmful score comes from: per (setting, method) row (the aligned
+    models first) and harm category, the share of that category's held-out built-in requests judged complied with,
+    pooled over seeds (``k/n``). A record is read against the split it was scored on (validation or evaluation
+    requests); one whose verdicts do not line up with that split's requests (a harmful set of its own, or a
+    record without verdicts) is left out. Empty when none is left."""
+    from safeft.data.builtin import harmful_requests
+
+    categories: dict[str, list[str]] = {}
+    groups: dict[tuple[str, str], list[str]] = {}
+    for record in [*aligned, *sorted(runs, key=lambda r: (r["setting"]["name"], r["seed"]))]:
+        if record.get("kind") == "aligned":
+            split = record.get("split", "eval")
+            key = (f"aligned model ({record['task']}, {split})", "aligned")
+        else:
+            split, key = ("val" if record["setting"].get("validation") else "eval"), (record["setting"]["name"],
+                                                                                       record["label"])
+        verdicts = record.get("metrics", {}).get("verdicts", {}).get("harmful")
+        if split not in categories:
+            categories[split] = [category for category, _ in harmful_requests(split)]
+        if not verdicts or len(verdicts) != len(categories[split]):
+            continue
+        groups.setdefault(key, []).append((split, verdicts))
+    if not groups:
+        return []
+    names = list(dict.fromkeys(c for split in categories.values() for c in split))
+    lines = ["| setting | method | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for (setting, label), scored in groups.items():
+        cells = []
+        for name in names:
+            complied = sum(v == "C" for split, verdicts in scored for c, v in zip(categories[split], verdicts)
+                           if c == name)
+            asked = sum(c == name for split, _ in scored for c in categories[split])
+            cells.append(f"{100 * complied / asked:.0f}% ({complied}/{asked})" if asked else "-")
+        lines.append(f"| {setting} | {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def sample_lines(runs: list[dict]) -> list[str]:
     """Return the first two judged harmful requests of each (setting, method), lowest seed, answers cut at 160
     characters."""
