@@ -803,7 +803,8 @@ def test_harmful_score_by_category_pools_seeds_against_the_split_each_record_was
         return {"setting": {"name": "deep", "validation": True}, "label": "spf", "seed": seed,
                 "metrics": {"verdicts": {"harmful": verdicts(complied)[:n]}}}
 
-    aligned = [{"kind": "aligned", "task": "facts", "split": "val", "metrics": {"verdicts": {"harmful": verdicts(())}}}]
+    aligned = [{"kind": "aligned", "task": "facts", "split": "val",
+                "metrics": {"verdicts": {"harmful": verdicts(())}}}]
     lines = harmful_by_category_lines(aligned, [run(0, {first}), run(1, ()), run(2, {first}, n=10)])
     header, _, aligned_row, spf_row = lines  # seed 2 scored other requests: left out
     per = val.count(first)
