@@ -218,3 +218,25 @@ def test_a_task_aware_subspace_drops_the_directions_the_task_gradient_leans_on(t
     assert 0 < sizes[0.05] < sizes[1.0] and facts[0.05]["directions_dropped"] == sizes[1.0] - sizes[0.05]
     # what SPF removes of the task's own gradient shrinks once the task's directions are no longer guarded
     assert facts[0.05]["task_gradient_removed_after"] < facts[0.05]["task_gradient_removed_before"] <= 1
+
+
+def test_spf_margin_pairs_each_sample_it_can_and_refuses_to_run_with_no_compliant_answer(tmp_path):
+    from safeft.data import builtin_safety_samples
+    from safeft.errors import UserError
+
+    model, tokenizer = tiny_llama(seed=0), byte_tokenizer()
+    prompts = [s.prompt for s in builtin_safety_samples(6)]
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps({"prompt": p, "response": "Sure: step one, step two."}) + "\n"
+                               for p in prompts[1:4]))
+    spf = build_method("spf", {"rank": 4, "safety_samples": 6, "margin": True})
+    run = RunContext(out=tmp_path, cache=tmp_path, harmful_answers=str(answers))
+    samples = spf.safety_samples(run)
+    assert [s.compliance is not None for s in samples] == [False, True, True, True, False, False]
+    spf.subspace = spf.estimate(model, tokenizer, run)
+    assert spf.facts(model)["margin_samples"] == 3
+    assert build_method("spf", {"rank": 4}).estimate(model, tokenizer, run).metadata["samples"][1].get(
+        "compliance") is None  # without margin no sample is paired
+    answers.write_text(json.dumps({"prompt": "Some request no safety sample makes", "response": "Sure."}) + "\n")
+    with pytest.raises(UserError, match="compliant answer to none of the 6 safety samples.*margin: false"):
+        build_method("spf", {"rank": 4, "safety_samples": 6, "margin": True}).safety_samples(run)

@@ -28,7 +28,8 @@ class SPFOptions(SPFConfig):
         safety_data: a JSONL file of ``{prompt, refusal[, compliance]}`` to estimate from instead (every row whose
             prompt is not in the fine-tuning data).
         margin: give each built-in sample the unaligned base model's own compliant answer, so the subspace spans
-            the gradient of the refusal-vs-compliance margin.
+            the gradient of the refusal-vs-compliance margin (samples it refuses keep the refusal loss alone; the
+            run records how many carry one as ``margin_samples``, and refuses to run if none does).
         subspace: a saved subspace (a directory from ``safeft subspace estimate`` or ``save_pretrained``) to use
             instead of estimating one; it must fit the model (names, shapes; other weights warn). The estimation
             options then take the subspace's recorded values (rank policy, max_rank, target_modules, onset_tokens,
@@ -177,7 +178,7 @@ class SPF(Method):
     def __init__(self, config=None, name: str | None = None):
         super().__init__(config, name or "spf")
         self.subspace = None
-        self.task_facts: dict = {}
+        self.run_facts: dict = {}
         self.callback = None
 
     def options(self, train: TrainConfig) -> dict:
@@ -202,6 +203,13 @@ class SPF(Method):
             answers = {e.prompt: e.response for e in compliant_examples(run.base_model, run.harmful_answers,
                                                                           run.cache)}
             samples = [replace(s, compliance=answers.get(s.prompt)) for s in samples]
+            paired = sum(s.compliance is not None for s in samples)
+            if not paired:  # the margin would silently be the refusal loss alone
+                source = run.harmful_answers or f"the base model {run.base_model}"
+                raise UserError(f"margin: {source} gives a compliant answer to none of the {len(samples)} "
+                                 "safety samples' requests, so there is no margin to estimate from; name the "
+                                 "unaligned model in data.base_model (or give safety_data rows a compliance "
+                                 "field), or set margin: false")
         return samples
 
     def estimate(self, model, tokenizer, run: RunContext):
@@ -220,7 +228,7 @@ class SPF(Method):
 
     def task_aware(self, subspace, model, tokenizer, run: RunContext):
         """Return ``subspace`` without the directions the fine-tuning data's gradient leans on, and keep in
-        ``task_facts`` how much of that gradient the subspace removed before and after (the overlap's measure)."""
+        ``run_facts`` how much of that gradient the subspace removed before and after (the overlap's measure)."""
         import random
 
         from safeft.spf.estimate import Basis, span_energy, task_gradients
@@ -237,8 +245,8 @@ class SPF(Method):
         for label, guarded in (("before", subspace), ("after", filtered)):
             parts = [span_energy(gradients[name], guarded[name], side) for name in targets]
             removed[label] = sum(p for p, _ in parts) / max(sum(t for _, t in parts), 1e-30)
-        self.task_facts = {"task_gradient_removed_before": removed["before"],
-                           "task_gradient_removed_after": removed["after"], **filtered.metadata["task_aware"]}
+        self.run_facts.update({"task_gradient_removed_before": removed["before"],
+                               "task_gradient_removed_after": removed["after"], **filtered.metadata["task_aware"]})
         return filtered
 
     def before_training(self, model, tokenizer, run: RunContext) -> None:
@@ -256,12 +264,14 @@ class SPF(Method):
 
     def facts(self, model) -> dict:
         """Return the guarded subspace's size: ``subspace_directions`` (ranks summed over targets) and
-        ``subspace_fraction`` (its stored numbers, U, S and V, as a share of the model's parameters)."""
+        ``subspace_fraction`` (its stored numbers, U, S and V, as a share of the model's parameters), and
+        ``margin_samples``: how many of its safety samples carry a compliant answer (the margin's)."""
         if self.subspace is None:
             return {}
         facts = {"subspace_directions": sum(b.rank for b in self.subspace.bases.values()),
                  "subspace_fraction": self.subspace.numel() / sum(p.numel() for p in model.parameters()),
-                 **self.task_facts}
+                 "margin_samples": sum(bool(s.get("compliance")) for s in self.subspace.metadata["samples"]),
+                 **self.run_facts}
         projector = getattr(self.callback, "projector", None)
         if projector is not None and (self.config.refresh_every or self.config.refresh_on_rise is not None):
             stats = projector.stats()
