@@ -285,11 +285,9 @@ def block_batched_check(relative: str) -> str:
 
 def block_selection() -> str:
     import select_options
-    from safeft.recipes.selection import candidates
 
     chosen = _json("baselines_selection.json")
-    rows = candidates([str(RESULTS / "baselines_validation"), str(RESULTS / "baselines_validation_lora")])
-    return _demote(select_options.markdown(chosen["chosen"], rows, chosen["command"]))
+    return _demote(select_options.markdown(chosen["chosen"], chosen["command"]))
 
 
 def block_choices(name: str = "spf_choices.json") -> str:

@@ -240,26 +240,6 @@ def test_booster_adds_the_simulated_step_gradient(tokenizer, tmp_path):
     assert objective.last_gap > 0  # the simulated harmful step lowered the harmful loss
 
 
-# --- choosing options on validation data --------------------------------------------------------------------------
-
-def test_options_are_chosen_by_the_written_rule():
-    from safeft.recipes.selection import choose_options
-
-    def row(method, label, harmful, accuracy, loss=0.1):
-        return {"method": method, "label": label, "options": {}, "setting": "val", "seed": 0,
-                "harmful_score": harmful, "accuracy": accuracy, "task_loss": loss}
-
-    rows = [row("sft", "sft", 60, 80),
-            row("lisa", "a", 5, 70),          # safest, but loses 10 points of accuracy: out
-            row("lisa", "b", 20, 79.5),       # within 1 point
-            row("lisa", "c", 20, 85, 0.05),   # same harmful score, lower task loss: chosen
-            row("mix", "m1", 10, 50), row("mix", "m2", 30, 60)]  # none keeps accuracy: the most accurate
-    chosen = choose_options(rows)
-    assert chosen["lisa"]["label"] == "c" and "lowest validation harmful score" in chosen["lisa"]["why"]
-    assert chosen["mix"]["label"] == "m2" and "no candidate" in chosen["mix"]["why"]
-    assert "sft" not in chosen
-
-
 def test_fine_tuning_with_an_alignment_stage_method_on_another_model_warns(tiny_dir, tmp_path):
     with pytest.warns(UserWarning, match="acts at the alignment stage"):
         finetune(tiny_dir, DataConfig(task="sentiment", max_train=8), build_method("vaccine"),
