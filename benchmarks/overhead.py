@@ -10,7 +10,8 @@ the estimation time (as SFT steps, split into the gradient pass and the factoris
 share of the model's weights (and of what each side needs), and the time spent inside SPF's own hooks
 (``SPFProjector.hook_seconds``).
 
-Cost where users train (``--tokens``): SFT against SPF with the library defaults at several tokens per optimizer
+Cost where users train (``--tokens``): SFT against SPF (``--rank``/``--side``/``--mode``, the library defaults
+unless given) at several tokens per optimizer
 step (sequences of ``--sweep-seq-len`` tokens, micro-batches of at most ``--micro-batch`` sequences, gradient
 accumulation beyond), paired per round like the above, with the ``1 + 2r/(3T)`` floor beside each ratio: right-side
 SPF adds about ``4 r m n`` flops per matrix (two sketches and a removal) to a step's ``6 T m n``. ``--dtype
@@ -96,14 +97,15 @@ def state_bytes(tensors) -> int:
 
 
 def measure_tokens(base, tokenizer, tokens: int, lora: bool, rounds: int, warmup: int, args, scratch: Path) -> dict:
-    """SFT against SPF with the library defaults (estimated as a run does it) at ``tokens`` per optimizer step."""
+    """SFT against SPF with the run's options (``--rank``/``--side``/``--mode``; estimated as a run does it) at
+    ``tokens`` per optimizer step."""
     per_step = max(tokens // args.sweep_seq_len, 1)
     micro = min(per_step, args.micro_batch)
     if per_step % micro:
         raise SystemExit(f"--tokens {tokens}: {per_step} sequences per step are not a multiple of --micro-batch "
                          f"{micro}")
     batch = random_batch(base.config.vocab_size, micro, args.sweep_seq_len, base.device)
-    spf_options = {"safety_samples": args.samples}
+    spf_options = {"rank": args.rank, "side": args.side, "mode": args.mode, "safety_samples": args.samples}
     trainers = {m: make_trainer(base, tokenizer, m, lora, spf_options, scratch) for m in ("sft", "spf_update")}
     times = {m: [] for m in trainers}
     memory = {m: [] for m in trainers}
@@ -296,7 +298,9 @@ def to_markdown(result: dict) -> str:
         sweep = result[setting].get("by_tokens")
         if not sweep:
             continue
-        lines += ["", f"Cost by tokens per optimizer step ({setting}, the defaults, SPF project=update):", "",
+        spf = result.get("spf", {})
+        options = f"rank {spf.get('rank')}, side {spf.get('side')}, mode {spf.get('mode')}" if spf else "the defaults"
+        lines += ["", f"Cost by tokens per optimizer step ({setting}, {options}, SPF project=update):", "",
                   "| tokens/step | sequences x length (accumulation) | SFT step (s) | SPF step (s) | ratio [IQR] | "
                   "floor 1 + 2r/(3T) | SPF hooks | SPF state vs training state |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -326,7 +330,7 @@ def main() -> None:
     parser.add_argument("--mode", default=defaults.mode)
     parser.add_argument("--samples", type=int, default=DEFAULT_SAFETY_SAMPLES)
     parser.add_argument("--tokens", default="512,2048,8192",
-                        help="tokens per optimizer step for the defaults' sweep (comma-separated; '' skips it)")
+                        help="tokens per optimizer step for the sweep (comma-separated; '' skips it)")
     parser.add_argument("--sweep-seq-len", type=int, default=512)
     parser.add_argument("--micro-batch", type=int, default=4, help="sequences per forward pass in the sweep")
     parser.add_argument("--sweep-rounds", type=int, default=6)
