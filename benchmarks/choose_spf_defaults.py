@@ -43,7 +43,8 @@ FACTORS = {
                                  "spf samples=64", "spf margin samples=64", "spf rank=128"],
                          lambda r: not r["setting"].get("lora_r")),
     "margin (LoRA)": ("spf side=two_sided", ["spf side=two_sided margin"], lambda r: bool(r["setting"].get("lora_r"))),
-    "rank (LoRA)": ("spf side=two_sided", ["spf side=two_sided rank=128"], lambda r: bool(r["setting"].get("lora_r"))),
+    # around the LoRA side the side factor chose on validation (left), not today's two_sided
+    "rank (LoRA)": ("spf side=left", ["spf side=left rank=128"], lambda r: bool(r["setting"].get("lora_r"))),
     "task overlap": ("spf", ["spf task=0.5", "spf task=0.2", "spf mode=directional", "spf mode=conflict",
                              "spf+mix 0.05"], full),
     "refusal replay": ("spf", ["spf+mix 0.05", "spf+mix 0.1"], full),
