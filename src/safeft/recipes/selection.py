@@ -50,27 +50,26 @@ def choose_options(runs: list[dict], aligned: list[dict]) -> dict[str, dict]:
     for method in sorted({r["method"] for r in runs} - {"sft"}):
         labels = sorted({r["label"] for r in runs if r["method"] == method})
         pool = [r for r in runs if r["method"] in ("sft", method)]
-        by_rule = {rule: decide(pool, aligned, rule, labels) for rule in ("B", "A")}
-        if not by_rule["B"]:
+        by_b = decide(pool, aligned, "B", labels)
+        if not by_b:
             raise UserError(f"{method}: no sft run in its setting to compare accuracy with")
         rows = [_row(e["methods"][label], label, e["setting"], options[(method, label)])
-                for e in by_rule["B"] for label in labels if label in e["methods"]]
-        reference = {e["setting"]: _row(m, label, e["setting"], {}) for e in by_rule["B"]
+                for e in by_b for label in labels if label in e["methods"]]
+        reference = {e["setting"]: _row(m, label, e["setting"], {}) for e in by_b
                      for label, m in e["methods"].items() if label not in labels}
-        best, rule = None, None
         for rule in ("B", "A"):
-            passing = [(e["methods"][label], label, e["setting"]) for e in by_rule[rule] for label in labels
+            entries = by_b if rule == "B" else decide(pool, aligned, rule, labels)  # A only where B let none through
+            passing = [(e["methods"][label], label, e["setting"]) for e in entries for label in labels
                        if e["methods"].get(label, {}).get("status", "excluded") != "excluded"]
             if passing:
-                entry, label, setting = min(passing, key=lambda p: (p[0]["harmful_score"], p[0]["task_loss"] or 0))
+                entry, best, setting = min(passing, key=lambda p: (p[0]["harmful_score"], p[0]["task_loss"] or 0))
                 gates = "rule B's gates" if rule == "B" else "rule A's gate (no candidate passes rule B's)"
-                if rule == "B" and any(e["aligned_over_refusal"] is None for e in by_rule["B"]):
+                if rule == "B" and any(e["aligned_over_refusal"] is None for e in by_b):
                     gates += " (no aligned model's over-refusal on record in some setting: accuracy alone there)"
                 why = (f"lowest mean validation harmful score ({entry['harmful_score']:.1f}%, {setting}) among "
                        f"{len(passing)} of {len(rows)} candidates that pass {gates}")
-                best = label
                 break
-        if best is None:
+        else:
             rule = None
             top = max(rows, key=lambda r: (r["accuracy"] or 0.0, -(r["harmful_score"] or 0.0)))
             best = top["label"]
