@@ -96,16 +96,16 @@ def state_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def measure_tokens(base, tokenizer, tokens: int, lora: bool, rounds: int, warmup: int, args, scratch: Path) -> dict:
-    """SFT against SPF with the run's options (``--rank``/``--side``/``--mode``; estimated as a run does it) at
-    ``tokens`` per optimizer step."""
+def measure_tokens(base, tokenizer, tokens: int, lora: bool, rounds: int, warmup: int, args, spf_options: dict,
+                   scratch: Path) -> dict:
+    """SFT against SPF with ``spf_options`` (the run's ``--rank``/``--side``/``--mode``; estimated as a run does it)
+    at ``tokens`` per optimizer step."""
     per_step = max(tokens // args.sweep_seq_len, 1)
     micro = min(per_step, args.micro_batch)
     if per_step % micro:
         raise SystemExit(f"--tokens {tokens}: {per_step} sequences per step are not a multiple of --micro-batch "
                          f"{micro}")
     batch = random_batch(base.config.vocab_size, micro, args.sweep_seq_len, base.device)
-    spf_options = {"rank": args.rank, "side": args.side, "mode": args.mode, "safety_samples": args.samples}
     trainers = {m: make_trainer(base, tokenizer, m, lora, spf_options, scratch) for m in ("sft", "spf_update")}
     times = {m: [] for m in trainers}
     memory = {m: [] for m in trainers}
@@ -223,16 +223,17 @@ def random_llama(spec: str, dtype):
     return LlamaForCausalLM(config).to(dtype), byte_tokenizer()
 
 
-def time_estimation_parts(base, tokenizer, samples: int) -> dict:
-    """Return the estimation's split: seconds in the gradient pass (forward, backward, the gradient sums) and in
-    the factorisation (everything else ``SafetySubspace.estimate`` does), each measured once."""
+def time_estimation_parts(base, tokenizer, samples: int, config: SPFConfig) -> dict:
+    """Return the estimation's split under ``config`` (the run's rank, side and mode): seconds in the gradient pass
+    (forward, backward, the gradient sums) and in the factorisation (everything else ``SafetySubspace.estimate``
+    does), each measured once."""
     from safeft.chat import encode_response
     from safeft.data import builtin_safety_samples
     from safeft.spf.estimate import gradient_factors
     from safeft.spf.subspace import SafetySubspace
     from safeft.spf.targets import find_targets
 
-    config, pairs = SPFConfig(), builtin_safety_samples(samples)
+    pairs = builtin_safety_samples(samples)
     sync()
     start = time.perf_counter()
     SafetySubspace.estimate(base, tokenizer, pairs, config, show_progress=False)
@@ -350,9 +351,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         full = measure_setting(base, tokenizer, batch, False, args.rounds, args.warmup, spf_options, Path(scratch))
         lora = measure_setting(base, tokenizer, batch, True, args.rounds, args.warmup, spf_options, Path(scratch))
-        estimation_split = time_estimation_parts(base, tokenizer, args.samples)
+        estimation_split = time_estimation_parts(base, tokenizer, args.samples,
+                                                 SPFConfig(rank=args.rank, side=args.side, mode=args.mode))
         for key, lora_on in (("full", False), ("lora", True)):
-            by_tokens = {t: measure_tokens(base, tokenizer, t, lora_on, args.sweep_rounds, 1, args, Path(scratch))
+            by_tokens = {t: measure_tokens(base, tokenizer, t, lora_on, args.sweep_rounds, 1, args, spf_options,
+                                        Path(scratch))
                          for t in sweep}
             result_part = full if key == "full" else lora
             result_part["by_tokens"] = by_tokens
