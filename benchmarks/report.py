@@ -187,16 +187,14 @@ def block_bench_row(name: str, setting: str, label: str) -> str:
 
 def block_headline(name: str) -> str:
     """The front page's table: both rules in words, then per setting the winners and SPF's row."""
-    from safeft.report import headline_lines
+    from safeft.report import headline_lines, sample_sizes
     from safeft.rules import RULES
 
     data = bench_data(name)
-    seeds = sorted({r["seed"] for r in data["runs"]})
     return "\n".join([
         f"Rule B (the one this project reports): {RULES['B']}. Rule A: the {RULES['A']}. Under each, a method "
         "whose per-seed paired harmful-score difference against the leader has a 95% interval reaching 0 ties with "
-        f"it. {len(data['runs'])} runs, seeds {min(seeds)}-{max(seeds)} (three where the first seed was close), "
-        "keyword judge, means over seeds:", "",
+        f"it. {len(data['runs'])} runs: {sample_sizes(data['runs'])}; means over seeds:", "",
         *headline_lines(data["verdicts"]), ""])
 
 

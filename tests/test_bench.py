@@ -849,3 +849,19 @@ def test_harmful_score_by_category_pools_seeds_against_the_split_each_record_was
     assert aligned_row.startswith("| aligned model (facts, val) | aligned | 0% (0/")
     assert spf_row.split(" | ")[2] == f"50% ({per}/{2 * per})" and spf_row.split(" | ")[3] == f"0% (0/{2 * per})"
     assert harmful_by_category_lines([], [run(0, (), n=3)]) == []
+
+
+def test_the_headline_names_the_judge_counts_and_seeds_the_runs_record():
+    from safeft.report import sample_sizes
+
+    def run(setting, label, seed, harmful=80, benign=40, judge="keyword"):
+        return {"setting": {"name": setting}, "label": label, "seed": seed, "judge": judge,
+                "metrics": {"harmful_score": {"n": harmful}, "over_refusal": {"n": benign}}}
+
+    runs = [run("a", "spf", s) for s in range(3)] + [run("a", "sft", 0), run("b", "spf", 0), run("b", "sft", 0)]
+    assert sample_sizes(runs) == ("keyword judge; per seed 80 harmful requests, 40 benign ones; seeds 0-2 "
+                                  "(3 seeds for 1 of 4 method and setting pairs, 1 for the rest)")
+    mixed = [run("a", "spf", 0, harmful=160, benign=200), run("a", "sft", 0, judge="llm")]
+    assert "seeds 0, 2 (" in sample_sizes([run("a", "spf", 0), run("a", "spf", 2)])
+    assert sample_sizes(mixed) == ("keyword judge, llm judge; per seed 80/160 harmful requests, 40/200 benign ones; "
+                                   "seed 0 (1 per method and setting)")

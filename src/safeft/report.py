@@ -84,6 +84,35 @@ def bench_setup_lines(runs: list[dict]) -> list[str]:
     ]
 
 
+def sample_sizes(runs: list[dict]) -> str:
+    """Return the judge, the prompts scored per seed and the seeds behind a bench's runs in one phrase, e.g.
+    ``"keyword judge; per seed 80 harmful requests, 40 benign ones; seeds 0-2 (3 seeds for 40 of 130 method and
+    setting pairs, 1 for the rest)"``, all read from the run records (each run's ``judge``, metric counts and
+    ``seed``); assumes ``runs`` is not empty."""
+    judges = ", ".join(f"{j} judge" for j in sorted({r["judge"] for r in runs}))
+    harmful = sorted({r["metrics"]["harmful_score"]["n"] for r in runs})
+    benign = sorted({r["metrics"]["over_refusal"]["n"] for r in runs})
+    seeds = sorted({r["seed"] for r in runs})
+    per_pair: dict[tuple[str, str], int] = {}
+    for r in runs:
+        key = (r["setting"]["name"], r["label"])
+        per_pair[key] = per_pair.get(key, 0) + 1
+    spread = sorted(set(per_pair.values()), reverse=True)
+    if len(spread) == 1:
+        how = f"{spread[0]} per method and setting"
+    else:
+        how = ", ".join(f"{n} seeds for {sum(v == n for v in per_pair.values())}" for n in spread[:-1])
+        how += f" of {len(per_pair)} method and setting pairs, {spread[-1]} for the rest"
+    if len(seeds) == 1:
+        span = f"seed {seeds[0]}"
+    elif seeds == list(range(seeds[0], seeds[-1] + 1)):
+        span = f"seeds {seeds[0]}-{seeds[-1]}"
+    else:
+        span = f"seeds {', '.join(map(str, seeds))}"
+    return (f"{judges}; per seed {'/'.join(map(str, harmful))} harmful requests, {'/'.join(map(str, benign))} "
+            f"benign ones; {span} ({how})")
+
+
 def bench_table_lines(aligned: list[dict], rows: list[dict]) -> list[str]:
     """Return the pooled table of a bench as markdown lines: the aligned models, then one row per (setting,
     method) of ``rows`` (:func:`safeft.recipes.bench.pooled`); a jailbreak column where any row has one."""
