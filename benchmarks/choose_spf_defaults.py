@@ -48,6 +48,9 @@ FACTORS = {
     "task overlap": ("spf", ["spf task=0.5", "spf task=0.2", "spf mode=directional", "spf mode=conflict",
                              "spf+mix 0.05"], full),
     "refusal replay": ("spf", ["spf+mix 0.05", "spf+mix 0.1"], full),
+    # around the rank the rank and deep factors chose (128), at every full fine-tuning budget as above
+    "deep fine-tuning (rank 128)": ("spf rank=128", ["spf rank=128 margin", "spf+mix 0.05 rank=128"],
+                                    lambda r: not r["setting"].get("lora_r")),
     # settings that differ only in their rate are pooled first (LEARNING_RATE_RULE)
     "learning rate": ("spf", ["spf lr=0.0001", "spf lr=0.00015", "spf lr=0.0002"], full),
 }
