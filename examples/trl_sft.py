@@ -30,7 +30,7 @@ model, tokenizer = (tiny_llama(), byte_tokenizer()) if args.tiny else load_model
 data = to_dataset(load_jsonl(args.data) if args.data else load_task("facts").train)
 
 # 1. the safety subspace of the aligned model, from (harmful request, refusal) pairs
-config = SPFConfig(rank=4) if args.tiny else SPFConfig()  # rank 64, right side (two_sided under LoRA), always, update
+config = SPFConfig(rank=4) if args.tiny else SPFConfig()  # rank 128, right side (left under LoRA), always, update
 subspace = SafetySubspace.estimate(model, tokenizer, builtin_safety_samples(20), config)
 
 # 2. train as usual; SPF is one callback. Under LoRA the subspace belongs to the frozen base weights.

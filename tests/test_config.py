@@ -67,7 +67,7 @@ def test_required_options_may_come_from_the_file(tmp_path):
 
 
 def test_spf_config_rank_defaults_only_without_energy_or_budget():
-    assert SPFConfig().rank == 64 and SPFConfig(energy=0.9).rank is None and SPFConfig(budget=100).rank is None
+    assert SPFConfig().rank == 128 and SPFConfig(energy=0.9).rank is None and SPFConfig(budget=100).rank is None
     with pytest.raises(ValueError, match="not rank and energy"):
         SPFConfig(rank=8, energy=0.9)
 

@@ -177,7 +177,8 @@ def test_a_method_with_its_own_alignment_stage_gets_its_own_aligned_model(tiny_d
 def test_spf_records_the_side_in_force_for_the_training():
     spf = build_method("spf")
     assert spf.options(TrainConfig())["side"] == "right"
-    assert spf.options(TrainConfig(lora_r=8))["side"] == "two_sided"
+    assert spf.options(TrainConfig(lora_r=8))["side"] == "left"
+    assert build_method("spf", {"refresh_every": 50}).options(TrainConfig(lora_r=8))["side"] == "two_sided"
     assert build_method("spf", {"side": "left"}).options(TrainConfig(lora_r=8))["side"] == "left"  # a set side is kept
 
 

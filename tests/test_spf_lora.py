@@ -110,16 +110,22 @@ def test_refresh_under_lora_needs_the_two_sided_rule(tokenizer, subspace, side):
                    tokenizer)
 
 
-def test_the_default_side_is_two_sided_under_lora_and_right_for_full_fine_tuning(tokenizer, benign_batch, subspace):
-    """No side given: LoRA keeps the core ``U^T dW V`` at zero (and the right side visibly moves, so the default is
-    not `right`); full fine-tuning keeps ``dW V`` at zero."""
+def test_the_default_side_is_left_under_lora_and_right_for_full_fine_tuning(tokenizer, benign_batch, subspace):
+    """No side given: LoRA keeps ``U^T dW`` at zero (and the right side visibly moves, so the default is not
+    `right`), or the core ``U^T dW V`` when the subspace is refreshed (which needs both factors guarded); full
+    fine-tuning keeps ``dW V`` at zero."""
     model = lora_model()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     handle = attach_spf(optimizer, model, subspace, SPFConfig(rank=8))
-    assert handle.projector.config.side == "two_sided"
+    assert handle.projector.config.side == "left"
     train_steps(model, optimizer, benign_batch, 4)
     residual = side_residuals(subspace, model.merge_and_unload())
-    assert residual["two_sided"] < 1e-5 and residual["right"] > 1e-2
+    assert residual["left"] < 1e-5 and residual["right"] > 1e-2
+
+    model = lora_model()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    handle = attach_spf(optimizer, model, subspace, SPFConfig(rank=8, refresh_every=100), tokenizer)
+    assert handle.projector.config.side == "two_sided"
 
     full = tiny_llama(seed=0)
     optimizer = torch.optim.AdamW(full.parameters(), lr=1e-3)

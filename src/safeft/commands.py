@@ -26,7 +26,7 @@ from safeft.errors import UserError
 from safeft.evaluate.gcg import GCGConfig
 from safeft.options import FLAG_NAMES, command
 from safeft.recipes.bench import BenchConfig
-from safeft.spf.config import DEFAULT_RANK, SPFConfig
+from safeft.spf.config import DEFAULT_MAX_RANK, SPFConfig
 
 # the commands; the top level (`--version`, `--debug`) is safeft.cli's, and a new command needs its line in
 # safeft.cli.COMMANDS too (a test checks the two agree)
@@ -425,7 +425,7 @@ class DemoCommand(BenchConfig):
             raise UserError("--smoke runs on its own tiny random model; drop --model (or drop --smoke to use yours)")
         if self.smoke and self.model == "default":
             self.model = str(_tiny_model_dir(self.cache))
-            # SPF's default rank 64 exceeds the tiny model's 32-wide matrices
+            # SPF's default rank 128 exceeds the tiny model's 32-wide matrices
             self.methods = [f"{m} rank=4" if isinstance(m, str) and m.startswith("spf") else m for m in self.methods]
             self.settings = [replace(s, name=None, task="sentiment", max_train=20, max_test=8) for s in self.settings]
             self.train = replace(self.train, steps=1, batch_size=4)
@@ -481,7 +481,7 @@ class EstimateCommand:
     model: 'default' (SmolLM2-135M-Instruct), a local directory or an HF id in the local cache.
     samples: JSONL of {prompt, refusal[, compliance]}; default: built-in samples.
     num_samples: built-in samples to use without --samples.
-    rank: fixed rank per target (default 64 unless --energy or --budget is set).
+    rank: fixed rank per target (default 128 unless --energy or --budget is set).
     energy: keep this fraction of the squared spectrum instead of a fixed rank.
     budget: keep this many directions over all targets, where the safety gradients' singular values are largest.
     max_rank: cap on a target's rank under --energy or --budget.
@@ -499,7 +499,7 @@ class EstimateCommand:
     rank: int | None = None
     energy: float | None = None
     budget: int | None = None
-    max_rank: int = DEFAULT_RANK
+    max_rank: int = DEFAULT_MAX_RANK
     onset_tokens: int | None = 4
     target_modules: list[str] | None = None
     chat_template: str | None = None

@@ -182,7 +182,7 @@ class SPF(Method):
         self.callback = None
 
     def options(self, train: TrainConfig) -> dict:
-        """Return the options with the side in force for ``train`` (``right``, or ``two_sided`` under LoRA, when the
+        """Return the options with the side in force for ``train`` (``right``, or ``left`` under LoRA, when the
         side is left to the default), so a run records the rule that guarded it."""
         return {**super().options(train), "side": self.config.side_for(lora=train.lora_r > 0)}
 

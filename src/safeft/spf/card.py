@@ -70,7 +70,7 @@ part that acts on these directions.
 | base model | {shown_base} (weights fingerprint `{meta['model'].get('fingerprint')}`) |
 | targets | {len(ranks)} matrices, rank {rank_range}, {subspace.numel():,} numbers |
 | rank policy | `{json.dumps(policy)}` |
-| made for | side `{config.side or 'right (two_sided under LoRA)'}`, mode `{config.mode}`, project `{config.project}` |
+| made for | side `{config.side or 'right (left under LoRA)'}`, mode `{config.mode}`, project `{config.project}` |
 | safety samples | {meta.get('num_samples')} (sha256 `{meta.get('samples_sha256')}`) |
 {samples_part}
 Files: `subspace.safetensors` (per target `U`, `S`, `V`), `subspace.json` (the metadata above), `manifest.json`

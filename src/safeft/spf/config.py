@@ -10,22 +10,24 @@ from safeft.errors import UserError
 from safeft.spf.projection import MODES, SIDES
 
 PROJECT_ON = ("grad", "update")
-DEFAULT_RANK = 64
+DEFAULT_RANK = 128
+DEFAULT_MAX_RANK = 64  # the cap of the energy and budget policies (a fixed rank has none)
 
 
 @dataclass
 class SPFConfig:
     """How the safety subspace is estimated and how SPF removes conflicting updates (SPEC §2).
 
-    The defaults are the variant measured best on the testbed (README, benchmarks/results/spf_ablation*): remove
-    every update's action on the top-64 input directions of the refusal-onset gradient (the first 4 tokens of each
-    refusal; ``side="right"``, ``mode="always"``, ``onset_tokens=4``), applied to the weight change the optimizer
-    made (``project="update"``); under LoRA the default side is ``"two_sided"`` (benchmarks/results/lora_sides).
+    The defaults are the variant chosen on validation data (docs/results/validation.md,
+    benchmarks/results/spf_choices.md): remove every update's action on the top-128 input directions of the
+    refusal-onset gradient (the first 4 tokens of each refusal; ``side="right"``, ``mode="always"``,
+    ``onset_tokens=4``), applied to the weight change the optimizer made (``project="update"``); under LoRA the
+    default side is ``"left"`` (``"two_sided"`` when the subspace is refreshed, which needs it).
     The paper's reading is
     ``SPFConfig(rank=8, side="left", mode="conflict", project="grad", onset_tokens=None)``.
 
     Args:
-        rank: fixed rank r per target; default 64 unless ``energy`` or ``budget`` is set (set one of the three).
+        rank: fixed rank r per target; default 128 unless ``energy`` or ``budget`` is set (set one of the three).
         energy: keep the smallest r whose singular values hold this fraction of the squared spectrum, in (0, 1].
         budget: directions to keep over all targets together, given to the largest singular values of all the
             targets' safety gradients (a singular value is how fast the safety loss changes along its direction
@@ -37,8 +39,9 @@ class SPFConfig:
         side: ``"left"`` (keep the weight change out of U: ``U^T dW = 0``), ``"right"`` (out of V: ``dW V = 0``) or
             ``"two_sided"`` (only the core ``U^T dW V = 0``). Under LoRA the side picks the factor kept orthogonal:
             right = the rows of lora_A to V (its initial value is projected), left = the columns of lora_B to U,
-            two_sided = both factors' changes. ``None`` (default): the side measured best for the kind of training,
-            ``"right"`` for full fine-tuning and ``"two_sided"`` under LoRA (:meth:`side_for`; README, "LoRA").
+            two_sided = both factors' changes. ``None`` (default): the side chosen on validation for the kind of
+            training, ``"right"`` for full fine-tuning and ``"left"`` under LoRA, ``"two_sided"`` under LoRA when
+            the subspace is refreshed (:meth:`side_for`; docs/guides/lora.md).
         mode: ``"conflict"`` (remove only when the step raises the safety loss), ``"always"`` or ``"directional"``.
         project: ``"grad"`` projects the gradient before the optimizer step; ``"update"`` projects the weight change
             the optimizer made, so the guarantee holds for Adam and any other optimizer.
@@ -57,7 +60,7 @@ class SPFConfig:
     rank: int | None = None
     energy: float | None = None
     budget: int | None = None
-    max_rank: int = 64
+    max_rank: int = DEFAULT_MAX_RANK
     target_modules: list[str] | None = None
     side: str | None = None
     mode: str = "always"
@@ -107,12 +110,16 @@ class SPFConfig:
             self.target_modules = [self.target_modules]
 
     def side_for(self, lora: bool) -> str:
-        """Return the side SPF projects on: ``side`` if set, else ``"two_sided"`` under LoRA and ``"right"`` for full
-        fine-tuning (on the testbed two_sided kept the harmful score at the aligned model's under LoRA with the
-        smallest utility cost; right did so under full fine-tuning, where two_sided did not protect)."""
+        """Return the side SPF projects on: ``side`` if set, else ``"right"`` for full fine-tuning and ``"left"``
+        under LoRA, the sides chosen on validation data (docs/results/validation.md: under full fine-tuning the
+        other sides let most harmful requests through; under LoRA ``left`` alone kept SFT-LoRA's accuracy on facts
+        and came closest on SST-2). A refreshed subspace under LoRA needs both factors guarded, so with
+        ``refresh_every`` or ``refresh_on_rise`` the LoRA default is ``"two_sided"``."""
         if self.side is not None:
             return self.side
-        return "two_sided" if lora else "right"
+        if not lora:
+            return "right"
+        return "two_sided" if (self.refresh_every or self.refresh_on_rise) else "left"
 
     def rank_policy(self) -> dict[str, Any]:
         """Return the estimation settings that decide the subspace, as stored in a saved subspace's metadata."""

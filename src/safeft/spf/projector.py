@@ -92,7 +92,7 @@ class SPFProjector:
         subspace: its safety subspace; checked against the model's targets and shapes.
         config: side, mode, project, refresh and monitor settings; by default the subspace's own
             (:func:`resolve_config`). ``self.config`` is the result with the side in force (``side_for(lora)``
-            where the side is left to the default: ``right`` for full fine-tuning, ``two_sided`` under LoRA).
+            where the side is left to the default: ``right`` for full fine-tuning, ``left`` under LoRA).
         tokenizer: needed only to refresh the subspace or measure the safety loss on its samples.
         batched: correct the update of equal-shape targets in batched products (``mode="always"``,
             ``project="update"``; the same correction): True everywhere, False never, None on CUDA only (on a CPU
