@@ -142,7 +142,7 @@ def test_update_projection_notices_weights_written_between_steps(tokenizer, beni
     assert safety_component(subspace, moved) < 1e-6
 
 
-@pytest.mark.parametrize("lora, side", [(False, "right"), (False, "left"), (True, None)],
+@pytest.mark.parametrize("lora, side", [(False, "right"), (False, "left"), (True, "two_sided")],
                          ids=["full-right", "full-left", "lora-two_sided"])
 def test_batched_correction_makes_the_per_target_correction(tokenizer, benign_batch, safety_pairs, lora, side):
     """Targets of equal shapes corrected in batched products (in batches capped by batch_bytes, a lone leftover on
