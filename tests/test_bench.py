@@ -320,6 +320,37 @@ def test_a_facts_validation_run_scored_on_an_older_split_is_not_reused(tmp_path)
     assert "validation_split" not in run_identity(grid, sentiment, 0, method)
 
 
+def test_a_run_or_aligned_row_scored_on_other_requests_is_never_mixed_in(tmp_path):
+    """The demo once held SFT runs scored on 40 benign requests beside SPF runs scored on today's 200."""
+    from safeft.recipes.bench import _check_scored_on_today, _finished, aligned_row_path, run_identity
+    from safeft.recipes.evaluate import scored_requests
+
+    grid = BenchConfig(out=str(tmp_path), methods=["sft"])
+    setting, (label, method) = grid.settings[0], grid.method_entries()[0]
+    today = scored_requests("eval")
+    assert run_identity(grid, setting, 0, method)["scored_requests"] == today
+    record = {**VALID_RUN, **run_identity(grid, setting, 0, method)}
+    del record["scored_requests"]  # a file from before the requests were named: its counts decide
+    record["metrics"] = {**record["metrics"], "harmful_score": {**RATE, "n": today["harmful"]},
+                         "over_refusal": {**RATE, "n": today["benign"]}}
+    write_json(run_path(tmp_path, setting, label, 0), record)
+    assert _finished(grid, tmp_path, setting, 0, label, method)
+    record["metrics"]["over_refusal"] = {**RATE, "n": 40}  # scored on the old 40 benign requests
+    write_json(run_path(tmp_path, setting, label, 0), record)
+    with pytest.raises(ValueError, match="scored_requests differ"):
+        _finished(grid, tmp_path, setting, 0, label, method)
+
+    row = aligned_row_path(grid, tmp_path / "aligned-x", setting, tmp_path)
+    _check_scored_on_today(row, setting)  # no row yet: it is evaluated
+    aligned = {"format": "safeft.bench-run/1", "kind": "aligned", "task": "facts", "aligned_model": "x",
+               "headline": HEADLINE, "metrics": {**record["metrics"]}}
+    write_json(row, aligned)
+    with pytest.raises(ValueError, match="scored on other requests \\(80 harmful, 40 benign\\)"):
+        _check_scored_on_today(row, setting)
+    write_json(row, {**aligned, "scored_requests": today})
+    _check_scored_on_today(row, setting)
+
+
 @pytest.mark.slow
 def test_a_bench_with_jailbreaks_reports_their_asr(tiny_dir, cache, tmp_path):
     grid = replace(config(tiny_dir, cache, tmp_path / "bench", methods=("sft",)), jailbreaks="builtin",

@@ -198,6 +198,7 @@ def bench(config: BenchConfig, *, command: str | None = None) -> dict:
         for setting, method in {(s.name, json.dumps(m.alignment_key(), sort_keys=True)): (s, m)
                                 for s, _, _, m in plan}.values():  # the aligned rows the summary reads
             row = aligned_row_path(config, aligned_model_dir(config.model, config.align, cache, method), setting, out)
+            _check_scored_on_today(row, setting)
             if not _valid_row(row):  # missing, or damaged (said so): evaluated (again)
                 aligned_dir, report, _ = ensure_aligned(config.model, config.align, cache, method,
                                                         chat_template=config.chat_template)
@@ -217,11 +218,13 @@ def bench(config: BenchConfig, *, command: str | None = None) -> dict:
 def run_identity(config: BenchConfig, setting: Setting, seed: int, method, label: str | None = None) -> dict:
     """Return what decides a run's numbers, as recorded in its run file (a finished run is reused only if equal);
     ``label`` is the method entry's (its own learning rate, if it has one)."""
+    from safeft.recipes.evaluate import scored_requests
+
     train_config = config.run_train_config(setting, seed, label)
     train = {k: v for k, v in train_config.to_dict().items() if k != "save_every"}
     identity = {"setting": asdict(setting), "method": method.name, "method_options": method.options(train_config),
                 "seed": seed, "model": config.model, "train": train, "judge": config.judge,
-                "max_new_tokens": config.max_new_tokens}
+                "max_new_tokens": config.max_new_tokens, "scored_requests": scored_requests(split_of(setting))}
     if split := own_validation_split(setting):  # only then: the other run files stay valid
         identity["validation_split"] = split
     if config.jailbreaks:  # only then: run files written before jailbreaks existed stay valid
@@ -261,6 +264,8 @@ def _finished(config: BenchConfig, out: Path, setting: Setting, seed: int, label
             return False
     expected = run_identity(config, setting, seed, method, label)
     fill_defaults(record, expected, {"setting": Setting(), "train": TrainConfig(), "method_options": method.Config()})
+    if "scored_requests" not in record and _counts(record) == _counts(expected):
+        record["scored_requests"] = expected["scored_requests"]  # written before the requests were named
     differ = sorted(k for k, v in expected.items() if json.loads(json.dumps(v)) != record.get(k))
     if differ:
         raise UserError(f"{path} holds a finished run made with other settings ({', '.join(differ)} differ); "
@@ -407,10 +412,12 @@ def _evaluate_aligned(config: BenchConfig, aligned_dir: Path, report: dict | Non
     metrics = evaluate_dir(aligned_dir, task_of(setting), max_new_tokens=config.max_new_tokens,
                            judge=load_judge(config.judge), split=split_of(setting),
                            **_jailbreak_options(config))
+    from safeft.recipes.evaluate import scored_requests
+
     split = own_validation_split(setting)
     own_split = {"validation_split": split} if split else {}
     write_json(path, {"format": RUN_FORMAT, "kind": "aligned", "task": setting.task, "split": split_of(setting),
-                      **own_split, "model": config.model,
+                      **own_split, "scored_requests": scored_requests(split_of(setting)), "model": config.model,
                       "aligned_model": str(aligned_dir), "alignment": report, "metrics": metrics,
                       "headline": headline(metrics)})
 
@@ -425,6 +432,36 @@ def aligned_row_path(config: BenchConfig, aligned_dir: Path, setting: Setting, o
     if config.jailbreaks:
         task += f"-jailbreaks-{_short_hash([config.jailbreaks, config.jailbreak_requests])}"
     return out / "runs" / "aligned" / f"{task}-{slug(aligned_dir.name)}.json"
+
+
+def _counts(record: dict) -> tuple:
+    """Return ``(harmful, benign)``: how many built-in requests a run file or identity says it was scored on (its
+    ``scored_requests``, else its metrics' counts: a file written before the requests were named; the splits have
+    only ever changed in size, 40 to 200 benign evaluation requests and 40 to 160 harmful validation ones)."""
+    if named := record.get("scored_requests"):
+        return named["harmful"], named["benign"]
+    metrics = record.get("metrics", {})
+    return (metrics.get("harmful_score") or {}).get("n"), (metrics.get("over_refusal") or {}).get("n")
+
+
+def _check_scored_on_today(row: Path, setting: Setting) -> None:
+    """Raise if the aligned model's row ``row`` exists and was scored on other built-in requests than the
+    setting's split holds today (it is every run's reference: runs scored on other requests are never mixed)."""
+    from safeft.recipes.evaluate import scored_requests
+
+    try:
+        record = read_run_file(row) if row.exists() else None
+    except DamagedRunFile:
+        return  # evaluated again by the caller
+    today = scored_requests(split_of(setting))
+    if record is None or record.get("scored_requests", today) == today and _counts(record) == _counts(
+            {"scored_requests": today}):
+        return
+    harmful, benign = _counts(record)
+    raise UserError(f"{row}: the aligned model's row was scored on other requests ({harmful} harmful, {benign} "
+                     f"benign) than today's {split_of(setting)!r} split ({today['harmful']} and {today['benign']}, "
+                     f"hash {today['hash']}); give this grid another --out, or delete that file and the runs beside "
+                     "it to rerun them")
 
 
 def _valid_row(path: Path) -> bool:

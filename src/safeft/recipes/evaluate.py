@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from safeft.data import builtin
 from safeft.data.tasks import Task
 from safeft.errors import UserError
+
+
+def scored_requests(split: str = "eval") -> dict:
+    """Return ``{"harmful": n, "benign": n, "hash": h}`` naming the built-in requests :func:`evaluate` scores on
+    ``split`` (the harmful ones and the benign ones of over-refusal; ``h`` hashes both lists), so that a result
+    scored on other requests (an older split) can be told apart from today's."""
+    harmful = [p for _, p in builtin.harmful_requests(split)]
+    benign = [p for _, p in builtin.over_refusal_requests(split)]
+    digest = hashlib.sha256(json.dumps([harmful, benign]).encode()).hexdigest()[:8]
+    return {"harmful": len(harmful), "benign": len(benign), "hash": digest}
 
 
 def evaluate(model, tokenizer, task: Task | None, *, max_new_tokens: int = 64, judge=None,
