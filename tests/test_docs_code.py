@@ -1,9 +1,10 @@
 """Every ```python block of README.md and docs/**/*.md runs on a tiny random model (issue 38).
 
 ``"path/to/aligned-model"`` and ``"path/to/base-model"`` in a block stand for a model directory; here both are a
-tiny random Llama (hidden 256, so that the default rank 128 fits every matrix; seed 3, which answers enough built-in harmful requests for a 10% mix) with a byte tokenizer. A block
-preceded by ``<!-- skip-test: reason -->`` is skipped (only where it cannot run offline: a Hub upload); a block
-that calls ``bench(`` starts processes and is marked slow. Identical blocks (README and a guide) run once.
+tiny random Llama (hidden 256, so that the default rank 128 fits every matrix; seed 3, which answers enough
+built-in harmful requests for a 10% mix) with a byte tokenizer. A block preceded by ``<!-- skip-test: reason -->``
+is skipped (only where it cannot run offline: a Hub upload); a block that calls ``bench(`` starts processes and is
+marked slow. Identical blocks (README and a guide) run once.
 """
 
 import os
