@@ -27,6 +27,11 @@ def full(run: dict) -> bool:
     return not run["setting"].get("lora_r") and run["setting"].get("deep", 1.0) == 1.0
 
 
+def full_any_budget(run: dict) -> bool:
+    """Full fine-tuning at any budget (deep fine-tuning included)."""
+    return not run["setting"].get("lora_r")
+
+
 # factor -> (today's default label, candidate labels, which settings decide it)
 FACTORS = {
     "onset tokens": ("spf", ["spf onset=all", "spf onset=2", "spf onset=8"], full),
@@ -41,7 +46,7 @@ FACTORS = {
                                  "spf rise=0.02 accumulate", "spf+mix 0.05", "spf refresh=25",
                                  "spf+mix 0.05 refresh=25", "spf margin", "spf margin refresh=50",
                                  "spf samples=64", "spf margin samples=64", "spf rank=128"],
-                         lambda r: not r["setting"].get("lora_r")),
+                         full_any_budget),
     "margin (LoRA)": ("spf side=two_sided", ["spf side=two_sided margin"], lambda r: bool(r["setting"].get("lora_r"))),
     # around the LoRA side the side factor chose on validation (left), not today's two_sided
     "rank (LoRA)": ("spf side=left", ["spf side=left rank=128"], lambda r: bool(r["setting"].get("lora_r"))),
@@ -50,7 +55,7 @@ FACTORS = {
     "refusal replay": ("spf", ["spf+mix 0.05", "spf+mix 0.1"], full),
     # around the rank the rank and deep factors chose (128), at every full fine-tuning budget as above
     "deep fine-tuning (rank 128)": ("spf rank=128", ["spf rank=128 margin", "spf+mix 0.05 rank=128"],
-                                    lambda r: not r["setting"].get("lora_r")),
+                                    full_any_budget),
     # settings that differ only in their rate are pooled first (LEARNING_RATE_RULE)
     "learning rate": ("spf", ["spf lr=0.0001", "spf lr=0.00015", "spf lr=0.0002"], full),
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 JUDGE_NAMES = {"keyword": "keyword judge (refusal phrase in the first 200 characters -> refusal; short, label-only "
@@ -93,10 +94,7 @@ def sample_sizes(runs: list[dict]) -> str:
     harmful = sorted({r["metrics"]["harmful_score"]["n"] for r in runs})
     benign = sorted({r["metrics"]["over_refusal"]["n"] for r in runs})
     seeds = sorted({r["seed"] for r in runs})
-    per_pair: dict[tuple[str, str], int] = {}
-    for r in runs:
-        key = (r["setting"]["name"], r["label"])
-        per_pair[key] = per_pair.get(key, 0) + 1
+    per_pair = Counter((r["setting"]["name"], r["label"]) for r in runs)  # seeds per method and setting
     spread = sorted(set(per_pair.values()), reverse=True)
     if len(spread) == 1:
         how = f"{spread[0]} per method and setting"

@@ -264,8 +264,7 @@ def _finished(config: BenchConfig, out: Path, setting: Setting, seed: int, label
             return False
     expected = run_identity(config, setting, seed, method, label)
     fill_defaults(record, expected, {"setting": Setting(), "train": TrainConfig(), "method_options": method.Config()})
-    if "scored_requests" not in record and _counts(record) == _counts(expected):
-        record["scored_requests"] = expected["scored_requests"]  # written before the requests were named
+    record["scored_requests"] = _scored_requests_of(record, expected["scored_requests"])
     differ = sorted(k for k, v in expected.items() if json.loads(json.dumps(v)) != record.get(k))
     if differ:
         raise UserError(f"{path} holds a finished run made with other settings ({', '.join(differ)} differ); "
@@ -406,14 +405,12 @@ def _evaluate_aligned(config: BenchConfig, aligned_dir: Path, report: dict | Non
     """Evaluate the aligned model on the setting's task (the reference row) and write it to ``path``."""
     from safeft.evaluate.judges import load_judge
     from safeft.io import write_json
-    from safeft.recipes.evaluate import evaluate_dir, headline
+    from safeft.recipes.evaluate import evaluate_dir, headline, scored_requests
     from safeft.recipes.finetune import task_of
 
     metrics = evaluate_dir(aligned_dir, task_of(setting), max_new_tokens=config.max_new_tokens,
                            judge=load_judge(config.judge), split=split_of(setting),
                            **_jailbreak_options(config))
-    from safeft.recipes.evaluate import scored_requests
-
     split = own_validation_split(setting)
     own_split = {"validation_split": split} if split else {}
     write_json(path, {"format": RUN_FORMAT, "kind": "aligned", "task": setting.task, "split": split_of(setting),
@@ -434,12 +431,17 @@ def aligned_row_path(config: BenchConfig, aligned_dir: Path, setting: Setting, o
     return out / "runs" / "aligned" / f"{task}-{slug(aligned_dir.name)}.json"
 
 
+def _scored_requests_of(record: dict, today: dict) -> dict | None:
+    """Return the built-in requests a run file or aligned row was scored on: its ``scored_requests``; for a file
+    written before they were named, ``today`` when its metrics' counts are today's (the splits have only ever
+    changed in size: 40 to 200 benign evaluation requests, 40 to 160 harmful validation ones), else None."""
+    if "scored_requests" in record:
+        return record["scored_requests"]
+    return today if _counts(record) == (today["harmful"], today["benign"]) else None
+
+
 def _counts(record: dict) -> tuple:
-    """Return ``(harmful, benign)``: how many built-in requests a run file or identity says it was scored on (its
-    ``scored_requests``, else its metrics' counts: a file written before the requests were named; the splits have
-    only ever changed in size, 40 to 200 benign evaluation requests and 40 to 160 harmful validation ones)."""
-    if named := record.get("scored_requests"):
-        return named["harmful"], named["benign"]
+    """Return ``(harmful, benign)``: the requests a run file's or aligned row's metrics counted."""
     metrics = record.get("metrics", {})
     return (metrics.get("harmful_score") or {}).get("n"), (metrics.get("over_refusal") or {}).get("n")
 
@@ -454,8 +456,7 @@ def _check_scored_on_today(row: Path, setting: Setting) -> None:
     except DamagedRunFile:
         return  # evaluated again by the caller
     today = scored_requests(split_of(setting))
-    if record is None or record.get("scored_requests", today) == today and _counts(record) == _counts(
-            {"scored_requests": today}):
+    if record is None or _scored_requests_of(record, today) == today:
         return
     harmful, benign = _counts(record)
     raise UserError(f"{row}: the aligned model's row was scored on other requests ({harmful} harmful, {benign} "
