@@ -127,6 +127,22 @@ def test_nan_gradient_is_a_clear_error(tokenizer, benign_batch, subspace, projec
     assert int((~torch.isfinite(weight)).sum()) == (1 if project == "update" else 0)
 
 
+def test_nan_in_the_lora_factor_a_batch_leaves_alone_is_a_clear_error(tokenizer, benign_batch, subspace):
+    """LoRA on one side, batched: A is not projected under ``left``, yet a non-finite A is named before SPF writes."""
+    model = get_peft_model(tiny_llama(seed=0), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                          lora_dropout=0.0))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    handle = attach_spf(optimizer, model, subspace, SPFConfig(rank=8, side="left"), batched=True)
+    assert handle.projector.stats().batches  # the q_proj of both layers share a batch
+    model(**benign_batch).loss.backward()
+    target = find_targets(model)["model.layers.1.self_attn.q_proj"]
+    target.lora_A.grad[0, 0] = float("nan")
+    sgd_step = target.lora_B.detach() - 0.1 * target.lora_B.grad
+    with pytest.raises(FloatingPointError, match="non-finite gradient.*layers.1.self_attn.q_proj"):
+        optimizer.step()
+    torch.testing.assert_close(target.lora_B.detach(), sgd_step)  # the optimizer's step only: SPF wrote nothing
+
+
 def test_update_projection_notices_weights_written_between_steps(tokenizer, benign_batch, subspace):
     """project="update" reuses its post-correction sketch as the next pre-step sketch, unless the weights were
     written in between (here: a checkpoint loaded mid-run); the guarantee holds from the new weights on."""
@@ -142,8 +158,9 @@ def test_update_projection_notices_weights_written_between_steps(tokenizer, beni
     assert safety_component(subspace, moved) < 1e-6
 
 
-@pytest.mark.parametrize("lora, side", [(False, "right"), (False, "left"), (True, "two_sided")],
-                         ids=["full-right", "full-left", "lora-two_sided"])
+@pytest.mark.parametrize("lora, side", [(False, "right"), (False, "left"), (True, "two_sided"), (True, "left"),
+                                        (True, "right")],
+                         ids=["full-right", "full-left", "lora-two_sided", "lora-left", "lora-right"])
 def test_batched_correction_makes_the_per_target_correction(tokenizer, benign_batch, safety_pairs, lora, side):
     """Targets of equal shapes corrected in batched products (in batches capped by batch_bytes, a lone leftover on
     the per-target path) end where the per-target correction ends them, through weights written mid-run."""
@@ -170,7 +187,8 @@ def test_batched_correction_makes_the_per_target_correction(tokenizer, benign_ba
     assert not plain_projector.stats().batches
     # groups by shapes and rank (layer 2's bases have rank 4, the others 8): q/o 4 + 2, k/v 6, gate/up 4 + 2,
     # down 2 + 1 (alone: per-target path); full fine-tuning's gate/up matrices go two to a batch under the cap
-    sizes = [2, 2, 2, 4, 4, 6] * 2 if lora else [2, 2, 2, 2, 2, 4, 6]  # LoRA: a B batch and an A batch
+    sizes = [2, 2, 2, 2, 2, 4, 6] if not lora else [2, 2, 2, 4, 4, 6] * (2 if side == "two_sided" else 1)
+    # (LoRA two_sided: a B batch and an A batch per group; one side: the projected factor's batch only)
     assert sorted(projector.stats().batches) == sorted(sizes)
     assert [g.name for g in projector.stats().targets if not g.batched] == ["model.layers.2.mlp.down_proj"]
     reference = dict(plain.named_parameters())

@@ -1,9 +1,9 @@
 """Equal-shape batching of the update correction: targets whose trained tensors share shapes, dtype and device are
 corrected together in batched products, a few kernels per shape instead of a few per target.
 
-Used with ``mode="always"`` and ``project="update"`` where every trained tensor is projected (full fine-tuning on
-one side; LoRA with ``two_sided``), on an accelerator, where the hooks' time is per-target kernel launches and Python
-rather than arithmetic. The correction is the same as the per-target path's (each entry rounded once).
+Used with ``mode="always"`` and ``project="update"`` (full fine-tuning on one side; LoRA on any side: the projected
+factor, or both under ``two_sided``), on an accelerator, where the hooks' time is per-target kernel launches and
+Python rather than arithmetic. The correction is the same as the per-target path's (each entry rounded once).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ class Batch:
 
     guards: list[Guard]
     factor: int  # which of each guard's weights(): the weight or lora_B (0), lora_A (1)
+    unprojected: int | None  # LoRA on one side: the other factor, whose finiteness the step still tests
     side: str  # "left": sketches U^T X, basis U; "right": sketches X V, basis V
     basis: Tensor  # (L, m, r) U's or (L, n, r) V's stacked, fp32; each guard's U or V is a view of its slice
     basis_mm: Tensor  # the basis in the dtype the sketches use (a full weight's on CUDA bf16/fp16, else basis itself)
@@ -37,6 +38,10 @@ class Batch:
     def tensors(self) -> list[Tensor]:
         """Return the batch's trained tensors, one per guard."""
         return [g.weights()[self.factor] for g in self.guards]
+
+    def unprojected_tensors(self) -> list[Tensor]:
+        """Return the guards' factors this batch leaves alone (LoRA on one side; none otherwise)."""
+        return [] if self.unprojected is None else [g.weights()[self.unprojected] for g in self.guards]
 
     def sketches(self) -> Tensor:
         """Return the fp32 sketches of the tensors as they are now."""
@@ -68,9 +73,9 @@ def batch_guards(guards: list[Guard], config: SPFConfig, devices: tuple[str, ...
         return []
     groups: dict[tuple, list[Guard]] = {}
     for g in guards:
-        every_tensor_projected = config.side == "two_sided" if g.target.is_lora else config.side != "two_sided"
+        one_sided_weight = g.target.is_lora or config.side != "two_sided"  # a full weight corrected on one side
         device = g.weights()[0].device
-        if every_tensor_projected and not g.sharded and (devices is None or device.type in devices):
+        if one_sided_weight and not g.sharded and (devices is None or device.type in devices):
             shapes = tuple((tuple(w.shape), w.dtype) for w in g.weights())
             key = (shapes, tuple(g.U.shape), tuple(g.V.shape), device)
             groups.setdefault(key, []).append(g)
@@ -81,7 +86,7 @@ def batch_guards(guards: list[Guard], config: SPFConfig, devices: tuple[str, ...
             part = members[i:i + size]
             if len(part) < 2:
                 continue
-            for factor, side in ((0, "left"), (1, "right")) if part[0].target.is_lora else ((0, config.side),):
+            for factor, side, unprojected in _batched_factors(part[0], config.side):
                 basis = torch.stack([g.U if side == "left" else g.V for g in part])
                 for j, g in enumerate(part):
                     setattr(g, "U" if side == "left" else "V", basis[j])
@@ -89,5 +94,16 @@ def batch_guards(guards: list[Guard], config: SPFConfig, devices: tuple[str, ...
                 x = part[0].weights()[factor]
                 low = (not part[0].target.is_lora and x.device.type == "cuda"
                        and x.dtype in (torch.bfloat16, torch.float16))
-                batches.append(Batch(part, factor, side, basis, basis.to(x.dtype) if low else basis))
+                batches.append(Batch(part, factor, unprojected, side, basis, basis.to(x.dtype) if low else basis))
     return batches
+
+
+def _batched_factors(guard: Guard, side: str) -> list[tuple[int, str, int | None]]:
+    """Return (factor, the side it is sketched on, the factor left alone or None) for each of a guard's projected
+    tensors: a full weight on ``side``; under LoRA B on the left, A on the right, one or both of them."""
+    if not guard.target.is_lora:
+        return [(0, side, None)]
+    on_b, on_a = P.lora_projected_factors(side)
+    if on_b and on_a:
+        return [(0, "left", None), (1, "right", None)]
+    return [(0, "left", 1)] if on_b else [(1, "right", 0)]

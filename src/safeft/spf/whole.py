@@ -72,9 +72,13 @@ def project_updates(guards: list[Guard], batches: list[Batch], config: SPFConfig
         i += len(after)
     batch_deltas = [b.sketches() - b.before for b in batches]
     delta_norm = torch.nn.utils.get_total_norm(flat + batch_deltas)
-    if not torch.isfinite(delta_norm):
+    alone = [(g.target.name, x) for b in batches for g, x in zip(b.guards, b.unprojected_tensors())]
+    # a factor a batch leaves alone is tested whole (the per-target path tests its sketches): small, LoRA's
+    finite = delta_norm if not alone else torch.nn.utils.get_total_norm([delta_norm] + [x for _, x in alone])
+    if not torch.isfinite(finite):
         named = [(g.target.name, d) for g, d in zip(guards, deltas)]
         named += [(g.target.name, [d[j]]) for b, d in zip(batches, batch_deltas) for j, g in enumerate(b.guards)]
+        named += [(name, [x]) for name, x in alone]
         bad = (name for name, d in named if not all(torch.isfinite(x).all() for x in d))
         raise FloatingPointError(non_finite_message(next(bad, "(one of them)")))
     removed = []
