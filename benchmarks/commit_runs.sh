@@ -2,8 +2,9 @@
 # Commit a bench's run files as they land, one commit per run, so a grid that takes hours survives the session:
 #   bash benchmarks/commit_runs.sh benchmarks/results/validation &
 # Run from the repository root; it commits only the run files and the generated pages they change (README.md and
-# docs/, rebuilt by benchmarks/report.py, so a committed run never leaves a stale page behind; other staged work is
-# left alone) and stops when the file STOP appears in the bench directory (or when killed).
+# docs/, rebuilt by benchmarks/report.py, so a committed run never leaves a stale page behind; other staged work, and
+# a page with edits of its own before the rebuild, is left alone) and stops when the file STOP appears in the bench
+# directory (or when killed).
 set -u
 dir="$1"
 while [ ! -e "$dir/STOP" ]; do
@@ -27,8 +28,9 @@ PY
   done
   if [ "${landed:-0}" = 1 ]; then
     landed=0
+    edited=$(git diff --name-only -- README.md docs)  # someone's work in progress: never swept into this commit
     if .venv/bin/python benchmarks/report.py >/dev/null; then
-      pages=$(git diff --name-only -- README.md docs)
+      pages=$(git diff --name-only -- README.md docs | grep -v -x -F "${edited:-/}")
       [ -n "$pages" ] && git commit -q -m "docs: regenerated from the runs that landed" --only -- $pages
     fi
   fi

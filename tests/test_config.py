@@ -66,8 +66,10 @@ def test_required_options_may_come_from_the_file(tmp_path):
     assert config.out == "runs/x" and options == {"rank": 8}
 
 
-def test_spf_config_rank_defaults_only_without_energy_or_budget():
-    assert SPFConfig().rank == 128 and SPFConfig(energy=0.9).rank is None and SPFConfig(budget=100).rank is None
+def test_spf_rank_defaults_by_the_kind_of_training_only_without_another_policy():
+    assert (SPFConfig().rank_for(lora=False), SPFConfig().rank_for(lora=True)) == (128, 64)
+    assert SPFConfig(rank=8).rank_for(lora=True) == 8
+    assert SPFConfig(energy=0.9).rank_for(lora=False) is None and SPFConfig(budget=100).rank_for(lora=True) is None
     with pytest.raises(ValueError, match="not rank and energy"):
         SPFConfig(rank=8, energy=0.9)
 

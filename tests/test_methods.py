@@ -174,10 +174,12 @@ def test_a_method_with_its_own_alignment_stage_gets_its_own_aligned_model(tiny_d
         del REGISTRY["counting"]
 
 
-def test_spf_records_the_side_in_force_for_the_training():
+def test_spf_records_the_side_and_rank_in_force_for_the_training():
     spf = build_method("spf")
-    assert spf.options(TrainConfig())["side"] == "right"
-    assert spf.options(TrainConfig(lora_r=8))["side"] == "left"
+    assert [spf.options(TrainConfig())[k] for k in ("side", "rank")] == ["right", 128]
+    assert [spf.options(TrainConfig(lora_r=8))[k] for k in ("side", "rank")] == ["left", 64]
+    assert build_method("spf", {"rank": 128}).options(TrainConfig(lora_r=8))["rank"] == 128  # a set rank is kept
+    assert build_method("spf", {"energy": 0.9}).options(TrainConfig(lora_r=8))["rank"] is None
     assert build_method("spf", {"refresh_every": 50}).options(TrainConfig(lora_r=8))["side"] == "two_sided"
     assert build_method("spf", {"side": "left"}).options(TrainConfig(lora_r=8))["side"] == "left"  # a set side is kept
 

@@ -116,6 +116,19 @@ def test_a_budget_goes_to_the_largest_singular_values_of_all_targets(model, toke
     assert budget.config.budget == 20 and budget.metadata["rank_policy"]["budget"] == 20
 
 
+def test_the_default_rank_is_the_one_for_the_kind_of_training_and_the_subspace_records_it(tokenizer, safety_pairs):
+    """Left to the default, a plain model is guarded at rank 128 and a LoRA model at rank 64; the saved metadata
+    names the rank in force, so a reloaded subspace (or a refresh) keeps it."""
+    model = tiny_llama(seed=0, hidden=256)  # every matrix at least 128 wide
+    recorded = {}
+    for lora in (False, True):
+        m = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear")) if lora else model
+        sub = SafetySubspace.estimate(m, tokenizer, safety_pairs, SPFConfig(onset_tokens=None), show_progress=False)
+        recorded[lora] = (sub.metadata["rank_policy"]["rank"], sub.config.rank)
+        assert max(b.rank for b in sub.bases.values()) <= recorded[lora][0]
+    assert recorded == {False: (128, 128), True: (64, 64)}
+
+
 def test_select_rank():
     S = torch.tensor([3.0, 2.0, 1.0, 0.0])
     assert select_rank(S, SPFConfig(rank=8)) == 3  # never beyond the numerical rank

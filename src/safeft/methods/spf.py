@@ -182,9 +182,10 @@ class SPF(Method):
         self.callback = None
 
     def options(self, train: TrainConfig) -> dict:
-        """Return the options with the side in force for ``train`` (``right``, or ``left`` under LoRA, when the
-        side is left to the default), so a run records the rule that guarded it."""
-        return {**super().options(train), "side": self.config.side_for(lora=train.lora_r > 0)}
+        """Return the options with the side and the rank in force for ``train`` where they are left to the
+        defaults (``right`` and 128, or ``left`` and 64 under LoRA), so a run records the rule that guarded it."""
+        lora = train.lora_r > 0
+        return {**super().options(train), "side": self.config.side_for(lora), "rank": self.config.rank_for(lora)}
 
     def safety_samples(self, run: RunContext) -> list:
         """Return the samples to estimate from: the file's, or built-in ones outside the fine-tuning data."""

@@ -10,7 +10,8 @@ from safeft.errors import UserError
 from safeft.spf.projection import MODES, SIDES
 
 PROJECT_ON = ("grad", "update")
-DEFAULT_RANK = 128
+DEFAULT_RANK = 128  # full fine-tuning's fixed rank per target, chosen on validation data
+DEFAULT_LORA_RANK = 64  # under LoRA: rank 128 cost SFT-LoRA's accuracy there (benchmarks/results/spf_choices.md)
 DEFAULT_MAX_RANK = 64  # the cap of the energy and budget policies (a fixed rank has none)
 
 
@@ -22,12 +23,14 @@ class SPFConfig:
     benchmarks/results/spf_choices.md): remove every update's action on the top-128 input directions of the
     refusal-onset gradient (the first 4 tokens of each refusal; ``side="right"``, ``mode="always"``,
     ``onset_tokens=4``), applied to the weight change the optimizer made (``project="update"``); under LoRA the
-    default side is ``"left"`` (``"two_sided"`` when the subspace is refreshed, which needs it).
+    defaults are rank 64 and the ``"left"`` side (``"two_sided"`` when the subspace is refreshed, which needs it).
     The paper's reading is
     ``SPFConfig(rank=8, side="left", mode="conflict", project="grad", onset_tokens=None)``.
 
     Args:
-        rank: fixed rank r per target; default 128 unless ``energy`` or ``budget`` is set (set one of the three).
+        rank: fixed rank r per target (set at most one of ``rank``, ``energy``, ``budget``). None with neither of
+            the others: the rank chosen on validation for the kind of training, 128 for full fine-tuning and 64
+            under LoRA, given when the subspace is estimated (:meth:`rank_for`).
         energy: keep the smallest r whose singular values hold this fraction of the squared spectrum, in (0, 1].
         budget: directions to keep over all targets together, given to the largest singular values of all the
             targets' safety gradients (a singular value is how fast the safety loss changes along its direction
@@ -78,8 +81,6 @@ class SPFConfig:
         if len(policies) > 1:
             raise UserError(f"SPFConfig: set one of `rank` (fixed rank), `energy` (fraction of spectrum) or `budget` "
                              f"(directions over all targets), not {' and '.join(policies)}")
-        if not policies:
-            self.rank = DEFAULT_RANK
         if self.budget is not None and self.budget <= 0:
             raise UserError(f"SPFConfig.budget must be a positive number of directions, got {self.budget}")
         if self.rank is not None and self.rank <= 0:
@@ -120,6 +121,14 @@ class SPFConfig:
         if not lora:
             return "right"
         return "two_sided" if (self.refresh_every or self.refresh_on_rise) else "left"
+
+    def rank_for(self, lora: bool) -> int | None:
+        """Return the fixed rank SPF estimates with: ``rank`` if set, None under ``energy`` or ``budget``, else 128
+        for full fine-tuning and 64 under LoRA (on validation data, rank 128 under LoRA cost accuracy against
+        SFT-LoRA's that rank 64 kept: benchmarks/results/spf_choices.md, "rank (LoRA)")."""
+        if self.rank is not None or self.energy is not None or self.budget is not None:
+            return self.rank
+        return DEFAULT_LORA_RANK if lora else DEFAULT_RANK
 
     def rank_policy(self) -> dict[str, Any]:
         """Return the estimation settings that decide the subspace, as stored in a saved subspace's metadata."""
