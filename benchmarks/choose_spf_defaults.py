@@ -47,8 +47,8 @@ FACTORS = {
                                  "spf+mix 0.05 refresh=25", "spf margin", "spf margin refresh=50",
                                  "spf samples=64", "spf margin samples=64", "spf rank=128"],
                          full_any_budget),
-    "margin (LoRA)": ("spf side=two_sided", ["spf side=two_sided margin"], lambda r: bool(r["setting"].get("lora_r"))),
-    # around the LoRA side the side factor chose on validation (left), not today's two_sided
+    # around the LoRA side the side factor chose on validation (left), not the former default two_sided
+    "margin (LoRA)": ("spf side=left", ["spf side=left margin"], lambda r: bool(r["setting"].get("lora_r"))),
     "rank (LoRA)": ("spf side=left", ["spf side=left rank=128"], lambda r: bool(r["setting"].get("lora_r"))),
     "task overlap": ("spf", ["spf task=0.5", "spf task=0.2", "spf mode=directional", "spf mode=conflict",
                              "spf+mix 0.05"], full),
