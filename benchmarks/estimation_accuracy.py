@@ -34,7 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
     parser.add_argument("--model", default="default")
-    parser.add_argument("--rank", type=int, default=SPFConfig().rank)
+    parser.add_argument("--rank", type=int, default=SPFConfig().rank_for(lora=False))
     parser.add_argument("--samples", type=int, default=DEFAULT_SAFETY_SAMPLES)
     args = parser.parse_args()
 

@@ -116,7 +116,7 @@ def main(argv=None) -> dict:
                         else load_model(args.model, dtype=dtype))
     model.to(device)
     config, pairs = SPFConfig(), builtin_safety_samples(args.samples)
-    rank = config.rank or config.max_rank
+    rank = config.rank_for(lora=False)  # full fine-tuning's default
     encoded = [encode_response(tokenizer, s.prompt, s.refusal, config.onset_tokens) for s in pairs]
     targets = find_targets(model, config.target_modules)
 

@@ -326,7 +326,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     defaults = SPFConfig()
-    parser.add_argument("--rank", type=int, default=defaults.rank)
+    parser.add_argument("--rank", type=int, default=None,
+                        help="fixed rank per target (default: SPF's for each kind of training, 128 full, 64 LoRA)")
     parser.add_argument("--side", default=defaults.side)
     parser.add_argument("--mode", default=defaults.mode)
     parser.add_argument("--samples", type=int, default=DEFAULT_SAFETY_SAMPLES)
@@ -375,7 +376,8 @@ def main() -> None:
         "sweep_seq_len": args.sweep_seq_len,
         "sweep_rounds": args.sweep_rounds,
         "optimizer": "AdamW lr 1e-5",
-        "spf": {"rank": args.rank, "side": args.side or "default", "mode": args.mode, "samples": args.samples},
+        "spf": {"rank": args.rank or "default", "side": args.side or "default", "mode": args.mode,
+                "samples": args.samples},
         "full": full,
         "lora": lora,
     }
