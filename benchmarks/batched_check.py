@@ -3,7 +3,7 @@
     python benchmarks/batched_check.py --model random:576,1536,30,9,3,49152 --dtype bfloat16 --out DIR
 
 Two copies of one random-weight model (every block matrix trained, AdamW lr 1e-4, one sequence of random tokens per
-step) train with SPF at the library defaults (rank 64, ``right``, ``always``, ``update``), estimated once from 20
+step) train with SPF at the library defaults (rank 128, ``right``, ``always``, ``update``), estimated once from 20
 built-in samples: one corrects matrices of equal shape in batched products (``attach_spf(..., batched=True)``
 naming the device), the other one matrix at a time. Written to ``DIR/batched_check.json`` and printed: the
 batches formed, the share of weight entries where the two runs differ and the largest difference (in units of

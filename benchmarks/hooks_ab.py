@@ -37,7 +37,6 @@ for p in base.parameters():
 for n, p in base.named_parameters():
     if "layers." in n and "norm" not in n:
         p.requires_grad_(True)
-sub = SafetySubspace.estimate(base, tok, builtin_safety_samples(20), SPFConfig(), show_progress=False)
 batch = {"input_ids": torch.randint(0, 256, (1, int(sys.argv[4])), device=dev)}
 batch["labels"] = batch["input_ids"]
 
@@ -48,6 +47,8 @@ if sys.argv[5:] == ["lora"]:
     models = {k: prepare_model(copy.deepcopy(base), TrainConfig(lora_r=8)) for k in ("sft", "spf")}
 else:
     models = {"sft": base, "spf": copy.deepcopy(base)}
+# estimated on the model SPF guards, as safeft finetune does (under LoRA: the wrapped one, LoRA's default rank)
+sub = SafetySubspace.estimate(models["spf"], tok, builtin_safety_samples(20), SPFConfig(), show_progress=False)
 opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5) for k, m in models.items()}
 proj = attach_spf(opts["spf"], models["spf"], sub, SPFConfig(monitor_every=0)).projector
 times = {"sft": [], "spf": []}

@@ -29,23 +29,24 @@ args = parser.parse_args()
 model, tokenizer = (tiny_llama(), byte_tokenizer()) if args.tiny else load_model(args.model)
 data = to_dataset(load_jsonl(args.data) if args.data else load_task("facts").train)
 
+# LoRA: wrap first, so that the subspace is estimated on the model it guards (LoRA's defaults: rank 64, left side)
+if args.lora:
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
+
 # 1. the safety subspace of the aligned model, from (harmful request, refusal) pairs
-config = SPFConfig(rank=4) if args.tiny else SPFConfig()  # rank 128, right side (left under LoRA), always, update
+config = SPFConfig(rank=4) if args.tiny else SPFConfig()  # rank 128, right side, always, update (full fine-tuning)
 subspace = SafetySubspace.estimate(model, tokenizer, builtin_safety_samples(20), config)
 
-# 2. train as usual; SPF is one callback. Under LoRA the subspace belongs to the frozen base weights.
-peft_config = None
-if args.lora:
-    from peft import LoraConfig
-
-    peft_config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0)
-else:
+# 2. train as usual; SPF is one callback
+if not args.lora:
     freeze_unguarded(model, subspace)  # what SPF cannot project (norm weights, embeddings) stays put
 sft_args = SFTConfig(output_dir=args.out, max_steps=2 if args.tiny else 40, per_device_train_batch_size=4,
                      learning_rate=2e-4 if args.lora else 5e-5, logging_steps=1, report_to="none",
                      save_strategy="no", max_length=256, bf16=False, use_cpu=args.tiny)
 trainer = SFTTrainer(model=model, args=sft_args, train_dataset=data, processing_class=tokenizer,
-                     peft_config=peft_config, callbacks=[SPFCallback(subspace, config)])
+                     callbacks=[SPFCallback(subspace, config)])
 trainer.train()
 trainer.save_model(args.out)
 print({k: v for k, v in trainer.state.log_history[-2].items() if k.startswith("spf/")})

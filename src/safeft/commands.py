@@ -481,7 +481,8 @@ class EstimateCommand:
     model: 'default' (SmolLM2-135M-Instruct), a local directory or an HF id in the local cache.
     samples: JSONL of {prompt, refusal[, compliance]}; default: built-in samples.
     num_samples: built-in samples to use without --samples.
-    rank: fixed rank per target unless --energy or --budget is set (default 128, full fine-tuning's; LoRA's is 64).
+    rank: fixed rank per target unless --energy or --budget is set (default 128, full fine-tuning's; give 64, LoRA's
+        default, for a subspace that will guard LoRA training).
     energy: keep this fraction of the squared spectrum instead of a fixed rank.
     budget: keep this many directions over all targets, where the safety gradients' singular values are largest.
     max_rank: cap on a target's rank under --energy or --budget.

@@ -53,7 +53,7 @@ class SPFOptions(SPFConfig):
     task_examples: int = 32
 
     def __post_init__(self) -> None:
-        if self.subspace:  # before SPFConfig gives an unset rank policy its default
+        if self.subspace:  # the saved subspace's settings, before SPFConfig's checks
             use_subspace_settings(self)
         super().__post_init__()
         if self.safety_samples <= 0:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from safeft.config import check_choice, check_positive, check_types
@@ -129,6 +129,12 @@ class SPFConfig:
         if self.rank is not None or self.energy is not None or self.budget is not None:
             return self.rank
         return DEFAULT_LORA_RANK if lora else DEFAULT_RANK
+
+    def with_rank_for(self, lora: bool) -> SPFConfig:
+        """Return a plain ``SPFConfig`` with this config's fields and the rank in force (:meth:`rank_for`) filled
+        in: what a subspace estimated for that kind of training records."""
+        values = {f.name: getattr(self, f.name) for f in fields(SPFConfig)}
+        return SPFConfig(**{**values, "rank": self.rank_for(lora)})
 
     def rank_policy(self) -> dict[str, Any]:
         """Return the estimation settings that decide the subspace, as stored in a saved subspace's metadata."""

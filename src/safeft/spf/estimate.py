@@ -133,8 +133,10 @@ def _eager():
 
 
 def estimate_bases(model: nn.Module, tokenizer, samples: Sequence[SafetySample], config: SPFConfig, *,
-                   show_progress: bool = True) -> tuple[dict[str, Target], dict[str, Basis]]:
-    """Return the targets of ``model`` that ``config`` selects and the safety basis of each, at its current weights.
+                   show_progress: bool = True) -> tuple[dict[str, Target], dict[str, Basis], SPFConfig]:
+    """Return the targets of ``model`` that ``config`` selects, the safety basis of each at its current weights, and
+    the config in force (a rank left to the default given its value for the targets: LoRA's, or full
+    fine-tuning's; :meth:`~safeft.spf.config.SPFConfig.rank_for`).
 
     The safety loss is the mean refusal-token cross-entropy (each refusal's first ``config.onset_tokens`` tokens, or
     all), minus the compliance loss for samples that carry one (the margin). Ranks follow ``config`` (fixed,
@@ -148,6 +150,7 @@ def estimate_bases(model: nn.Module, tokenizer, samples: Sequence[SafetySample],
     if not targets:
         raise UserError(f"no target matrices match target_modules={config.target_modules!r}; "
                          "list the linear layers to guard by name (e.g. ['q_proj', 'v_proj'])")
+    config = config.with_rank_for(lora=any(t.is_lora for t in targets.values()))
     if config.rank is not None:
         too_big = {n: t.shape for n, t in targets.items() if config.rank > min(t.shape)}
         if too_big:
@@ -175,7 +178,7 @@ def estimate_bases(model: nn.Module, tokenizer, samples: Sequence[SafetySample],
     ranks = allocate_ranks({name: b.S for name, b in bases.items()}, config)
     bases = {name: Basis(b.U[:, :ranks[name]].contiguous(), b.S[:ranks[name]].contiguous(),
                          b.V[:, :ranks[name]].contiguous()) for name, b in bases.items()}
-    return targets, bases
+    return targets, bases, config
 
 
 def task_gradients(model: nn.Module, tokenizer, examples: Sequence, targets: dict[str, Target], *,

@@ -78,9 +78,6 @@ def resolve_config(subspace: SafetySubspace, config: SPFConfig | None) -> SPFCon
         raise UserError(f"these settings differ from the ones the safety subspace was estimated with: "
                          f"{'; '.join(differ)}. They cannot apply to a subspace already made: estimate a new one "
                          "with them (safeft subspace estimate), or leave them out to use the subspace's")
-    policy = [k for k in ("rank", "energy", "budget") if values[k] is not None]
-    if len(policy) > 1:  # the subspace's own policy stands; the default rank only filled a gap
-        values.update({k: getattr(recorded, k) for k in ("rank", "energy", "budget")})
     return SPFConfig(**values)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -88,11 +88,9 @@ class SafetySubspace(ModelHubMixin, library_name="safeft", tags=["safeft", "safe
             A SafetySubspace with a Basis per target. A target's rank never exceeds the numerical rank of its
             safety gradient (one short sample gives at most as many directions as it has tokens).
         """
-        config = config or SPFConfig()
-        lora = any(t.is_lora for t in find_targets(model, config.target_modules).values())
-        config = replace(config, rank=config.rank_for(lora))  # the rank in force is what the subspace records
         samples = as_safety_samples(samples)
-        targets, bases = estimate_bases(model, tokenizer, samples, config, show_progress=show_progress)
+        targets, bases, config = estimate_bases(model, tokenizer, samples, config or SPFConfig(),
+                                                show_progress=show_progress)  # config: the rank in force
         from safeft import __version__
 
         metadata = {

@@ -73,8 +73,10 @@ def project_updates(guards: list[Guard], batches: list[Batch], config: SPFConfig
     batch_deltas = [b.sketches() - b.before for b in batches]
     delta_norm = torch.nn.utils.get_total_norm(flat + batch_deltas)
     alone = [(g.target.name, x) for b in batches for g, x in zip(b.guards, b.unprojected_tensors())]
-    # a factor a batch leaves alone is tested whole (the per-target path tests its sketches): small, LoRA's
-    finite = delta_norm if not alone else torch.nn.utils.get_total_norm([delta_norm] + [x for _, x in alone])
+    # a factor a batch leaves alone is tested whole (the per-target path tests its sketches): small, LoRA's; its
+    # norm in fp32, where a finite fp16 factor's cannot overflow
+    finite = delta_norm if not alone else torch.nn.utils.get_total_norm(
+        [delta_norm] + [torch.linalg.vector_norm(x, dtype=torch.float32) for _, x in alone])
     if not torch.isfinite(finite):
         named = [(g.target.name, d) for g, d in zip(guards, deltas)]
         named += [(g.target.name, [d[j]]) for b, d in zip(batches, batch_deltas) for j, g in enumerate(b.guards)]
