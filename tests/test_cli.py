@@ -193,7 +193,8 @@ def test_finetune_help_groups_options_in_panels_with_an_example():
 def test_methods_name_lists_that_methods_options_with_defaults():
     shown = invoke("methods", "spf").output
     assert "--mode (default: always)" in shown and "--spf-targets (default: none)" in shown
-    assert "--rank (default: 128)" in shown and "fixed rank r per target; default 128 unless energy" in shown
+    assert "--rank (default: none)" in shown
+    assert "128 for full fine-tuning and 64 under LoRA" in " ".join(shown.split())  # the help, unwrapped
     assert "--safety-ratio" not in shown  # mix's, not SPF's
     assert "no options" in invoke("methods", "sft").output
     assert "unknown method 'spff'" in fails("methods", "spff")

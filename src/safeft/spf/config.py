@@ -30,7 +30,7 @@ class SPFConfig:
     Args:
         rank: fixed rank r per target (set at most one of ``rank``, ``energy``, ``budget``). None with neither of
             the others: the rank chosen on validation for the kind of training, 128 for full fine-tuning and 64
-            under LoRA, given when the subspace is estimated (:meth:`rank_for`).
+            under LoRA, given when the subspace is estimated on the model it guards (``rank_for``).
         energy: keep the smallest r whose singular values hold this fraction of the squared spectrum, in (0, 1].
         budget: directions to keep over all targets together, given to the largest singular values of all the
             targets' safety gradients (a singular value is how fast the safety loss changes along its direction
