@@ -338,6 +338,8 @@ def main() -> None:
     parser.add_argument("--sweep-rounds", type=int, default=6)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
+    if min(args.rounds, args.sweep_rounds) < 2:  # the ratios' quartiles need two rounds at least
+        parser.error(f"--rounds {args.rounds} and --sweep-rounds {args.sweep_rounds}: give 2 or more rounds each")
     spf_options = {"rank": args.rank, "side": args.side, "mode": args.mode, "safety_samples": args.samples}
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
