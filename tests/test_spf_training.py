@@ -346,6 +346,9 @@ def test_refresh_on_a_rising_safety_loss_and_accumulated_bases(tokenizer, benign
     old_V, new_V = first[name].V, merged[name].V
     assert old_V.shape[1] < new_V.shape[1] <= 16  # up to max_rank: the fresh directions joined the old ones
     assert float((new_V.T @ old_V).pow(2).sum() / old_V.shape[1]) > 0.99  # every old direction is still guarded
+    with pytest.raises(ValueError, match="accumulate keeps at most max_rank=4 directions per target, fewer than "
+                       "the subspace's 8"):  # a cap below the rank would drop guarded directions at every refresh
+        attach_spf(optimizer, tiny_llama(seed=0), subspace, dataclasses.replace(config, max_rank=4), tokenizer)
     with pytest.raises(ValueError, match="accumulate merges bases at a refresh"):
         SPFConfig(accumulate=True)
     with pytest.raises(ValueError, match="accumulate keeps each side's span"):

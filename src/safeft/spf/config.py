@@ -35,7 +35,8 @@ class SPFConfig:
         budget: directions to keep over all targets together, given to the largest singular values of all the
             targets' safety gradients (a singular value is how fast the safety loss changes along its direction
             per unit of weight change, the same unit for every matrix), each target at most ``max_rank``.
-        max_rank: cap on r when ``energy`` or ``budget`` is set (a fixed ``rank`` needs no cap).
+        max_rank: cap on r when ``energy`` or ``budget`` is set (a fixed ``rank`` needs no cap), and on the union
+            ``accumulate`` keeps.
         target_modules: names or regexes of the ``nn.Linear`` modules to guard (peft-style: a name matches when it
             equals a pattern, ends with ``"." + pattern`` or fully matches it as a regex). ``None``: every linear
             layer inside the transformer blocks (a numbered module list), embeddings and LM head excluded.
@@ -52,7 +53,8 @@ class SPFConfig:
         refresh_on_rise: re-estimate when the safety loss (measured every ``monitor_every`` steps on the safety
             samples' onset tokens) has risen by more than this many nats since the last estimate; None = never.
         accumulate: on a refresh, guard the union of the old and the fresh bases instead of the fresh one alone
-            (per target the ``max_rank`` strongest directions of the union, weighted by their singular values);
+            (per target the ``max_rank`` strongest directions of the union, weighted by their singular values:
+            ``max_rank`` must be at least the rank, e.g. 192 for rank 128, or attaching is an error);
             for one side (``left`` or ``right``) with ``mode="always"``, where each side's span is what is kept.
         onset_tokens: estimate from the loss on only the first this many tokens of each refusal (and compliance),
             where the model decides whether to refuse; ``None``: every response token.
