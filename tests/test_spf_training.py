@@ -340,6 +340,7 @@ def test_refresh_on_a_rising_safety_loss_and_accumulated_bases(tokenizer, benign
     train_steps(model, optimizer, benign_batch, 4)
     stats = handle.projector.stats()
     assert stats.refreshes == (2,) and stats.refresh_seconds > 0  # 1.3 - 1.0 > 0.2; then 1.32 - 1.3 and 1.1 are not
+    assert len(stats.refresh_overlaps) == 1 and 0.0 < stats.refresh_overlaps[0] <= 1.0 + 1e-5  # one per refresh
     merged = handle.projector.subspace
     assert merged.metadata["accumulated"] == 1
     name = next(iter(first.bases))

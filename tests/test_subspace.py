@@ -314,3 +314,25 @@ def test_estimation_on_a_compiled_model_runs_eagerly_and_leaves_it_compiled(mode
     torch.testing.assert_close(compiled(ids).logits, model(ids).logits)
     assert counters["frames"]["ok"] > 0 and not counters["recompiles"]  # and compiles as usual afterwards
     torch._dynamo.reset()
+
+
+def test_overlap_is_one_for_the_same_spans_and_zero_for_orthogonal_ones():
+    from safeft.spf.estimate import Basis
+
+    eye = torch.eye(6)
+    S = torch.tensor([2.0, 1.0])
+
+    def subspace(u_cols, v_cols):
+        return SafetySubspace({"a": Basis(eye[:, u_cols], S, eye[:, v_cols])}, {})
+
+    base = subspace([0, 1], [0, 1])
+    rotated = SafetySubspace({"a": Basis(eye[:, [1, 0]], S, (eye[:, [0, 1]] @ torch.tensor([[0.6, -0.8],
+                                                                                          [0.8, 0.6]])))}, {})
+    assert base.overlap(rotated, "right") == pytest.approx(1.0) == base.overlap(rotated, "two_sided")  # same spans
+    moved = subspace([0, 1], [2, 3])
+    assert base.overlap(moved, "right") == pytest.approx(0.0) and base.overlap(moved, "left") == pytest.approx(1.0)
+    assert base.overlap(moved, "two_sided") == pytest.approx(0.5)
+    half = subspace([0, 1], [0, 4])  # one direction kept of two
+    assert base.overlap(half, "right") == pytest.approx(0.5)
+    other = SafetySubspace({"b": Basis(eye[:, :2], S, eye[:, :2])}, {})
+    assert base.overlap(other, "right") == 0.0  # no target shared

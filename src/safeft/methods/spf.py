@@ -266,7 +266,9 @@ class SPF(Method):
     def facts(self, model) -> dict:
         """Return the guarded subspace's size: ``subspace_directions`` (ranks summed over targets) and
         ``subspace_fraction`` (its stored numbers, U, S and V, as a share of the model's parameters), and
-        ``margin_samples``: how many of its safety samples carry a compliant answer (the margin's)."""
+        ``margin_samples``: how many of its safety samples carry a compliant answer (the margin's); with a refresh,
+        ``refreshes`` (the steps), ``refresh_seconds`` and ``refresh_overlaps`` (per refresh, how much of the guarded
+        span the fresh estimate keeps: :meth:`~safeft.spf.subspace.SafetySubspace.overlap`)."""
         if self.subspace is None:
             return {}
         facts = {"subspace_directions": sum(b.rank for b in self.subspace.bases.values()),
@@ -276,7 +278,8 @@ class SPF(Method):
         projector = getattr(self.callback, "projector", None)
         if projector is not None and (self.config.refresh_every or self.config.refresh_on_rise is not None):
             stats = projector.stats()
-            facts.update({"refreshes": list(stats.refreshes), "refresh_seconds": stats.refresh_seconds})
+            facts.update({"refreshes": list(stats.refreshes), "refresh_seconds": stats.refresh_seconds,
+                          "refresh_overlaps": list(stats.refresh_overlaps)})
         return facts
 
     def callbacks(self, model, tokenizer, run: RunContext) -> list:

@@ -117,6 +117,7 @@ class SPFProjector:
         self.step = 0
         self.drift_before_refresh = 0.0
         self.refreshes: list[int] = []  # the steps after which the subspace was re-estimated
+        self.refresh_overlaps: list[float] = []  # per refresh: how much of the guarded span the fresh one keeps
         self.refresh_seconds = 0.0
         self._measured: tuple[int, float] | None = None  # (step, safety loss) last measured
         self.loss_at_estimate: float | None = None  # the safety loss when the subspace in force was estimated
@@ -170,7 +171,8 @@ class SPFProjector:
             batches=tuple(len(b.guards) for b in self.batches),
             state_bytes=sum(storages.values()),
             hook_seconds=tuple(self.hook_seconds), refreshes=tuple(self.refreshes),
-            refresh_seconds=self.refresh_seconds, collective_calls=self.collectives.calls,
+            refresh_seconds=self.refresh_seconds, refresh_overlaps=tuple(self.refresh_overlaps),
+            collective_calls=self.collectives.calls,
             collective_elements=tuple(self.collectives.elements))
 
     # --- the two hooks around optimizer.step() -------------------------------------------------------------------
@@ -260,6 +262,7 @@ class SPFProjector:
         self.drift_before_refresh = self.safety_drift()
         policy = self.subspace.config
         fresh = SafetySubspace.estimate(self.model, self.tokenizer, self.subspace.samples, policy, show_progress=False)
+        self.refresh_overlaps.append(self.subspace.overlap(fresh, self.config.side))
         if self.config.accumulate:
             fresh = self.subspace.union(fresh, self.config.side, self.config.max_rank)
         self._use(fresh)

@@ -30,5 +30,8 @@ class ProjectorStats:
     hook_seconds: tuple[float, ...]  # wall time of before_step + after_step, per optimizer step (refreshes included)
     refreshes: tuple[int, ...]  # the steps after which the subspace was re-estimated
     refresh_seconds: float  # wall time of those re-estimates
+    # per refresh, the mean over targets of the guarded side's span overlap between the subspace in force and the
+    # fresh estimate (mean squared cosine of their principal angles): 1 = the refresh changed nothing
+    refresh_overlaps: tuple[float, ...]
     collective_calls: int  # SPF's own all-reduces since the counter's last reset (FSDP2)
     collective_elements: tuple[int, ...]  # numbers summed per call

@@ -150,6 +150,19 @@ class SafetySubspace(ModelHubMixin, library_name="safeft", tags=["safeft", "safe
                                    "directions_kept": kept, "directions_dropped": dropped}}
         return SafetySubspace(bases, metadata)
 
+    def overlap(self, other: SafetySubspace, side: str) -> float:
+        """Return how much of this subspace's span ``other`` keeps: the mean over the targets both hold of the mean
+        squared cosine of the principal angles between their spans on ``side`` (``right``: V, ``left``: U,
+        ``two_sided``: the mean of both; :func:`~safeft.spf.lowrank.subspace_overlap`). 1 where every span is the
+        same, 0 where all are orthogonal; 0.0 when no target is shared."""
+        from safeft.spf.lowrank import subspace_overlap
+
+        factors = {"right": ("V",), "left": ("U",), "two_sided": ("U", "V")}[side]
+        values = [subspace_overlap(getattr(mine, f).float(), getattr(theirs, f).to(getattr(mine, f)).float())
+                  for name, theirs in other.bases.items() if (mine := self.bases.get(name)) is not None
+                  for f in factors]
+        return sum(values) / len(values) if values else 0.0
+
     def union(self, fresh: SafetySubspace, side: str, max_rank: int) -> SafetySubspace:
         """Return the subspace that guards both this one's and ``fresh``'s directions on ``side`` (``left``: the
         spans of U, ``right``: of V), each target's union cut to its ``max_rank`` strongest directions
