@@ -850,11 +850,17 @@ def test_spf_cost_in_sft_steps_counts_estimation_and_re_estimates():
     runs = [run("sft", "sft", 2.0), run("spf", "spf refresh=50", 2.2, prepare=4.0,
                                         facts={"refreshes": [50, 100], "refresh_seconds": 8.0}),
             run("spf", "spf", 2.2, seed=1), run("lisa", "lisa", 2.0),
-            run("spf", "spf elsewhere", 2.2, machine="another cpu")]
+            run("spf", "spf elsewhere", 2.2, machine="another cpu"),
+            run("spf", "spf refresh=50 kept", 2.2, seed=2, facts={"refreshes": [50, 100], "refresh_seconds": 8.0,
+                                                                   "refresh_overlaps": [0.99, 0.5]}),
+            run("sft", "sft", 2.0, seed=2)]
     lines = cost_in_sft_steps_lines(runs)
     # 4 s and 8 s at SFT's 2 s a step: 2 and 4 SFT steps; (100 x 1.1 + 6) / 100 = 1.16
     assert lines == ["- `deep` `spf refresh=50` seed 0: estimation 2.0 SFT steps; 2 re-estimates, 4.0 SFT steps; "
-                     "step 1.10x SFT; over 100 steps, all included, 1.16x"]  # no SFT for seed 1, other machine
+                     "step 1.10x SFT; over 100 steps, all included, 1.16x",
+                     "- `deep` `spf refresh=50 kept` seed 2: estimation 0.0 SFT steps; 2 re-estimates, 4.0 SFT steps "
+                     "(the fresh estimate keeps 0.5000 to 0.9900 of the guarded span); step 1.10x SFT; over 100 "
+                     "steps, all included, 1.14x"]  # no SFT for seed 1, other machine
 
 
 def test_harmful_score_by_category_pools_seeds_against_the_split_each_record_was_scored_on():

@@ -167,7 +167,8 @@ def cost_in_sft_steps_lines(runs: list[dict]) -> list[str]:
     """Return one line per SPF-family run (registry name ``spf``, ``spf+...``) with an SFT run in the same setting
     and seed on the same machine: its subspace estimation and re-estimates (refreshes) in SFT-step units (seconds /
     SFT's median step), its median step against SFT's, and the whole training against SFT's with those included
-    (``(steps x step ratio + estimation and re-estimates in SFT steps) / steps``). Empty when no run qualifies."""
+    (``(steps x step ratio + estimation and re-estimates in SFT steps) / steps``); where the run recorded them
+    (``refresh_overlaps``), the least and most of the guarded span a re-estimate kept. Empty when no run qualifies."""
     from safeft.recipes.bench import run_ratio_to_sft
 
     lines = []
@@ -179,9 +180,11 @@ def cost_in_sft_steps_lines(runs: list[dict]) -> list[str]:
         sft_step = cost["step_seconds_median"] / ratio
         estimate, refresh = cost["prepare_seconds"] / sft_step, facts.get("refresh_seconds", 0.0) / sft_step
         whole = (cost["steps"] * ratio + estimate + refresh) / cost["steps"]
-        refreshes = len(facts.get("refreshes", []))
+        refreshes, overlaps = len(facts.get("refreshes", [])), facts.get("refresh_overlaps")
+        kept = (f" (the fresh estimate keeps {min(overlaps):.4f} to {max(overlaps):.4f} of the guarded span)"
+                if overlaps else "")
         lines.append(f"- `{r['setting']['name']}` `{r['label']}` seed {r['seed']}: estimation {estimate:.1f} SFT "
-                     f"steps; {refreshes} re-estimate{'s' * (refreshes != 1)}, {refresh:.1f} SFT steps; step "
+                     f"steps; {refreshes} re-estimate{'s' * (refreshes != 1)}, {refresh:.1f} SFT steps{kept}; step "
                      f"{ratio:.2f}x SFT; over {cost['steps']} steps, all included, {whole:.2f}x")
     return lines
 
