@@ -56,7 +56,8 @@ FACTORS = {
     # around the rank the rank and deep factors chose (128), at every full fine-tuning budget as above
     "deep fine-tuning (rank 128)": ("spf rank=128", ["spf rank=128 margin", "spf+mix 0.05 rank=128",
                                                      "spf rank=192", "spf rank=128 refresh=50",
-                                                     "spf rank=128 refresh=50 accumulate"], full_any_budget),
+                                                     "spf rank=128 refresh=50 accumulate",
+                                                     "spf rank=128 samples=64"], full_any_budget),
     # settings that differ only in their rate are pooled first (LEARNING_RATE_RULE)
     "learning rate": ("spf", ["spf lr=0.0001", "spf lr=0.00015", "spf lr=0.0002"], full),
 }
