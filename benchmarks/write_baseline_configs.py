@@ -72,26 +72,12 @@ def entry(method: str, options: dict, rate: float | None = None) -> dict:
 
 
 def render(header: str, base: dict, methods: list[dict], settings: list[dict]) -> str:
-    """Return a bench config as YAML text: ``header`` as comments, the bench keys of ``base``, one line per method
-    entry and per setting."""
-    def flow(value, indent: int = 4) -> str:
-        text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10_000)
-        text = text.strip().removesuffix("...").strip()
-        lines = [""]
-        for part in text.split(", "):  # wrapped inside the braces at 118 characters
-            if lines[-1] and len(lines[-1]) + len(part) + indent > 116:
-                lines[-1] += ","
-                lines.append(" " * (indent + 1) + part)
-            else:
-                lines[-1] += (", " if lines[-1] else "") + part
-        return "\n".join(lines)
-
-    lines = [f"# {line}".rstrip() for line in header.strip().splitlines()]
-    lines += [f"title: {json.dumps(base['title'])}", f"out: {base['out']}", f"model: {base['model']}", "methods:"]
-    lines += [f"  - {flow(m)}" for m in methods]
-    lines += ["settings:"] + [f"  - {flow(s)}" for s in settings]
-    lines += [f"{key}: {flow(base[key], len(key))}" for key in BENCH_KEYS if key in base]
-    return "\n".join(lines) + "\n"
+    """Return a bench config as YAML text: ``header`` as comments, then the title, out, model and bench keys of
+    ``base`` with ``methods`` and ``settings``, one flow mapping per method entry and per setting."""
+    doc = {key: base[key] for key in ("title", "out", "model")} | {"methods": methods, "settings": settings}
+    doc |= {key: base[key] for key in BENCH_KEYS if key in base}
+    comments = [f"# {line}".rstrip() for line in header.strip().splitlines()]
+    return "\n".join(comments) + "\n" + yaml.safe_dump(doc, default_flow_style=None, sort_keys=False, width=116)
 
 
 def write(path: Path, text: str) -> None:
