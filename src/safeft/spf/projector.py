@@ -125,12 +125,11 @@ class SPFProjector:
         self._before_seconds = 0.0
         self.collectives = Collectives()  # SPF's own all-reduces under FSDP2, counted
         self.monitor = Monitor()
-        self._use(subspace)
-        largest = max(b.rank for b in subspace.bases.values())
-        if self.config.accumulate and self.config.max_rank < largest:
+        if self.config.accumulate and self.config.max_rank < (largest := max(b.rank for b in subspace.bases.values())):
             raise UserError(f"accumulate keeps at most max_rank={self.config.max_rank} directions per target, fewer "
                              f"than the subspace's {largest}: every refresh would drop directions it guards now. Set "
                              f"max_rank above the rank (e.g. max_rank={largest + largest // 2})")
+        self._use(subspace)
         if self.config.refresh_on_rise is not None:
             if tokenizer is None:
                 raise UserError("refresh_on_rise measures the safety loss: pass tokenizer= to attach_spf")
